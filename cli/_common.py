@@ -1,7 +1,7 @@
 """Shared CLI plumbing: the error boundary, output rendering and exit codes.
 
 The library never prints and never exits; this module turns its results and errors into text and
-exit codes. Exit codes: 0 pass, 1 mismatch (a result), 2 bad input or unavailable request (an error).
+exit codes: 0 pass, 1 mismatch (a result), 2 bad input or an unavailable request (an error).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def fail(message: str) -> typer.Exit:
 
 
 def handle_errors(func: F) -> F:
-    """Command decorator: `BnexportError` → one line on stderr, exit 2; tracebacks only with --debug."""
+    """Decorator: `BnexportError` → one line on stderr, exit 2; tracebacks only with --debug."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

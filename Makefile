@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv from scratch if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+OUT    := out
+
+.PHONY: demo test lint gate clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.cpu: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[cpu]'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.cpu
+	$(PIP) install -q -c constraints.txt -e '.[cpu,dev]'
+	touch $@
+
+## demo: fold the shipped model, export it to ONNX and prove parity on onnxruntime
+demo: $(VENV)/.cpu
+	$(BIN)/bnexport onnx models/net.pt -o $(OUT)/net.onnx
+
+## test: the whole test suite
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+## lint: ruff
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## gate: the CI parity gate on the shipped model (JUnit + Markdown + JSON under out/)
+gate: $(VENV)/.cpu
+	$(BIN)/bnexport onnx models/net.pt -o $(OUT)/net.onnx --no-check
+	$(BIN)/bnexport check $(OUT)/net.onnx --against models/net.pt \
+		--json $(OUT)/parity.json --junit $(OUT)/parity.xml --markdown $(OUT)/parity.md
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,286 @@
+"""Checkpoints for the seed `Net`: a documented, code-free format, plus the seed's own state dicts.
+
+Format (a plain dict, saved with `torch.save`, loaded only with `torch.load(weights_only=True)`)::
+
+    {
+        "format": "bnexport.checkpoint",
+        "format_version": 1,
+        "architecture": "bnexport.nets.Net",
+        "config": {"temperature": 1.5, "normalize": {"mean": 0.286, "std": 0.353}},
+        "state_dict": {"conv1.weight": ..., "bn1.bn.weight": ..., ...},
+        "metadata": {...},   # training metrics, data, seed, versions: plain JSON-like values
+    }
+
+`normalize` applies to pixels scaled to [0, 1]: ``x = (pixel / 255 - mean) / std``.
+
+Plain state dicts saved by the seed's code load too: its `Net` with `nn.BatchNorm2d`
+(``bn1.weight``, ...) and with `myBN` (``bn1.bn.weight``, ...). They carry no temperature and no
+normalization: the temperature comes from the caller (default 1.0) and the normalization defaults
+to Fashion-MNIST's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnexport.data import FASHION_MNIST_NORMALIZE, Normalize
+from bnexport.errors import CheckpointError
+from bnexport.files import atomic_path, sha256_file
+
+FORMAT = "bnexport.checkpoint"
+FORMAT_VERSION = 1
+ARCHITECTURE = "bnexport.nets.Net"
+
+LAYOUT_BNEXPORT = "bnexport"
+LAYOUT_SEED_BATCHNORM2D = "seed-batchnorm2d"
+LAYOUT_SEED_MYBN = "seed-mybn"
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the `Net` (eval mode) and what was recorded with it."""
+
+    model: Any  # bnexport.nets.Net
+    temperature: float
+    normalize: Normalize
+    metadata: dict[str, Any]
+    sha256: str
+    path: Path
+    layout: str
+    notes: list[str] = field(default_factory=list)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: Any,
+    *,
+    normalize: Normalize,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Save `model` (a `Net`) in the bnexport format, atomically. Returns the file's sha256."""
+    import torch
+
+    from bnexport.nets import Net
+
+    if not isinstance(model, Net):
+        raise CheckpointError(
+            f"save_checkpoint expects a bnexport.nets.Net, got {type(model).__name__}"
+        )
+    temperature = _check_temperature(model.bn1.temperature, path)
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "config": {"temperature": temperature, "normalize": normalize.to_dict()},
+        "state_dict": state_dict,
+        "metadata": dict(metadata or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return sha256_file(path)
+
+
+def read_torch_file(path: str | os.PathLike[str]) -> Any:
+    """`torch.load(weights_only=True)` with errors a user can act on; pickled code never runs."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(str(exc).split())
+        if "unsupported global" in detail.lower():
+            global_name = _unsupported_global(detail)
+            raise CheckpointError(
+                f"refused to load {path}: it contains pickled code or objects{global_name} that "
+                "bnexport never executes; re-save it as a plain state_dict "
+                "(torch.save(model.state_dict(), path))"
+            ) from exc
+        raise CheckpointError(f"cannot read {path}: corrupt checkpoint ({detail[:200]})") from exc
+    except Exception as exc:  # zip errors, truncated files, EOF, wrong magic number
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(
+            f"cannot read {path}: not a readable torch.save file ({detail[:200]})"
+        ) from exc
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, temperature: float | None = None
+) -> Checkpoint:
+    """Load a bnexport checkpoint or a seed state dict into a `Net` in eval mode.
+
+    `temperature` is required knowledge for seed state dicts (default 1.0); for a bnexport
+    checkpoint it must be omitted or equal to the recorded one.
+    """
+    from bnexport.nets import Net
+
+    path = Path(path)
+    obj = read_torch_file(path)
+    notes: list[str] = []
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        state_dict, config, metadata = _unpack_bnexport(obj, path)
+        recorded = _check_temperature(config.get("temperature", 1.0), path)
+        if temperature is not None and temperature != recorded:
+            raise CheckpointError(
+                f"{path} records temperature {recorded}; --temperature {temperature} conflicts "
+                "(it applies only to seed state dicts, which carry none)"
+            )
+        normalize = _normalize_from(config.get("normalize"), path)
+        layout = LAYOUT_BNEXPORT
+        temp = recorded
+    else:
+        state_dict = _as_state_dict(obj, path)
+        layout, state_dict = _seed_layout(state_dict, path)
+        temp = _check_temperature(1.0 if temperature is None else temperature, path)
+        normalize = FASHION_MNIST_NORMALIZE
+        metadata = {}
+        notes.append(
+            f"seed state dict ({layout}): temperature {temp} from --temperature, "
+            f"normalization assumed Fashion-MNIST (mean {normalize.mean}, std {normalize.std})"
+        )
+    model = Net(temperature=temp)
+    load_state_dict_strict(model, state_dict, path)
+    model.eval()
+    return Checkpoint(
+        model=model,
+        temperature=temp,
+        normalize=normalize,
+        metadata=metadata,
+        sha256=sha256_file(path),
+        path=path,
+        layout=layout,
+        notes=notes,
+    )
+
+
+def load_state_dict_strict(model: Any, state_dict: dict[str, Any], source: str | Path) -> None:
+    """Load `state_dict` into `model`, or fail listing missing, unexpected and mis-shaped keys."""
+    import torch
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    bad_types = [
+        k for k in state_dict if k in expected and not isinstance(state_dict[k], torch.Tensor)
+    ]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state_dict
+        if k in expected and k not in bad_types and state_dict[k].shape != expected[k].shape
+    ]
+    untracked = _untracked_bns(expected, state_dict)
+    if untracked:
+        raise CheckpointError(
+            f"{source}: BatchNorm {', '.join(untracked)} has no running statistics "
+            "(saved with track_running_stats=False): in eval mode it normalizes with batch "
+            "statistics and cannot be folded; retrain with track_running_stats=True"
+        )
+    if missing or unexpected or mismatched or bad_types:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"mismatched shapes: {'; '.join(mismatched)}")
+        if bad_types:
+            parts.append(f"not tensors: {', '.join(bad_types)}")
+        raise CheckpointError(
+            f"{source} does not match {type(model).__name__}: " + " | ".join(parts)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _unpack_bnexport(obj: dict[str, Any], path: Path) -> tuple[dict, dict, dict]:
+    version = obj.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this bnexport reads version {FORMAT_VERSION}); upgrade bnexport"
+        )
+    if obj.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(
+            f"{path}: architecture {obj.get('architecture')!r} is not {ARCHITECTURE!r}; "
+            "for other models use --model package.module:factory"
+        )
+    state_dict, config = obj.get("state_dict"), obj.get("config")
+    if not isinstance(state_dict, dict) or not isinstance(config, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint (no state_dict or config)")
+    metadata = obj.get("metadata") or {}
+    return state_dict, config, metadata if isinstance(metadata, dict) else {}
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    """A plain state dict, or one wrapped under ``state_dict`` / ``model_state_dict``."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(isinstance(k, str) for k in obj):
+            return obj
+    raise CheckpointError(
+        f"{path}: not a bnexport checkpoint or a state dict (got {type(obj).__name__})"
+    )
+
+
+def _seed_layout(state_dict: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """Map the seed's `nn.BatchNorm2d` keys (``bn1.weight``) onto `TemperatureBatchNorm2d`'s."""
+    if any(k.startswith("bn1.bn.") for k in state_dict):
+        return LAYOUT_SEED_MYBN, state_dict
+    if any(k.startswith("bn1.") for k in state_dict):
+        mapped = {
+            (f"bn1.bn.{k[len('bn1.') :]}" if k.startswith("bn1.") else k): v
+            for k, v in state_dict.items()
+        }
+        return LAYOUT_SEED_BATCHNORM2D, mapped
+    return LAYOUT_SEED_MYBN, state_dict  # let the strict loader list what is missing
+
+
+def _untracked_bns(expected: dict[str, Any], state_dict: dict[str, Any]) -> list[str]:
+    """BN prefixes whose affine params are present but whose running statistics all are absent."""
+    prefixes = {k[: -len("running_mean")] for k in expected if k.endswith("running_mean")}
+    return [
+        p.rstrip(".")
+        for p in sorted(prefixes)
+        if all(p + s not in state_dict for s in _BN_STATS)
+        and any(k.startswith(p) for k in state_dict)
+    ]
+
+
+def _check_temperature(value: Any, path: Any) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: temperature must be a number, got {value!r}") from None
+    if not math.isfinite(t):
+        raise CheckpointError(f"{path}: temperature must be a finite number, got {t}")
+    return t
+
+
+def _normalize_from(value: Any, path: Path) -> Normalize:
+    if value is None:
+        return FASHION_MNIST_NORMALIZE
+    try:
+        return Normalize.from_dict(value)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: bad normalize config {value!r}: {exc}") from None
+
+
+def _unsupported_global(detail: str) -> str:
+    marker = "Unsupported global: GLOBAL "
+    if marker in detail:
+        name = detail.split(marker, 1)[1].split()[0].rstrip(".,")
+        return f" ({name})"
+    return ""

@@ -1,0 +1,121 @@
+"""Model sources: the seed Net from a checkpoint, or any model from `package.module:factory`."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnexport.checkpoint import save_checkpoint
+from bnexport.data import Normalize
+from bnexport.errors import ModelSpecError
+from bnexport.nets import Net
+from bnexport.source import load_source, parse_input_shape
+
+USER_MODULE = textwrap.dedent(
+    """
+    import torch.nn as nn
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    instance = build()
+
+    def broken():
+        raise RuntimeError("no weights here")
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "user_models_for_test.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "shape"), [("1,28,28", (1, 28, 28)), ("3x32x32", (3, 32, 32)), ("16", (16,))]
+)
+def test_parse_input_shape(text: str, shape: tuple[int, ...]) -> None:
+    assert parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "3,0,4", "-1,2"])
+def test_parse_input_shape_rejects(text: str) -> None:
+    with pytest.raises(ModelSpecError, match="input-shape"):
+        parse_input_shape(text)
+
+
+def test_net_source_from_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "net.pt"
+    save_checkpoint(path, Net(temperature=1.5), normalize=Normalize(0.3, 0.4))
+    src = load_source(path)
+    assert src.is_net and src.temperature == 1.5 and src.normalize == Normalize(0.3, 0.4)
+    assert src.input_shape == (1, 28, 28)
+    assert tuple(src.example_input.shape) == (2, 1, 28, 28)
+    with pytest.raises(ModelSpecError, match="does not fit the seed Net"):
+        load_source(path, input_shape=(3, 28, 28))
+
+
+def test_net_source_needs_a_checkpoint() -> None:
+    with pytest.raises(ModelSpecError, match="CHECKPOINT"):
+        load_source(None)
+
+
+def test_user_factory_and_instance(user_dir: Path) -> None:
+    src = load_source(None, model_spec="user_models_for_test:build", input_shape=(3, 8, 8))
+    assert isinstance(src.model, torch.nn.Sequential) and not src.model.training
+    assert not src.is_net and src.normalize is None
+    assert tuple(src.example_input.shape) == (2, 3, 8, 8)
+    inst = load_source(None, model_spec="user_models_for_test:instance", input_shape=(3, 8, 8))
+    assert isinstance(inst.model, torch.nn.Sequential)
+
+
+def test_user_state_dict_is_loaded(user_dir: Path) -> None:
+    import user_models_for_test as m
+
+    trained = m.build()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.uniform_(-1, 1)
+    torch.save(trained.state_dict(), user_dir / "weights.pt")
+    src = load_source(
+        user_dir / "weights.pt", model_spec="user_models_for_test:build", input_shape=(3, 8, 8)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(src.model(x), trained.eval()(x))
+    assert src.sha256 is not None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nocolon", "must look like package.module:factory"),
+        ("no_such_module_xyz:build", "cannot import"),
+        ("user_models_for_test:nope", "has no attribute"),
+        ("user_models_for_test:broken", "factory raised RuntimeError: no weights here"),
+        ("user_models_for_test:not_a_model", "not a torch.nn.Module"),
+    ],
+)
+def test_bad_model_specs(user_dir: Path, spec: str, message: str) -> None:
+    with pytest.raises(ModelSpecError, match=message):
+        load_source(None, model_spec=spec, input_shape=(3, 8, 8))
+
+
+def test_user_model_needs_a_fitting_input_shape(user_dir: Path) -> None:
+    with pytest.raises(ModelSpecError, match="needs --input-shape"):
+        load_source(None, model_spec="user_models_for_test:build")
+    with pytest.raises(ModelSpecError, match="check --input-shape"):
+        load_source(None, model_spec="user_models_for_test:build", input_shape=(5, 8, 8))
+    with pytest.raises(ModelSpecError, match="temperature"):
+        load_source(
+            None, model_spec="user_models_for_test:build", input_shape=(3, 8, 8), temperature=2.0
+        )
