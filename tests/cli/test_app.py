@@ -1,0 +1,52 @@
+"""CLI conventions shared by every command: help, version, start-up cost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from bnexport import __version__
+from bnexport.cli.app import app
+
+COMMANDS = ["train", "fold", "onnx", "check", "bench"]
+runner = CliRunner()
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"bnexport {__version__}"
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_command_has_help(name: str) -> None:
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output.splitlines()) > 5
+
+
+def test_help_does_not_import_heavy_libraries() -> None:
+    """`bnexport --help` must stay fast: torch, onnx and onnxruntime load inside commands only."""
+    code = (
+        "import sys; from bnexport.cli.app import app; "
+        "print(','.join(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bnexport", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"bnexport {__version__}"
