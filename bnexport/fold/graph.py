@@ -1,0 +1,714 @@
+"""FX graph helpers for folding: tracing, constants, affine chains, BatchNorm sites, node rewrites.
+
+The rules that make a rewrite safe live here: a layer module is replaced in place only when exactly
+one node calls it and nothing else reaches it; otherwise the folding call gets a *new* module and
+every other call keeps the original (never the pytorch#104593 bug of rewriting a shared module).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+from torch.nn.utils import parametrize
+
+from bnexport.errors import FoldError
+from bnexport.fold import math as fm
+from bnexport.nets import TemperatureBatchNorm2d
+
+_LAYER_BASES: tuple[tuple[type[nn.Module], fm.LayerKind], ...] = (
+    (nn.Conv1d, "conv"),
+    (nn.Conv2d, "conv"),
+    (nn.Conv3d, "conv"),
+    (nn.ConvTranspose1d, "conv_transpose"),
+    (nn.ConvTranspose2d, "conv_transpose"),
+    (nn.ConvTranspose3d, "conv_transpose"),
+    (nn.Linear, "linear"),
+)
+
+#: Modules that are the identity in eval mode; removed before folding so a BN next to them can fold.
+EVAL_IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def layer_kind(module: nn.Module | None) -> fm.LayerKind | None:
+    """The fold kind of a plain Conv/ConvTranspose/Linear (its own torch forward), else None.
+
+    A subclass that overrides ``forward``/``_conv_forward`` (weight standardization, QAT
+    fake-quant…) transforms its weight, so folding into the weight would be wrong: None.
+    """
+    if module is None:
+        return None
+    for base, kind in _LAYER_BASES:
+        if isinstance(module, base):
+            cls = type(module)
+            if cls.forward is not base.forward:
+                return None
+            if kind != "linear" and getattr(cls, "_conv_forward", None) is not getattr(
+                base, "_conv_forward", None
+            ):
+                return None
+            return kind
+    return None
+
+
+def bn_parts(module: nn.Module | None) -> tuple[_BatchNorm, Any] | None:
+    """``(batchnorm, temperature or None)`` for a BatchNorm-like leaf module, else None.
+
+    BatchNorm1d/2d/3d and SyncBatchNorm (eval: same as BatchNorm) with their own forward, and
+    `TemperatureBatchNorm2d` (``temperature * bn(x)``).
+    """
+    if isinstance(module, TemperatureBatchNorm2d):
+        if type(module).forward is TemperatureBatchNorm2d.forward:
+            return module.bn, module.temperature
+        return None
+    if isinstance(module, _BatchNorm) and type(module).forward in (
+        _BatchNorm.forward,
+        SyncBatchNorm.forward,
+    ):
+        return module, None
+    return None
+
+
+class FoldTracer(fx.Tracer):
+    """symbolic_trace's tracer, with BatchNorms (incl. `TemperatureBatchNorm2d`), plain layers and
+    the caller's ``leaf_types`` kept as single ``call_module`` nodes."""
+
+    def __init__(self, leaf_types: Sequence[type[nn.Module]] = ()) -> None:
+        super().__init__()
+        self.leaf_types = tuple(leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if bn_parts(m) is not None or layer_kind(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; a model FX can't trace raises `FoldError` with the fix."""
+    tracer = FoldTracer(leaf_types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise FoldError(
+            f"cannot trace {type(model).__name__} with torch.fx.symbolic_trace "
+            f"({type(exc).__name__}: {exc}); fix: move data-dependent Python (if/for on tensor "
+            "values, shape-dependent control flow) into a function decorated with torch.fx.wrap, "
+            "or pass leaf_modules=(TheBlockClass,) so that block is called as a black box "
+            "(BatchNorms inside a leaf module are not folded)"
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+# --- constants --------------------------------------------------------------------------------
+
+_PURE_FUNCS: dict[Any, str] = {
+    operator.mul: "mul",
+    operator.truediv: "div",
+    operator.add: "add",
+    operator.sub: "sub",
+    operator.neg: "neg",
+    operator.pow: "pow",
+    torch.mul: "mul",
+    torch.div: "div",
+    torch.add: "add",
+    torch.sub: "sub",
+    torch.neg: "neg",
+    torch.exp: "exp",
+    torch.log: "log",
+    torch.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt",
+    torch.reciprocal: "reciprocal",
+    torch.abs: "abs",
+    torch.sigmoid: "sigmoid",
+    torch.pow: "pow",
+    torch.reshape: "reshape",
+    torch.unsqueeze: "unsqueeze",
+    F.softplus: "softplus",
+}
+_PURE_METHODS = frozenset(
+    {
+        "exp",
+        "log",
+        "sqrt",
+        "rsqrt",
+        "reciprocal",
+        "abs",
+        "neg",
+        "sigmoid",
+        "pow",
+        "mul",
+        "div",
+        "add",
+        "sub",
+        "view",
+        "reshape",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "detach",
+        "clone",
+        "contiguous",
+    }
+)
+
+
+@dataclass
+class Const:
+    """A value known at fold time: ``value`` in float64, a label for the report, the nodes computing
+    it (removed once unused) and the learnable parameters it was read from."""
+
+    value: torch.Tensor
+    label: str
+    nodes: list[fx.Node] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+
+
+def const_of(arg: Any, gm: fx.GraphModule, depth: int = 0) -> Const | None:
+    """``arg`` as a constant: a Python number, a ``get_attr`` buffer/parameter/tensor constant, or a
+    pure elementwise/reshape op of constants (``self.log_t.exp()``). None if it depends on an input.
+    """
+    if isinstance(arg, bool | int | float):
+        return Const(torch.tensor(float(arg), dtype=torch.float64), _fmt_num(float(arg)))
+    if not isinstance(arg, fx.Node) or depth > 8:
+        return None
+    if arg.op == "get_attr":
+        obj = fetch_attr(gm, str(arg.target))
+        if not isinstance(obj, torch.Tensor) or obj.is_complex() or obj.dtype == torch.bool:
+            return None
+        value = obj.detach().to("cpu", torch.float64)
+        if isinstance(obj, nn.Parameter):
+            kind = "param"
+        elif str(arg.target).split(".")[-1].startswith("_tensor_constant"):
+            kind = "constant"
+        else:
+            kind = "buffer"
+        name = "" if kind == "constant" else f" {arg.target}"
+        if value.numel() == 1:
+            label = f"{kind}{name}={_fmt_num(float(value.reshape(-1)[0]))}"
+        else:
+            label = f"{kind}{name}{list(value.shape)}"
+        params = [str(arg.target)] if kind == "param" else []
+        return Const(value, label, [arg], params)
+    if arg.op == "call_function" and arg.target in _PURE_FUNCS:
+        fn: Any = arg.target
+        name = _PURE_FUNCS[arg.target]
+    elif arg.op == "call_method" and arg.target in _PURE_METHODS:
+        method = str(arg.target)
+
+        def fn(self_: Any, *a: Any, **k: Any) -> Any:
+            return getattr(self_, method)(*a, **k)
+
+        name = method
+    else:
+        return None
+    parts: list[Const] = []
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            c = const_of(a, gm, depth + 1)
+            if c is None:
+                raise LookupError
+            parts.append(c)
+            return c.value
+        return a
+
+    try:
+        args = fx.node.map_aggregate(arg.args, sub)
+        kwargs = fx.node.map_aggregate(arg.kwargs, sub)
+        if not parts:
+            return None
+        with torch.no_grad():
+            value = fn(*args, **kwargs)
+    except Exception:
+        return None
+    if not isinstance(value, torch.Tensor):
+        return None
+    value = value.detach().to(torch.float64)
+    label = f"{name}({', '.join(p.label for p in parts)})"
+    nodes = [arg, *(n for p in parts for n in p.nodes)]
+    return Const(value, label, nodes, [q for p in parts for q in p.params])
+
+
+# --- affine chains ----------------------------------------------------------------------------
+
+_ARITH_FUNCS: dict[Any, tuple[str, bool]] = {
+    operator.mul: ("mul", False),
+    operator.truediv: ("div", False),
+    operator.add: ("add", False),
+    operator.sub: ("sub", False),
+    operator.neg: ("neg", False),
+    operator.imul: ("mul", True),
+    operator.itruediv: ("div", True),
+    operator.iadd: ("add", True),
+    operator.isub: ("sub", True),
+    torch.mul: ("mul", False),
+    torch.multiply: ("mul", False),
+    torch.div: ("div", False),
+    torch.divide: ("div", False),
+    torch.true_divide: ("div", False),
+    torch.add: ("add", False),
+    torch.sub: ("sub", False),
+    torch.subtract: ("sub", False),
+    torch.neg: ("neg", False),
+    torch.negative: ("neg", False),
+}
+_ARITH_METHODS: dict[str, str] = {
+    "mul": "mul",
+    "multiply": "mul",
+    "div": "div",
+    "divide": "div",
+    "true_divide": "div",
+    "add": "add",
+    "sub": "sub",
+    "subtract": "sub",
+    "neg": "neg",
+    "negative": "neg",
+}
+
+
+def arith_op(node: fx.Node) -> tuple[str, bool] | None:
+    """``(op, in_place)`` for a mul/div/add/sub/neg node in any spelling, else None."""
+    if node.op == "call_function" and node.target in _ARITH_FUNCS:
+        return _ARITH_FUNCS[node.target]
+    if node.op == "call_method" and isinstance(node.target, str):
+        name = node.target
+        inplace = name.endswith("_")
+        op = _ARITH_METHODS.get(name.removesuffix("_") if inplace else name)
+        if op is not None:
+            return op, inplace
+    return None
+
+
+@dataclass
+class Step:
+    """One affine step ``z ↦ a·z + b`` (``a``, ``b`` float64 ``[C]``) and its report label."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    label: str
+    const: Const | None
+
+
+@dataclass
+class Stop:
+    """An arithmetic op after the BN that can't join the chain, and why (it stays in the graph)."""
+
+    reason: str
+
+
+def _operands(node: fx.Node) -> tuple[Any, Any, dict[str, Any]]:
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    first = args.pop(0) if args else kwargs.pop("input", kwargs.pop("self", None))
+    other = args.pop(0) if args else kwargs.pop("other", None)
+    if args:
+        kwargs["alpha"] = args.pop(0)
+    return first, other, kwargs
+
+
+def affine_step(
+    node: fx.Node,
+    x: fx.Node,
+    gm: fx.GraphModule,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    bn_name: str,
+) -> Step | Stop | None:
+    """``node`` as an affine step of ``x`` with a constant scalar/per-channel operand.
+
+    None: not arithmetic (the chain simply ends). `Stop`: arithmetic that can't fold, with the
+    reason. A non-finite constant or a division by zero raises `FoldError` naming the BN and the
+    node.
+    """
+    found = arith_op(node)
+    if found is None:
+        return None
+    op, inplace = found
+    where = f"{node.name} ({op})"
+    first, other, kwargs = _operands(node)
+    if kwargs.get("out") is not None:
+        return Stop(f"{where} writes to out=")
+    if kwargs.get("rounding_mode") is not None:
+        return Stop(f"{where} uses rounding_mode={kwargs['rounding_mode']!r}: not affine")
+    alpha = kwargs.get("alpha", 1)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        return Stop(f"{where} has a non-constant alpha")
+    meta = node.meta.get("tensor_meta")
+    if meta is None or tuple(meta.shape) != tuple(shape):
+        return Stop(f"{where} changes the shape {list(shape)}")
+    if meta.dtype != dtype:
+        return Stop(
+            f"{where} changes the dtype from {str(dtype).removeprefix('torch.')} to "
+            f"{str(meta.dtype).removeprefix('torch.')} (a constant of another dtype)"
+        )
+    channels = int(shape[1])
+    ones = torch.ones(channels, dtype=torch.float64)
+    if op == "neg":
+        if first is not x:
+            return None
+        return Step(-ones, 0 * ones, "neg", None)
+    if (first is x) == (other is x):
+        return Stop(f"{where} uses the BatchNorm output as both operands (not affine)")
+    x_first = first is x
+    if inplace and not x_first:
+        return Stop(f"{where} writes in place into its other operand")
+    c_arg = other if x_first else first
+    c = const_of(c_arg, gm)
+    if c is None and op in ("add", "sub"):
+        return None  # e.g. a residual connection: the chain just ends here
+    if c is None:
+        what = c_arg.name if isinstance(c_arg, fx.Node) else repr(c_arg)
+        return Stop(
+            f"{where}: its other operand {what} is not constant (it depends on the model's input), "
+            "so this scale/shift can't fold"
+        )
+    vec = fm.per_channel(c.value, shape)
+    if vec is None:
+        return Stop(
+            f"{where}: constant {c.label} (shape {list(c.value.shape)}) is not a scalar or a "
+            f"per-channel [C] value along dim 1 of the {list(shape)} output"
+        )
+    bad = ~torch.isfinite(vec)
+    if bool(bad.any()):
+        raise FoldError(
+            f"BatchNorm {bn_name!r}: the constant {c.label} in {node.name} ({op}) after it is "
+            f"non-finite at {fm._offenders(bad, vec)}; fix: give it a finite value (e.g. a finite "
+            "temperature)"
+        )
+    zero = 0 * ones
+    if op == "mul":
+        return Step(vec, zero, f"×{c.label}", c)
+    if op == "div":
+        if not x_first:
+            return Stop(f"{where}: {c.label} / x is not affine in x, so it can't fold")
+        if bool((vec == 0).any()):
+            raise FoldError(
+                f"BatchNorm {bn_name!r}: {node.name} divides by {c.label}, which is zero at "
+                f"{fm._offenders(vec == 0, vec)}; fix: the model's output is infinite there — "
+                "use a nonzero divisor"
+            )
+        return Step(1 / vec, zero, f"÷{c.label}", c)
+    alpha_txt = "" if alpha == 1 else f"{_fmt_num(float(alpha))}·"
+    if op == "add":
+        if x_first:
+            return Step(ones, float(alpha) * vec, f"+{alpha_txt}{c.label}", c)
+        return Step(float(alpha) * ones, vec, f"{c.label}+{alpha_txt}x", c)
+    if x_first:
+        return Step(ones, -float(alpha) * vec, f"−{alpha_txt}{c.label}", c)
+    return Step(-float(alpha) * ones, vec, f"{c.label}−{alpha_txt}x", c)
+
+
+# --- BatchNorm sites --------------------------------------------------------------------------
+
+
+@dataclass
+class BNSite:
+    """A BatchNorm call plus the constant chain after it, composed into one per-channel affine map.
+
+    ``scale``/``shift`` (float64 ``[C]``): ``end``'s output = ``scale·x + shift`` with ``x`` the BN
+    input.
+    """
+
+    node: fx.Node
+    name: str
+    type_name: str
+    bn: _BatchNorm
+    temperature: float | None
+    scale: torch.Tensor
+    shift: torch.Tensor
+    chain_nodes: list[fx.Node]
+    labels: list[str]
+    consts: list[Const]
+    chain_stop: str | None
+    notes: list[str]
+
+    @property
+    def end(self) -> fx.Node:
+        return self.chain_nodes[-1] if self.chain_nodes else self.node
+
+    @property
+    def input(self) -> fx.Node | None:
+        arg = self.node.args[0] if self.node.args else None
+        return arg if isinstance(arg, fx.Node) else None
+
+    @property
+    def chain(self) -> str:
+        return " → ".join([type(self.bn).__name__, *self.labels])
+
+
+def _tensor_meta(node: Any) -> Any:
+    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
+class FoldContext:
+    """The GraphModule being folded, with the bookkeeping for safe node rewrites."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.removed_attrs: set[str] = set()
+
+    # lookups
+    def module(self, node: Any) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))
+        return None
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        meta = _tensor_meta(node)
+        return tuple(meta.shape) if meta is not None else None
+
+    def dtype(self, node: Any) -> torch.dtype | None:
+        meta = _tensor_meta(node)
+        return meta.dtype if meta is not None else None
+
+    def calls(self, target: str) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target]
+
+    def describe(self, node: Any) -> str:
+        """``relu (ReLU)``, ``add (call_function add)``, ``output`` — for reasons in the report."""
+        if not isinstance(node, fx.Node):
+            return repr(node)
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.module(node)).__name__})"
+        if node.op in ("placeholder", "output"):
+            return f"the model's {'input' if node.op == 'placeholder' else 'output'} ({node.name})"
+        target = getattr(node.target, "__name__", str(node.target))
+        return f"{node.name} ({node.op.replace('_', ' ')} {target})"
+
+    # sites
+    def bn_site(self, node: fx.Node, name: str) -> BNSite | str:
+        """The `BNSite` of a BatchNorm call, or the reason it can't fold at all (untracked stats).
+
+        Validates statistics, parameters and the chain's constants (`FoldError` if non-finite etc.).
+        """
+        parts = bn_parts(self.module(node))
+        assert parts is not None
+        bn, temperature = parts
+        if bn.running_mean is None or bn.running_var is None:
+            return (
+                f"track_running_stats=False: {name} normalizes with the statistics of each batch "
+                "even in eval mode, so it is not a fixed affine map; fix: train it with "
+                "track_running_stats=True (or recompute running statistics) to fold it"
+            )
+        fm.validate_bn(name, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        scale, shift = fm.bn_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        labels: list[str] = []
+        notes: list[str] = []
+        temp_value: float | None = None
+        if temperature is not None:
+            t = torch.as_tensor(
+                temperature.detach() if isinstance(temperature, torch.Tensor) else temperature,
+                dtype=torch.float64,
+            ).reshape(-1)
+            if t.numel() != 1 or not bool(torch.isfinite(t).all()):
+                raise FoldError(
+                    f"TemperatureBatchNorm2d {name!r}: temperature is {t.tolist()}; it must be one "
+                    "finite number; fix: pass a finite temperature (e.g. --temperature 1.5)"
+                )
+            temp_value = float(t[0])
+            scale, shift = fm.compose(scale, shift, temp_value, 0.0)
+            labels.append(f"×{_fmt_num(temp_value)} (temperature)")
+        site = BNSite(
+            node=node,
+            name=name,
+            type_name=type(self.module(node)).__name__,
+            bn=bn,
+            temperature=temp_value,
+            scale=scale,
+            shift=shift,
+            chain_nodes=[],
+            labels=labels,
+            consts=[],
+            chain_stop=None,
+            notes=notes,
+        )
+        self._extend_chain(site)
+        return site
+
+    def _extend_chain(self, site: BNSite) -> None:
+        shape, dtype = self.shape(site.node), self.dtype(site.node)
+        if shape is None or dtype is None:
+            return
+        while True:
+            cur = site.end
+            users = list(cur.users)
+            if len(users) != 1:
+                return
+            step = affine_step(users[0], cur, self.gm, shape, dtype, site.name)
+            if step is None:
+                return
+            if isinstance(step, Stop):
+                site.chain_stop = step.reason
+                return
+            site.scale, site.shift = fm.compose(site.scale, site.shift, step.a, step.b)
+            site.chain_nodes.append(users[0])
+            site.labels.append(step.label)
+            if step.const is not None:
+                site.consts.append(step.const)
+                for p in step.const.params:
+                    note = f"learnable parameter {p} folded as a constant (its value now)"
+                    if note not in site.notes:
+                        site.notes.append(note)
+
+    # rewrites
+    def install(self, node: fx.Node, new_module: nn.Module) -> str | None:
+        """Make ``node`` call ``new_module``; return the new module's name if one was created.
+
+        In place only when ``node`` is the module's one call and nothing else reaches the module (no
+        other call, no get_attr into it, no second path to it, not inside a called leaf module);
+        otherwise a new module ``<target>_folded[N]`` is added for this call only.
+        """
+        target = str(node.target)
+        old = self.gm.get_submodule(target)
+        paths = [p for p, m in self.gm.named_modules(remove_duplicate=False) if m is old]
+        nodes = self.gm.graph.nodes
+        shared = (
+            len(self.calls(target)) > 1
+            or len(paths) > 1
+            or any(
+                n.op == "get_attr"
+                and (n.target == target or str(n.target).startswith(target + "."))
+                for n in nodes
+            )
+            or any(n.op == "call_module" and target.startswith(str(n.target) + ".") for n in nodes)
+        )
+        if not shared:
+            parent, _, leaf = target.rpartition(".")
+            setattr(self.gm.get_submodule(parent), leaf, new_module)
+            return None
+        base = f"{target}_folded"
+        name, k = base, 1
+        while _has_path(self.gm, name):
+            k += 1
+            name = f"{base}{k}"
+        self.gm.add_submodule(name, new_module)
+        node.target = name
+        return name
+
+    def remove_site(self, site: BNSite) -> None:
+        """Erase the chain and BN nodes (their uses already rerouted) and now-dead constants."""
+        for n in reversed([site.node, *site.chain_nodes]):
+            self.gm.graph.erase_node(n)
+        self.erase_dead(n for c in site.consts for n in c.nodes)
+
+    def erase_dead(self, nodes: Iterable[fx.Node]) -> None:
+        for n in nodes:
+            if n._erased or n.users or n.op not in ("get_attr", "call_function", "call_method"):
+                continue
+            inputs = list(n.all_input_nodes)
+            if n.op == "get_attr":
+                self.removed_attrs.add(str(n.target))
+            self.gm.graph.erase_node(n)
+            self.erase_dead(inputs)
+
+    def finish(self) -> None:
+        """Lint, drop unused submodules and orphaned constants, recompile."""
+        graph = self.gm.graph
+        graph.lint()
+        live_attrs = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+        called = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+        for target in sorted(self.removed_attrs - live_attrs):
+            owner_path, _, fieldname = target.rpartition(".")
+            if any(c == owner_path or owner_path.startswith(c + ".") for c in called if owner_path):
+                continue  # a called (leaf) module may read it in its own forward
+            if not _has_path(self.gm, target):
+                continue
+            owner = self.gm.get_submodule(owner_path)
+            if fieldname in owner._parameters:
+                del owner._parameters[fieldname]
+            elif fieldname in owner._buffers:
+                del owner._buffers[fieldname]
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+
+
+def _has_path(root: nn.Module, path: str) -> bool:
+    try:
+        fetch_attr(root, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def new_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of ``layer`` with new weight and bias Parameters (the original is never touched)."""
+    device = layer.weight.device
+    new_weight = nn.Parameter(weight.to(device), requires_grad=layer.weight.requires_grad)
+    req = layer.bias.requires_grad if layer.bias is not None else layer.weight.requires_grad
+    new_bias = nn.Parameter(bias.to(device), requires_grad=req)
+    # The memo makes deepcopy use the new Parameters instead of copying the old ones.
+    memo: dict[int, Any] = {id(layer.weight): new_weight}
+    if layer.bias is not None:
+        memo[id(layer.bias)] = new_bias
+    new = copy.deepcopy(layer, memo)
+    new.bias = new_bias
+    return new
+
+
+def layer_hook_reason(layer: nn.Module, name: str) -> str | None:
+    """Why folding into ``layer``'s weight would be undone (parametrization, pre-hooks), or None."""
+    if parametrize.is_parametrized(layer):
+        return (
+            f"{name} has a parametrization on its weight (e.g. weight_norm/spectral_norm) that "
+            "recomputes it; fix: torch.nn.utils.parametrize.remove_parametrizations first"
+        )
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        return (
+            f"{name} has forward hooks (e.g. the old torch.nn.utils.weight_norm) that may "
+            "recompute or change its weight/output; fix: remove the hooks (remove_weight_norm) "
+            "first"
+        )
+    return None
+
+
+def remove_eval_identities(gm: fx.GraphModule) -> int:
+    """Drop ``nn.Identity``/``Dropout*`` calls and ``F.dropout(..., training=False)`` (identities in
+    eval) so a BN on either side of them can fold. Returns how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        is_identity = False
+        if node.op == "call_module":
+            is_identity = isinstance(gm.get_submodule(str(node.target)), EVAL_IDENTITY_MODULES)
+        elif node.op == "call_function" and node.target in (
+            F.dropout,
+            F.dropout1d,
+            F.dropout2d,
+            F.dropout3d,
+            F.alpha_dropout,
+        ):
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            is_identity = training is False
+        if is_identity and node.args and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    return removed

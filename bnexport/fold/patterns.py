@@ -1,0 +1,334 @@
+"""Fold patterns, one class per case, each as ``match`` (structure) / ``check`` (is it exact and
+safe?) / ``rewrite`` (new parameters, node edits, report entry).
+
+After a layer (``layer → BN → chain``), folded as ``W' = W·s`` on the output-channel axis and
+``b' = s·b + t``; the variants differ only in the `kind` hook that picks the axis (Conv: 0,
+ConvTranspose: 1 per group, Linear: 0). Before a layer (``BN → chain → layer``): the scale moves to
+the input-channel axis and the shift into the bias; the variants add their exactness rule (Conv: no
+zero padding or a zero shift; ConvTranspose: a zero shift). The math is in `bnexport.fold.math`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bnexport.fold import math as fm
+from bnexport.fold.graph import (
+    BNSite,
+    FoldContext,
+    layer_hook_reason,
+    layer_kind,
+    new_layer,
+)
+from bnexport.fold.report import Direction, FoldEntry
+
+
+@dataclass
+class Match:
+    """A BN site next to a layer call."""
+
+    site: BNSite
+    layer_node: fx.Node
+    layer: nn.Module
+    layer_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.layer_name = self.layer_name or str(self.layer_node.target)
+
+
+@dataclass
+class Refusal:
+    """Why a matched pattern can't fold: a `REASONS` code and a sentence for the report."""
+
+    code: str
+    reason: str
+
+
+def _dt(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Pattern(ABC):
+    """One fold rule. Subclasses set `kind` (the weight-axis hook) and `direction`."""
+
+    kind: ClassVar[fm.LayerKind]
+    direction: ClassVar[Direction]
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def is_layer(self, node: object, ctx: FoldContext) -> bool:
+        return layer_kind(ctx.module(node)) == self.kind
+
+    @staticmethod
+    def expected_rank(layer: nn.Module) -> int:
+        """Rank of the layer's batched input/output whose dim 1 is its channel/feature dim."""
+        return 2 if isinstance(layer, nn.Linear) else len(layer.kernel_size) + 2  # type: ignore[arg-type]
+
+    @abstractmethod
+    def match(self, site: BNSite, ctx: FoldContext) -> Match | None: ...
+
+    @abstractmethod
+    def check(self, m: Match, ctx: FoldContext) -> Refusal | None: ...
+
+    @abstractmethod
+    def fold(self, m: Match) -> fm.Folded:
+        """The folded parameters in float64."""
+
+    @abstractmethod
+    def reroute(self, m: Match, ctx: FoldContext) -> None:
+        """Edit the graph so the folded layer call replaces BN + chain."""
+
+    def rewrite(self, m: Match, ctx: FoldContext) -> FoldEntry:
+        """Fold: float64 math, one checked cast, a new module for this call, node edits, report
+        entry."""
+        layer, site = m.layer, m.site
+        folded = self.fold(m)
+        bias_dtype = layer.bias.dtype if layer.bias is not None else layer.weight.dtype
+        w = fm.cast_checked(folded.weight, layer.weight.dtype, layer=m.layer_name, what="weight")
+        b = fm.cast_checked(folded.bias, bias_dtype, layer=m.layer_name, what="bias")
+        created = ctx.install(m.layer_node, new_layer(layer, w.tensor, b.tensor))
+        self.reroute(m, ctx)
+        ctx.remove_site(site)
+        notes = list(site.notes)
+        if created:
+            notes.append(
+                f"{m.layer_name} is shared (called or referenced elsewhere): only this call "
+                f"({m.layer_node.name}) uses the folded copy {created}"
+            )
+        return FoldEntry(
+            bn=site.name,
+            bn_type=site.type_name,
+            status="folded",
+            chain=site.chain,
+            into=m.layer_name,
+            layer_type=type(layer).__name__,
+            direction=self.direction,
+            new_module=created,
+            temperature=site.temperature,
+            chain_stop=site.chain_stop,
+            max_rel_weight_change=fm.max_relative_change(layer.weight, folded.weight),
+            subnormals_flushed=w.subnormals_flushed + b.subnormals_flushed,
+            notes=notes,
+        )
+
+    def _common_check(
+        self, m: Match, ctx: FoldContext, tensor_node: fx.Node | None, channels: int
+    ) -> Refusal | None:
+        """Hooks, float dtype, and the layout: ``tensor_node`` (the layer side of the BN) must have
+        the layer's batched rank and the BN's channels on dim 1."""
+        site, layer = m.site, m.layer
+        hook = layer_hook_reason(layer, m.layer_name)
+        if hook:
+            return Refusal("layer_hooks", hook)
+        if not layer.weight.is_floating_point():
+            return Refusal("dtype", f"{m.layer_name} has a {_dt(layer.weight.dtype)} weight")
+        shape = ctx.shape(tensor_node)
+        if ctx.dtype(tensor_node) != ctx.dtype(site.end):
+            return Refusal(
+                "dtype",
+                f"{site.name} and its chain turn {_dt(ctx.dtype(tensor_node))} into "
+                f"{_dt(ctx.dtype(site.end))}; the folded layer would keep "
+                f"{_dt(ctx.dtype(tensor_node))}",
+            )
+        rank = self.expected_rank(layer)
+        if shape is None or len(shape) != rank or shape[1] != site.bn.num_features:
+            return Refusal(
+                "layout",
+                f"{site.name} normalizes dim 1 of a {list(shape or ())} tensor but "
+                f"{m.layer_name}'s {channels} channels/features are dim 1 only of a rank-{rank} "
+                "batched tensor",
+            )
+        if channels != site.bn.num_features:
+            return Refusal(
+                "layout",
+                f"{site.name} has {site.bn.num_features} channels, {m.layer_name} {channels}",
+            )
+        return None
+
+
+def _groups(layer: nn.Module) -> int:
+    return int(getattr(layer, "groups", 1))
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)  # type: ignore[arg-type]
+
+
+def _in_channels(layer: nn.Module) -> int:
+    return int(layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)  # type: ignore[arg-type]
+
+
+class FoldAfter(Pattern):
+    """``layer → BN → chain``: ``W' = W·s`` on the output-channel axis (hook: `kind`), ``b' = s·b +
+    t``."""
+
+    direction: ClassVar[Direction] = "after"
+
+    def match(self, site: BNSite, ctx: FoldContext) -> Match | None:
+        src = site.input
+        if src is None or not self.is_layer(src, ctx):
+            return None
+        layer = ctx.module(src)
+        assert layer is not None
+        return Match(site, src, layer)
+
+    def check(self, m: Match, ctx: FoldContext) -> Refusal | None:
+        users = list(m.layer_node.users)
+        if len(users) != 1:
+            others = ", ".join(ctx.describe(u) for u in users if u is not m.site.node)
+            return Refusal(
+                "multi_user",
+                f"the output of {m.layer_name} ({m.layer_node.name}) has {len(users)} users "
+                f"({m.site.name} and {others}); folding {m.site.name} into it would change what "
+                "the others see",
+            )
+        return self._common_check(m, ctx, m.layer_node, _out_channels(m.layer))
+
+    def fold(self, m: Match) -> fm.Folded:
+        s = m.site
+        return fm.fold_after(
+            self.kind, m.layer.weight, m.layer.bias, s.scale, s.shift, _groups(m.layer)
+        )
+
+    def reroute(self, m: Match, ctx: FoldContext) -> None:
+        m.site.end.replace_all_uses_with(m.layer_node)
+
+
+class ConvThenBN(FoldAfter):
+    """Conv1d/2d/3d (any groups, stride, dilation, padding mode, bias) → BN → chain."""
+
+    kind: ClassVar[fm.LayerKind] = "conv"
+
+
+class ConvTransposeThenBN(FoldAfter):
+    """ConvTranspose1d/2d/3d (any groups incl. depthwise) → BN → chain; scales weight axis 1 per
+    group."""
+
+    kind: ClassVar[fm.LayerKind] = "conv_transpose"
+
+
+class LinearThenBN(FoldAfter):
+    """Linear → BatchNorm1d on ``[N, C]`` → chain."""
+
+    kind: ClassVar[fm.LayerKind] = "linear"
+
+
+class FoldBefore(Pattern):
+    """``BN → chain → layer``: the scale goes on the input-channel axis, the shift into the bias."""
+
+    direction: ClassVar[Direction] = "before"
+
+    def match(self, site: BNSite, ctx: FoldContext) -> Match | None:
+        for user in site.end.users:
+            if self.is_layer(user, ctx) and user.args and user.args[0] is site.end:
+                layer = ctx.module(user)
+                assert layer is not None
+                return Match(site, user, layer)
+        return None
+
+    def exactness(self, m: Match) -> Refusal | None:
+        """Hook: why this layer can't absorb the shift exactly (None: it can)."""
+        return None
+
+    def check(self, m: Match, ctx: FoldContext) -> Refusal | None:
+        site = m.site
+        users = list(site.end.users)
+        if len(users) != 1:
+            others = ", ".join(ctx.describe(u) for u in users if u is not m.layer_node)
+            return Refusal(
+                "multi_user",
+                f"the output of {site.name}{' and its chain' if site.chain_nodes else ''} has "
+                f"{len(users)} users ({m.layer_name} and {others}); it can fold into "
+                f"{m.layer_name} only if that is its one user",
+            )
+        refusal = self._common_check(m, ctx, site.input, _in_channels(m.layer))
+        return refusal or self.exactness(m)
+
+    def fold(self, m: Match) -> fm.Folded:
+        s = m.site
+        return fm.fold_before(
+            self.kind, m.layer.weight, m.layer.bias, s.scale, s.shift, _groups(m.layer)
+        )
+
+    def reroute(self, m: Match, ctx: FoldContext) -> None:
+        bn_input = m.site.input
+        assert bn_input is not None
+        m.layer_node.replace_input_with(m.site.end, bn_input)
+
+
+def _max_shift(m: Match) -> str:
+    return f"max |shift| = {float(m.site.shift.abs().max()):.3g}"
+
+
+def _zero_pads(layer: nn.Module) -> bool:
+    """Whether the conv pads its input with zeros."""
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return False
+    padding = layer.padding  # type: ignore[union-attr]
+    if padding == "valid":
+        return False
+    if padding == "same":
+        return any(
+            d * (k - 1) > 0
+            for d, k in zip(layer.dilation, layer.kernel_size, strict=True)  # type: ignore[union-attr]
+        )
+    return any(int(p) != 0 for p in padding)  # type: ignore[union-attr]
+
+
+class BNThenConv(FoldBefore):
+    """BN → chain → Conv: exact with padding 0, a copying ``padding_mode`` or a zero shift."""
+
+    kind: ClassVar[fm.LayerKind] = "conv"
+
+    def exactness(self, m: Match) -> Refusal | None:
+        if _zero_pads(m.layer) and bool((m.site.shift != 0).any()):
+            return Refusal(
+                "not_exact_padding",
+                f"{m.layer_name} zero-pads its input (padding={m.layer.padding}) and "
+                f"{m.site.name} has a non-zero shift ({_max_shift(m)}): after folding, the padded "
+                "border would act as 0 instead of the shift, so border outputs would change; it "
+                "folds exactly only with padding 0, a reflect/replicate/circular padding_mode, "
+                "or a zero shift",
+            )
+        return None
+
+
+class BNThenConvTranspose(FoldBefore):
+    """BN → chain → ConvTranspose: exact only with a zero shift (scale on weight axis 0)."""
+
+    kind: ClassVar[fm.LayerKind] = "conv_transpose"
+
+    def exactness(self, m: Match) -> Refusal | None:
+        if bool((m.site.shift != 0).any()):
+            return Refusal(
+                "not_exact_transpose",
+                f"{m.site.name} has a non-zero shift ({_max_shift(m)}) and {m.layer_name} is a "
+                "transposed conv: it spreads a constant input unevenly near the borders, so the "
+                "shift can't become a bias exactly",
+            )
+        return None
+
+
+class BNThenLinear(FoldBefore):
+    """BatchNorm1d on ``[N, C]`` → chain → Linear: ``W' = W·diag(s)``, ``b' = b + W·t``."""
+
+    kind: ClassVar[fm.LayerKind] = "linear"
+
+
+#: Tried in this order for every BatchNorm: after a layer first (always exact), then before one.
+PATTERNS: tuple[Pattern, ...] = (
+    ConvThenBN(),
+    ConvTransposeThenBN(),
+    LinearThenBN(),
+    BNThenConv(),
+    BNThenConvTranspose(),
+    BNThenLinear(),
+)

@@ -1,0 +1,127 @@
+"""The fold report: one entry per BatchNorm (folded into what, with which chain, or why it was
+left).
+
+Plain data: no printing. ``str(report)`` renders a readable multi-line text; ``to_dict()`` is
+JSON-ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Status = Literal["folded", "left"]
+Direction = Literal["after", "before"]
+
+#: Reason codes for a BatchNorm left in the graph (``FoldEntry.reason_code``), with what they mean.
+REASONS: dict[str, str] = {
+    "untracked_stats": "BatchNorm has no running statistics (track_running_stats=False): it uses "
+    "batch statistics even in eval mode",
+    "multi_user": "the layer's output (or the BatchNorm chain's output) has more than one user",
+    "no_adjacent_layer": "no Conv/ConvTranspose/Linear module right before or after the BatchNorm",
+    "nonlinearity": "a nonlinearity sits between the layer and the BatchNorm",
+    "not_exact_padding": "BN → Conv with zero padding and a non-zero shift (borders would differ)",
+    "not_exact_transpose": "BN → ConvTranspose with a non-zero shift (borders would differ)",
+    "layout": "the BatchNorm's channel dim is not the layer's channel/feature dim",
+    "dtype": "the BatchNorm or its chain changes the dtype, or the layer is not floating point",
+    "layer_hooks": "the layer has hooks or a parametrization that recompute its weight",
+    "functional": "a functional batch_norm call (not an nn.BatchNorm module)",
+    "leaf_module": "inside a module traced as a black box (leaf_modules), so not in the graph",
+}
+
+
+@dataclass
+class FoldEntry:
+    """What happened to one BatchNorm.
+
+    ``chain`` describes the folded affine chain, e.g. ``"BatchNorm2d → ×1.5 → +buffer offset[32]"``.
+    ``max_rel_weight_change`` is the largest ``|W' − W|/|W|`` over the layer's nonzero weights.
+    ``chain_stop`` says why a chain of arithmetic after the BN stopped early (that op stays in the
+    graph).
+    """
+
+    bn: str
+    bn_type: str
+    status: Status
+    chain: str
+    into: str | None = None
+    layer_type: str | None = None
+    direction: Direction | None = None
+    new_module: str | None = None
+    temperature: float | None = None
+    reason_code: str | None = None
+    reason: str | None = None
+    chain_stop: str | None = None
+    max_rel_weight_change: float | None = None
+    subnormals_flushed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        head = f"{self.bn} ({self.bn_type})"
+        if self.status == "folded":
+            where = f"{self.into} ({self.layer_type})"
+            if self.new_module:
+                where += f" as new module {self.new_module} (the shared module is untouched)"
+            line = f"folded  {head} {self.direction} {where}: {self.chain}"
+            if self.max_rel_weight_change is not None:
+                line += f"; max weight change {self.max_rel_weight_change:.3g}"
+            if self.subnormals_flushed:
+                line += f"; {self.subnormals_flushed} subnormals flushed to 0"
+        else:
+            line = f"left    {head}: {self.reason}"
+        extra = [f"chain stops: {self.chain_stop}"] if self.chain_stop else []
+        extra += self.notes
+        return "\n".join([line, *(f"          {e}" for e in extra)])
+
+
+@dataclass
+class FoldReport:
+    """All entries (graph order), notes (e.g. the train-mode note) and the float64 verification."""
+
+    entries: list[FoldEntry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+
+    @property
+    def folded(self) -> list[FoldEntry]:
+        return [e for e in self.entries if e.status == "folded"]
+
+    @property
+    def left(self) -> list[FoldEntry]:
+        return [e for e in self.entries if e.status == "left"]
+
+    def entry(self, bn: str) -> FoldEntry:
+        """The entry for the BatchNorm with qualified name ``bn`` (KeyError if none)."""
+        for e in self.entries:
+            if e.bn == bn:
+                return e
+        raise KeyError(bn)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batchnorms": len(self.entries),
+            "folded": len(self.folded),
+            "left": len(self.left),
+            "entries": [e.to_dict() for e in self.entries],
+            "notes": list(self.notes),
+            "verification": self.verification,
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"Fold report: {len(self.folded)} folded, {len(self.left)} left "
+            f"(of {len(self.entries)} BatchNorm{'s' if len(self.entries) != 1 else ''})"
+        ]
+        lines += [f"  {line}" for e in self.entries for line in str(e).splitlines()]
+        if self.verification:
+            v = self.verification
+            lines.append(
+                f"  verified in float64: max |folded − original| = {v['max_abs_error']:.3g} "
+                f"({v['relative_error']:.3g} of output scale {v['output_scale']:.3g}; "
+                f"tolerance {v['tolerance']:.3g})"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
