@@ -1,0 +1,252 @@
+"""Compare one candidate output with the reference: statistics that explain a pass or a failure.
+
+For each output (first axis = batch) :func:`compare_output` reports the absolute error statistics,
+the worst sample's error relative to that sample's ``max|ref|``, cosine similarity, argmax
+agreement, NaN/Inf counts, the smallest tolerances that would have passed, a log10 histogram of
+``|a − r|``, and the worst element (the largest ``|a − r| / allowed``) by sample and output index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bnexport.parity.tolerance import Tolerance, sample_scale
+
+# Histogram of |a − r|: exact zeros, then decades 1e-9 … 1e1, then the rest and the non-finite.
+HISTOGRAM_DECADES: tuple[int, ...] = tuple(range(-9, 2))
+
+
+@dataclass(frozen=True)
+class WorstElement:
+    """Where the candidate is furthest outside (or closest to the edge of) the tolerance."""
+
+    sample: int  # index along the batch axis, over every input fed
+    index: tuple[int, ...]  # index inside that sample's output (e.g. the logit)
+    candidate: float
+    reference: float
+    abs_err: float
+    allowed: float  # atol + rtol·|r| at this element
+    input_set: str = ""  # which input set the sample came from ("bundled", "random", …)
+    set_index: int = -1  # the sample's index inside that set
+
+    def ratio(self) -> float:
+        """``abs_err / allowed``: above 1 fails."""
+        if self.allowed > 0:
+            return self.abs_err / self.allowed
+        return 0.0 if self.abs_err == 0 else math.inf
+
+    def describe(self) -> str:
+        """``#sample set[i] out[j]: candidate vs reference (err e, allowed t)``."""
+        where = f" {self.input_set}[{self.set_index}]" if self.input_set else ""
+        idx = ",".join(str(i) for i in self.index)
+        return (
+            f"#{self.sample}{where} out[{idx}]: {self.candidate:.7g} vs "
+            f"{self.reference:.7g} (err {self.abs_err:.3g}, allowed {self.allowed:.3g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["index"] = list(self.index)
+        d["ratio"] = _finite_or_str(self.ratio())
+        return d
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """Statistics for one output of one runner against the reference."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    passed: bool
+    tolerance: Tolerance
+    violations: int  # elements outside the tolerance
+    elements: int
+    max_abs_err: float
+    mean_abs_err: float
+    median_abs_err: float
+    rel_err: float  # max over samples of max|a−r| / max|ref| (that sample's)
+    ref_max_abs: float
+    cosine: float  # whole output, flattened
+    min_sample_cosine: float  # worst sample
+    argmax_agreement: float | None  # fraction of samples with equal argmax over the last axis
+    nan_candidate: int
+    inf_candidate: int
+    nan_reference: int
+    inf_reference: int
+    min_atol_scale: float  # smallest atol_scale that passes at this rtol
+    min_rtol: float  # smallest rtol that passes at this atol
+    histogram: dict[str, int] = field(default_factory=dict)
+    worst: WorstElement | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            d[key] = _finite_or_str(value) if isinstance(value, float) else value
+        d["shape"] = list(self.shape)
+        d["tolerance"] = self.tolerance.to_dict()
+        d["worst"] = self.worst.to_dict() if self.worst else None
+        return d
+
+
+def _finite_or_str(value: float) -> float | str:
+    """JSON has no inf/nan: spell them."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def error_histogram(abs_err: np.ndarray) -> dict[str, int]:
+    """Counts of ``|a − r|`` per log10 bin: ``0``, ``<1e-9``, ``1e-9..1e-8``, …, ``>=1e1``,
+    ``non-finite`` (a NaN or infinity where the other side differs)."""
+    err = np.asarray(abs_err, dtype=np.float64).ravel()
+    finite = err[np.isfinite(err)]
+    hist: dict[str, int] = {"0": int(np.count_nonzero(finite == 0))}
+    nonzero = finite[finite > 0]
+    lo = HISTOGRAM_DECADES[0]
+    hist[f"<1e{lo}"] = int(np.count_nonzero(nonzero < 10.0**lo))
+    for k in HISTOGRAM_DECADES[:-1]:
+        hist[f"1e{k}..1e{k + 1}"] = int(
+            np.count_nonzero((nonzero >= 10.0**k) & (nonzero < 10.0 ** (k + 1)))
+        )
+    hi = HISTOGRAM_DECADES[-1]
+    hist[f">=1e{hi}"] = int(np.count_nonzero(nonzero >= 10.0**hi))
+    hist["non-finite"] = int(err.size - finite.size)
+    return hist
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """``a·b / (|a||b|)`` in float64; 1.0 when both are all zeros, 0.0 when only one is; NaN when
+    either holds a non-finite value."""
+    return float(row_cosines(np.reshape(a, (1, -1)), np.reshape(b, (1, -1)))[0])
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of two ``[n, k]`` arrays (same conventions as above)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    bad = ~(np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1))
+    x = np.where(np.isfinite(x), x, 0.0)
+    y = np.where(np.isfinite(y), y, 0.0)
+    nx = np.linalg.norm(x, axis=1)
+    ny = np.linalg.norm(y, axis=1)
+    dot = np.einsum("ij,ij->i", x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(
+            (nx > 0) & (ny > 0), dot / (nx * ny), np.where((nx == 0) & (ny == 0), 1.0, 0.0)
+        )
+    return np.where(bad, np.nan, np.clip(cos, -1.0, 1.0))
+
+
+def compare_output(
+    name: str,
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    tolerance: Tolerance,
+    *,
+    locate: Any = None,
+) -> OutputComparison:
+    """Compare ``candidate`` with ``reference`` (same shape; first axis = samples).
+
+    ``locate(sample) -> (input_set, index_in_set)`` names where the worst sample came from.
+    Smallest passing tolerances, per element with ``e = |a − r|`` and ``s`` the sample's
+    ``max(1, max|ref|)``: ``min_atol_scale = max((e − rtol·|r|)⁺ / s)``,
+    ``min_rtol = max((e − atol)⁺ / |r|)`` (inf where the reference is 0 and ``e > atol``).
+    Non-finite values agree only where both are NaN or the same infinity; otherwise both
+    minima are inf.
+    """
+    cand = np.asarray(candidate, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if cand.shape != ref.shape:
+        raise ValueError(f"output {name!r}: shape {cand.shape} vs reference {ref.shape}")
+
+    both_nan = np.isnan(cand) & np.isnan(ref)
+    same_inf = np.isinf(cand) & (cand == ref)
+    agree_nonfinite = both_nan | same_inf
+    with np.errstate(invalid="ignore"):
+        abs_err = np.abs(cand - ref)
+    abs_err = np.where(agree_nonfinite, 0.0, abs_err)
+    abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)  # NaN vs a number: infinitely wrong
+    finite_err = bool(np.all(np.isfinite(abs_err)))
+
+    scale = np.broadcast_to(np.maximum(1.0, sample_scale(ref)), ref.shape)
+    abs_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
+    atol = tolerance.atol_scale * scale
+    allowed = atol + tolerance.rtol * abs_ref
+    ok = abs_err <= allowed
+    violations = int(ok.size - np.count_nonzero(ok))
+
+    if finite_err:
+        min_atol_scale = float(np.max(np.maximum(abs_err - tolerance.rtol * abs_ref, 0.0) / scale))
+        over = np.maximum(abs_err - atol, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            need = np.where(over > 0, over / abs_ref, 0.0)
+        min_rtol = float(np.max(need)) if need.size else 0.0
+    else:
+        min_atol_scale = min_rtol = math.inf
+
+    # Relative error of the worst sample: max|a−r| / max|ref| within each sample.
+    raw_scale = np.broadcast_to(sample_scale(ref), ref.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(abs_err == 0, 0.0, abs_err / raw_scale)
+    rel_err = float(np.max(rel)) if rel.size else 0.0
+
+    # Cosine over values that are comparable: agreeing non-finite pairs count as equal zeros.
+    cand_c = np.where(agree_nonfinite, 0.0, cand)
+    ref_c = np.where(agree_nonfinite, 0.0, ref)
+    n = ref.shape[0] if ref.ndim >= 1 else 1
+    sample_cos = row_cosines(cand_c.reshape(n, -1), ref_c.reshape(n, -1))
+    argmax: float | None = None
+    if ref.ndim >= 2 and ref.shape[-1] > 1 and ref.size:
+        argmax = float(np.mean(np.argmax(cand, axis=-1) == np.argmax(ref, axis=-1)))
+
+    worst: WorstElement | None = None
+    if abs_err.size:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
+        flat = int(np.argmax(ratio))
+        pos = np.unravel_index(flat, ref.shape)
+        sample = int(pos[0]) if ref.ndim >= 1 else 0
+        set_name, set_index = locate(sample) if locate is not None else ("", -1)
+        worst = WorstElement(
+            sample=sample,
+            index=tuple(int(i) for i in pos[1:]),
+            candidate=float(cand[pos]),
+            reference=float(ref[pos]),
+            abs_err=float(abs_err[pos]),
+            allowed=float(allowed[pos]),
+            input_set=set_name,
+            set_index=int(set_index),
+        )
+
+    return OutputComparison(
+        name=name,
+        shape=tuple(int(d) for d in ref.shape),
+        dtype=str(np.asarray(candidate).dtype),
+        passed=violations == 0,
+        tolerance=tolerance,
+        violations=violations,
+        elements=int(ref.size),
+        max_abs_err=float(abs_err.max()) if abs_err.size else 0.0,
+        mean_abs_err=float(abs_err.mean()) if abs_err.size else 0.0,
+        median_abs_err=float(np.median(abs_err)) if abs_err.size else 0.0,
+        rel_err=rel_err,
+        ref_max_abs=float(np.max(np.abs(ref[np.isfinite(ref)]))) if np.isfinite(ref).any() else 0.0,
+        cosine=cosine_similarity(cand_c, ref_c),
+        min_sample_cosine=float(np.min(sample_cos)) if sample_cos.size else 1.0,
+        argmax_agreement=argmax,
+        nan_candidate=int(np.count_nonzero(np.isnan(cand))),
+        inf_candidate=int(np.count_nonzero(np.isinf(cand))),
+        nan_reference=int(np.count_nonzero(np.isnan(ref))),
+        inf_reference=int(np.count_nonzero(np.isinf(ref))),
+        min_atol_scale=min_atol_scale,
+        min_rtol=min_rtol,
+        histogram=error_histogram(abs_err),
+        worst=worst,
+    )

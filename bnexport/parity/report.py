@@ -1,0 +1,336 @@
+"""The parity report: one result per runner and batch size, rendered as a dict (JSON), JUnit XML and
+Markdown. ``passed`` is True only when every gating runner passed and at least one ran."""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+
+from bnexport.parity.compare import OutputComparison, _finite_or_str
+from bnexport.parity.tolerance import Tolerance
+
+REPORT_FORMAT = "bnexport.parity/1"
+TOLERANCE_NOTE = (
+    "An element passes when |a − r| <= atol·max(1, max|ref|) + rtol·|r| (max|ref| per sample); "
+    "rel err = max|a − r| / max|ref| of the worst sample; worst element = #sample set[index] "
+    "out[index]."
+)
+TABLE_COLUMNS = (
+    "runner",
+    "batch",
+    "max abs err",
+    "rel err",
+    "cosine",
+    "argmax",
+    "rtol / atol",
+    "result",
+    "worst element",
+)
+
+
+@dataclass
+class RunnerResult:
+    """One candidate runner at one batch size, compared with the reference."""
+
+    runner: str
+    kind: str
+    gating: bool
+    batch_size: int
+    batches: int
+    samples: int
+    seconds: float
+    tolerance: Tolerance
+    outputs: list[OutputComparison] = field(default_factory=list)
+    ground_truth_max_abs_err: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # the runner crashed: a failure with this message
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(o.passed for o in self.outputs)
+
+    @property
+    def status(self) -> str:
+        """``PASS``, ``FAIL``, or for a non-gating runner ``pass (info)`` / ``FAIL (info)``."""
+        word = "PASS" if self.passed else "FAIL"
+        return word if self.gating else f"{word.lower() if self.passed else word} (info)"
+
+    def worst_output(self) -> OutputComparison | None:
+        """The output furthest outside its tolerance (by the worst element's err/allowed)."""
+        if not self.outputs:
+            return None
+        return max(self.outputs, key=lambda o: o.worst.ratio() if o.worst else 0.0)
+
+    def failure_message(self) -> str:
+        """One paragraph: what failed, by how much, where, and what tolerance would have passed."""
+        if self.error:
+            return f"{self.runner} (batch {self.batch_size}) failed to run: {self.error}"
+        parts = []
+        for o in self.outputs:
+            if o.passed:
+                continue
+            text = (
+                f"{self.runner} batch {self.batch_size}: output {o.name!r} has {o.violations} of "
+                f"{o.elements} elements outside {o.tolerance}; max abs err {o.max_abs_err:.3g} "
+                f"(rel {o.rel_err:.3g}), cosine {o.cosine:.6f}"
+            )
+            if o.argmax_agreement is not None:
+                text += f", argmax agreement {o.argmax_agreement:.2%}"
+            if o.nan_candidate or o.inf_candidate:
+                text += f", {o.nan_candidate} NaN / {o.inf_candidate} Inf in the candidate"
+            text += (
+                f"; would pass with --atol {_fmt(o.min_atol_scale)} (at rtol {o.tolerance.rtol:g})"
+                f" or --rtol {_fmt(o.min_rtol)} (at atol {o.tolerance.atol_scale:g})"
+            )
+            if o.worst:
+                text += f"; worst: {o.worst.describe()}"
+            parts.append(text)
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runner": self.runner,
+            "kind": self.kind,
+            "gating": self.gating,
+            "batch_size": self.batch_size,
+            "batches": self.batches,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "passed": self.passed,
+            "tolerance": self.tolerance.to_dict(),
+            "max_abs_err": _finite_or_str(max((o.max_abs_err for o in self.outputs), default=0.0)),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "ground_truth_max_abs_err": {
+                k: _finite_or_str(v) for k, v in self.ground_truth_max_abs_err.items()
+            },
+            "error": self.error,
+        }
+
+
+@dataclass
+class ParityReport:
+    """Everything a check found, and everything needed to reproduce it."""
+
+    passed: bool
+    model: dict[str, Any]
+    reference: dict[str, Any]
+    runners: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+    results: list[RunnerResult]
+    inputs: dict[str, Any]
+    batch_sizes: list[int]
+    tolerances: dict[str, Tolerance]
+    versions: dict[str, str]
+    device: dict[str, Any]
+    cuda_probe: dict[str, Any] | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[RunnerResult]:
+        """Gating results that failed."""
+        return [r for r in self.results if r.gating and not r.passed]
+
+    @property
+    def failing_runners(self) -> list[str]:
+        return list(dict.fromkeys(r.runner for r in self.failures))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "passed": self.passed,
+            "failing_runners": self.failing_runners,
+            "model": self.model,
+            "reference": self.reference,
+            "runners": self.runners,
+            "skipped": self.skipped,
+            "batch_sizes": self.batch_sizes,
+            "tolerances": {k: v.to_dict() for k, v in self.tolerances.items()},
+            "inputs": self.inputs,
+            "results": [r.to_dict() for r in self.results],
+            "versions": self.versions,
+            "device": self.device,
+            "cuda_probe": self.cuda_probe,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+    def to_junit_xml(self) -> str:
+        """JUnit XML: one ``testcase`` per runner and batch size; skipped runners as skipped."""
+        cases = len(self.results) + len(self.skipped)
+        suite = ET.Element(
+            "testsuite",
+            name="bnexport.parity",
+            tests=str(cases),
+            failures=str(len(self.failures)),
+            errors="0",
+            skipped=str(len(self.skipped)),
+            time=f"{self.seconds:.3f}",
+        )
+        props = ET.SubElement(suite, "properties")
+        for key, value in {
+            "model": self.model.get("path", ""),
+            "model_sha256": self.model.get("sha256", ""),
+            "reference": self.reference.get("name", ""),
+            **{f"version.{k}": v for k, v in self.versions.items()},
+        }.items():
+            ET.SubElement(props, "property", name=key, value=str(value))
+        for r in self.results:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"bnexport.parity.{r.runner}",
+                name=f"{r.runner}[batch={r.batch_size}]",
+                time=f"{r.seconds:.4f}",
+            )
+            summary = _result_line(r)
+            if r.gating and not r.passed:
+                fail = ET.SubElement(
+                    case, "failure", message=r.failure_message(), type="ParityMismatch"
+                )
+                fail.text = summary
+            else:
+                out = ET.SubElement(case, "system-out")
+                note = (
+                    ""
+                    if r.gating or r.passed
+                    else (f"\nnot gating; would fail: {r.failure_message()}")
+                )
+                out.text = summary + note
+        for s in self.skipped:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"bnexport.parity.{s['runner']}",
+                name=s["runner"],
+                time="0",
+            )
+            ET.SubElement(case, "skipped", message=s["reason"])
+        root = ET.Element(
+            "testsuites",
+            name="bnexport check",
+            tests=str(cases),
+            failures=str(len(self.failures)),
+            time=f"{self.seconds:.3f}",
+        )
+        root.append(suite)
+        ET.indent(root)
+        return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+    def to_markdown(self) -> str:
+        """A summary for a CI job page: verdict, the table, failures, skipped runners, versions."""
+        verdict = "✅ PASS" if self.passed else "❌ FAIL"
+        sha = str(self.model.get("sha256", ""))
+        sets = ", ".join(f"{s['name']} {s['samples']}" for s in self.inputs.get("sets", []))
+        lines = [
+            f"## bnexport check: {verdict}",
+            "",
+            f"Model `{self.model.get('path', '?')}` (sha256 `{sha[:12]}`)"
+            f" against `{self.reference.get('name', '?')}`; {self.inputs.get('samples', 0)} samples"
+            f" ({sets}),"
+            f" batch sizes {', '.join(map(str, self.batch_sizes))}; {self.seconds:.2f} s.",
+            "",
+            "| " + " | ".join(TABLE_COLUMNS) + " |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        ]
+        for r in self.results:
+            for row in result_rows(r):
+                lines.append("| " + " | ".join(_md(c) for c in row) + " |")
+        lines += ["", TOLERANCE_NOTE]
+        if self.failures:
+            lines += ["", "### Failures", ""]
+            lines += [f"- {r.failure_message()}" for r in self.failures]
+        if self.skipped:
+            lines += ["", "### Skipped runners", ""]
+            lines += [f"- `{s['runner']}`: {s['reason']}" for s in self.skipped]
+        if self.notes or self.inputs.get("notes"):
+            lines += ["", "### Notes", ""]
+            lines += [f"- {n}" for n in [*self.notes, *self.inputs.get("notes", [])]]
+        lines += [
+            "",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()),
+            "",
+        ]
+        return "\n".join(lines)
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        from bnexport.files import write_json
+
+        write_json(path, self.to_dict())
+
+    def write_junit(self, path: str | os.PathLike[str]) -> None:
+        _write_text(path, self.to_junit_xml())
+
+    def write_markdown(self, path: str | os.PathLike[str]) -> None:
+        _write_text(path, self.to_markdown())
+
+
+def result_rows(r: RunnerResult) -> list[list[str]]:
+    """Table rows for one result: runner, batch, max abs err, rel err, cosine, argmax,
+    tolerance, result, worst element (one row per output; the runner name once)."""
+    if r.error:
+        return [
+            [
+                r.runner,
+                str(r.batch_size),
+                "-",
+                "-",
+                "-",
+                "-",
+                r.tolerance.short(),
+                r.status,
+                r.error,
+            ]
+        ]
+    rows = []
+    many = len(r.outputs) > 1
+    for i, o in enumerate(r.outputs):
+        name = r.runner if i == 0 else ""
+        if many:
+            name = f"{name} {o.name}".strip() if i == 0 else f"  {o.name}"
+        rows.append(
+            [
+                name,
+                str(r.batch_size),
+                f"{o.max_abs_err:.3g}",
+                f"{o.rel_err:.3g}",
+                _fmt_cos(o.cosine),
+                "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}",
+                o.tolerance.short(),
+                r.status if not many else ("pass" if o.passed else "FAIL"),
+                o.worst.describe() if o.worst else "-",
+            ]
+        )
+    return rows
+
+
+def _result_line(r: RunnerResult) -> str:
+    if r.error:
+        return f"error: {r.error}"
+    return "; ".join(
+        f"{o.name}: max abs err {o.max_abs_err:.3g}, rel {o.rel_err:.3g}, "
+        f"cosine {_fmt_cos(o.cosine)}, needs atol {_fmt(o.min_atol_scale)} / "
+        f"rtol {_fmt(o.min_rtol)}"
+        for o in r.outputs
+    )
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.3g}")
+
+
+def _fmt_cos(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.7f}"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _write_text(path: str | os.PathLike[str], text: str) -> None:
+    from bnexport.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,235 @@
+"""`bnexport check` through the CLI: pass, injected faults, reproducible inputs, bad input, CUDA."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
+from parity_helpers import FAULTS, artifacts, cuda, cuda_or_skip, inject, make_net
+
+from bnexport.cli.app import app
+from bnexport.ort import probe_cuda
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return artifacts(tmp_path_factory.getbasetemp())["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return artifacts(tmp_path_factory.getbasetemp())["onnx"]
+
+
+QUICK = ["--batch-sizes", "7,64", "--no-folded", "--no-fp64"]
+
+
+def check(*args: str | Path) -> object:
+    return runner.invoke(app, ["check", *map(str, args)])
+
+
+def test_correct_export_passes_and_writes_reports(
+    onnx_path: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    j, x, m = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "r.md"
+    res = check(
+        onnx_path,
+        "--against",
+        checkpoint,
+        "--providers",
+        "cpu",
+        "--json",
+        j,
+        "--junit",
+        x,
+        "--markdown",
+        m,
+    )
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output and "ort-cpu-disabled" in res.output and "ort-cpu-all" in res.output
+    data = json.loads(j.read_text())
+    assert data["passed"] and data["model"]["sha256"]
+    ort = [r for r in data["results"] if r["runner"].startswith("ort-cpu")]
+    assert {(r["runner"], r["batch_size"]) for r in ort} == {
+        (f"ort-cpu-{lvl}", b) for lvl in ("disabled", "all") for b in (1, 7, 64)
+    }
+    for r in ort:
+        assert isinstance(r["max_abs_err"], float) and r["outputs"][0]["rel_err"] < 1e-4
+        assert r["tolerance"] == {"rtol": 1e-4, "atol_scale": 1e-5}
+    suite = ET.parse(x).getroot().find("testsuite")
+    assert suite is not None and suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == len(data["results"]) + len(data["skipped"])
+    assert "bnexport check: ✅ PASS" in m.read_text()
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_injected_fault_gives_exit_1_naming_the_runner(
+    fault: str, onnx_path: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    bad = inject(onnx_path, tmp_path / f"{fault}.onnx", fault)
+    j = tmp_path / "r.json"
+    res = check(bad, "--against", checkpoint, "--providers", "cpu", "--json", j, *QUICK)
+    assert res.exit_code == 1, res.output
+    fail_line = next(line for line in res.output.splitlines() if line.startswith("FAIL:"))
+    assert "ort-cpu-disabled" in fail_line and "ort-cpu-all" in fail_line
+    assert "would pass with --atol" in res.output or "NaN" in res.output
+    data = json.loads(j.read_text())
+    assert not data["passed"] and set(data["failing_runners"]) == {
+        "ort-cpu-disabled",
+        "ort-cpu-all",
+    }
+
+
+def test_save_inputs_then_inputs_reproduces_identical_figures(
+    onnx_path: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    fed, j1, j2 = tmp_path / "fed.npz", tmp_path / "1.json", tmp_path / "2.json"
+    first = check(
+        onnx_path,
+        "--against",
+        checkpoint,
+        "--providers",
+        "cpu",
+        "--seed",
+        "7",
+        "--save-inputs",
+        fed,
+        "--json",
+        j1,
+        *QUICK,
+    )
+    assert first.exit_code == 0, first.output
+    again = check(
+        onnx_path,
+        "--against",
+        checkpoint,
+        "--providers",
+        "cpu",
+        "--inputs",
+        fed,
+        "--json",
+        j2,
+        *QUICK,
+    )
+    assert again.exit_code == 0, again.output
+
+    def figures(path: Path) -> list[dict]:
+        out = []
+        for r in json.loads(path.read_text())["results"]:
+            for o in r["outputs"]:
+                out.append({k: v for k, v in o.items()})
+        return out
+
+    assert figures(j1) == figures(j2)
+    sets = json.loads(j2.read_text())["inputs"]
+    assert (
+        sets["source"] == str(fed)
+        and sets["samples"] == json.loads(j1.read_text())["inputs"]["samples"]
+    )
+
+
+def test_cuda_asked_for_where_it_cannot_run_is_exit_2_with_the_reason(
+    onnx_path: Path, checkpoint: Path
+) -> None:
+    probe = probe_cuda()
+    if probe.available:
+        pytest.skip("CUDA runs here")
+    res = check(onnx_path, "--against", checkpoint, "--providers", "cuda")
+    assert res.exit_code == 2
+    assert "CUDA does not run here" in res.output and probe.reason in res.output
+    assert "PASS" not in res.output
+
+
+def test_auto_lists_cuda_as_skipped_with_the_reason(onnx_path: Path, checkpoint: Path) -> None:
+    if probe_cuda().available:
+        pytest.skip("CUDA runs here")
+    res = check(onnx_path, "--against", checkpoint, "--opt-levels", "all", *QUICK)
+    assert res.exit_code == 0, res.output
+    assert "skipped ort-cuda: CUDA does not run here" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--providers", "tpu"], "choose from cpu, cuda"),
+        (["--opt-levels", "max"], "optimization levels"),
+        (["--batch-sizes", "0"], "positive integers"),
+        (["--rtol", "x"], "not a number"),
+    ],
+)
+def test_bad_options_are_exit_2_one_line(
+    onnx_path: Path, checkpoint: Path, args: list[str], message: str
+) -> None:
+    res = check(onnx_path, "--against", checkpoint, *args)
+    assert res.exit_code == 2 and message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_missing_files_and_no_reference_are_exit_2(onnx_path: Path, tmp_path: Path) -> None:
+    res = check(tmp_path / "nope.onnx", "--against", tmp_path / "nope.pt")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = check(onnx_path)
+    assert res.exit_code == 2 and "--against" in res.output
+
+
+def test_model_factory_with_mismatched_outputs_is_exit_2(
+    onnx_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "wrongmodel.py").write_text(
+        textwrap.dedent("""
+        import torch
+        def make():
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 12))
+    """)
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = check(onnx_path, "--model", "wrongmodel:make", "--input-shape", "1,28,28")
+    assert res.exit_code == 2 and "logits" in res.output and "Traceback" not in res.output
+
+
+def test_model_factory_with_state_dict_passes(
+    onnx_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model package.module:factory CHECKPOINT`: no normalization known → random + edge only."""
+    (tmp_path / "mynet.py").write_text(
+        textwrap.dedent("""
+        from bnexport.nets import Net
+        def make():
+            return Net(temperature=1.5)
+    """)
+    )
+    torch.save(make_net().state_dict(), tmp_path / "sd.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = check(
+        onnx_path,
+        "--model",
+        "mynet:make",
+        "--input-shape",
+        "1,28,28",
+        tmp_path / "sd.pt",
+        "--providers",
+        "cpu",
+        *QUICK,
+    )
+    assert res.exit_code == 0, res.output
+    assert "bundled images not used" in res.output
+
+
+@cuda
+def test_cuda_provider_passes_on_a_correct_export(onnx_path: Path, checkpoint: Path) -> None:
+    cuda_or_skip()
+    res = check(onnx_path, "--against", checkpoint, "--providers", "cpu,cuda")
+    assert res.exit_code == 0, res.output
+    assert "ort-cuda " in res.output and "ort-cuda-tf32" in res.output
