@@ -270,9 +270,6 @@ def render_report(report: Any) -> None:
         out.print(line, markup=False, highlight=False)
 
 
-_render = render_report  # the name cli/onnx.py imports
-
-
 class _Progress:
     """Renders ``progress(stage, done, total)`` as a transient bar on stderr."""
 

@@ -1,0 +1,287 @@
+"""`bnexport fold`: fold BatchNorm (and temperature) into the layers, save a `torch.export` program.
+
+Thin glue: load the model (`bnexport.source`), fold it (`bnexport.fold`), save the program and check
+it against the unfolded model (`bnexport.export`), then render the results and pick the exit code.
+The fold report table and the model loading are shared with `bnexport onnx`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from bnexport.cli._common import EXIT_MISMATCH, EXIT_OK, console, handle_errors, table
+
+# Options shared with `bnexport onnx` (same names, same meaning).
+CheckpointArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Checkpoint: a bnexport .pt, a seed state dict, or your model's state_dict "
+        "(optional with --model).",
+        show_default=False,
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Your own model as package.module:factory (the factory returns an nn.Module).",
+        show_default=False,
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="Input shape without the batch dimension, e.g. 3,32,32 (needed with --model).",
+        show_default=False,
+    ),
+]
+TemperatureOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--temperature",
+        help="Temperature of a seed state dict (default 1.0; bnexport checkpoints record theirs).",
+        show_default=False,
+    ),
+]
+ReportJsonOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report-json",
+        help="Also write the whole report (source, fold, file, parity) as JSON to this path.",
+        show_default=False,
+    ),
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Exit 1 and write nothing if any BatchNorm is left unfolded."),
+]
+
+
+@handle_errors
+def fold_cli(
+    checkpoint: CheckpointArg = None,
+    output: Annotated[
+        Path,
+        typer.Option("-o", "--output", help="Where to write the .pt2 program.", show_default=False),
+    ] = ...,  # type: ignore[assignment]
+    model: ModelOpt = None,
+    input_shape: InputShapeOpt = None,
+    temperature: TemperatureOpt = None,
+    report_json: ReportJsonOpt = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Fold BatchNorm and temperature into the layers; save a torch.export program (.pt2).
+
+    The program is self-contained: torch.export.load reads it where bnexport is not installed.
+
+    Prints the fold report and the saved program's parity with the unfolded model.
+
+    Exit 0: parity holds; 1: mismatch, or a BatchNorm left with --strict; 2: bad input.
+    """
+    from bnexport.export import check_program, save_program
+    from bnexport.files import write_json
+    from bnexport.fold import fold_model
+
+    out = console()
+    with stage("Loading the model"):
+        source = load_model_source(checkpoint, model, input_shape, temperature)
+    with stage("Folding BatchNorm"):
+        folded = fold_model(source.model, (source.example_input,))
+    render_source(out, source)
+    render_fold_report(out, folded.report)
+    if strict and refuse_unfolded(out, folded.report):
+        raise typer.Exit(EXIT_MISMATCH)
+
+    with stage("Saving the torch.export program"):
+        program = save_program(folded.module, source.example_input, output)
+    with removed_on_error(output), stage("Checking the saved program"):
+        check = check_program(
+            output, source.model, input_shape=source.input_shape, normalize=source.normalize
+        )
+        if report_json is not None:
+            write_json(
+                report_json,
+                {
+                    "command": "fold",
+                    "source": source_summary(source),
+                    "fold": folded.report.to_dict(),
+                    "program": program.to_dict(),
+                    "parity": check.to_dict(),
+                },
+            )
+    out.print(
+        f"Wrote {program.path} ({program.size_bytes / 1e6:.2f} MB, sha256 {program.sha256[:16]}…, "
+        f"{program.num_nodes} aten ops, dynamic batch); load it with "
+        "torch.export.load(path).module()"
+    )
+    render_program_check(out, check)
+    raise typer.Exit(EXIT_OK if check.passed else EXIT_MISMATCH)
+
+
+def load_model_source(
+    checkpoint: Path | None,
+    model: str | None,
+    input_shape: str | None,
+    temperature: float | None,
+) -> Any:
+    """Parse the shared model options and load the model (`bnexport.source.load_source`)."""
+    from bnexport.source import load_source, parse_input_shape
+
+    shape = parse_input_shape(input_shape) if input_shape is not None else None
+    return load_source(checkpoint, model_spec=model, input_shape=shape, temperature=temperature)
+
+
+def source_summary(source: Any) -> dict[str, Any]:
+    """The model source as JSON-ready data (for --report-json)."""
+    return {
+        "name": source.name,
+        "sha256": source.sha256,
+        "is_net": source.is_net,
+        "input_shape": list(source.input_shape),
+        "temperature": source.temperature,
+        "normalize": source.normalize.to_dict() if source.normalize is not None else None,
+        "notes": list(getattr(source, "notes", [])),
+    }
+
+
+def render_source(out: Console, source: Any) -> None:
+    """One line naming the model, then its notes (e.g. where a seed's temperature came from)."""
+    parts = [f"Model: {source.name}", f"input [N,{','.join(map(str, source.input_shape))}]"]
+    if source.temperature is not None:
+        parts.append(f"temperature {source.temperature:g}")
+    if source.sha256:
+        parts.append(f"sha256 {source.sha256[:16]}…")
+    out.print(", ".join(parts), markup=False, highlight=False)
+    for note in getattr(source, "notes", []):
+        out.print(f"  note: {note}", markup=False, highlight=False)
+
+
+def render_fold_report(out: Console, report: Any) -> None:
+    """The fold report as a table: one row per BatchNorm, folded into what, or why it was left."""
+    rows = []
+    for e in report.entries:
+        into = "-"
+        if e.status == "folded":
+            into = f"{e.into} ({e.layer_type}, {e.direction})"
+            if e.new_module:
+                into += f" as {e.new_module}"
+        change = "-" if e.max_rel_weight_change is None else f"{e.max_rel_weight_change:.3g}"
+        why = [e.reason] if e.reason else []
+        if e.chain_stop:
+            why.append(f"chain stops: {e.chain_stop}")
+        if e.subnormals_flushed:
+            why.append(f"{e.subnormals_flushed} subnormals flushed to 0")
+        why += list(e.notes)
+        cells = [f"{e.bn} ({e.bn_type})", e.status, into, e.chain or "-", change]
+        rows.append([escape(c) for c in [*cells, "; ".join(why) or "-"]])
+    n = len(report.entries)
+    title = (
+        f"Fold report: {len(report.folded)} folded, {len(report.left)} left "
+        f"(of {n} BatchNorm{'' if n == 1 else 's'})"
+    )
+    if rows:
+        out.print(
+            table(title, ["BN", "status", "into", "chain", "max rel weight change", "reason"], rows)
+        )
+    else:
+        out.print(f"{title}: nothing to fold", markup=False)
+    v = report.verification
+    if v:
+        out.print(
+            "Folded vs unfolded in float64 (example inputs): "
+            f"max abs err {v['max_abs_error']:.3g}, {v['relative_error']:.3g} of output scale "
+            f"{v['output_scale']:.3g} (tolerance {v['tolerance']:.3g})",
+            markup=False,
+            highlight=False,
+        )
+    for note in report.notes:
+        out.print(f"  note: {note}", markup=False, highlight=False)
+
+
+def refuse_unfolded(out: Console, report: Any) -> bool:
+    """--strict: True (after saying so) when any BatchNorm is left."""
+    if not report.left:
+        return False
+    names = ", ".join(e.bn for e in report.left)
+    out.print(
+        f"--strict: {len(report.left)} BatchNorm layer(s) left unfolded ({names}); no file written",
+        markup=False,
+        highlight=False,
+    )
+    return True
+
+
+def render_program_check(out: Console, check: Any) -> None:
+    """The saved program vs the unfolded model: one row per output, and the verdict."""
+    rows = []
+    for o in check.outputs:
+        rows.append(
+            [
+                escape(o.name),
+                str(check.samples),
+                f"{o.max_abs_err:.3g}",
+                f"{o.rel_err:.3g}",
+                f"{o.cosine:.7f}",
+                "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}",
+                str(o.tolerance),
+                "PASS" if o.passed else "FAIL",
+            ]
+        )
+    out.print(
+        table(
+            "Saved program vs unfolded model (PyTorch fp32, CPU)",
+            [
+                "output",
+                "samples",
+                "max abs err",
+                "rel err",
+                "cosine",
+                "argmax",
+                "tolerance",
+                "result",
+            ],
+            rows,
+        )
+    )
+    sets = ", ".join(f"{s['name']} ({s['samples']})" for s in check.inputs.get("sets", []))
+    out.print(f"Inputs: {sets}", markup=False, highlight=False)
+    for o in check.outputs:
+        if not o.passed:
+            out.print(
+                f"Mismatch in {o.name!r}: {o.violations} of {o.elements} elements outside "
+                f"{o.tolerance}; would pass with atol {o.min_atol_scale:.3g} or rtol "
+                f"{o.min_rtol:.3g}; worst: {o.worst.describe() if o.worst else '-'}",
+                markup=False,
+                highlight=False,
+            )
+    out.print("Parity: PASS" if check.passed else "Parity: FAIL", markup=False)
+
+
+@contextlib.contextmanager
+def stage(description: str) -> Iterator[None]:
+    """A spinner on stderr while a slow step runs (nothing when stderr is not a terminal)."""
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        yield
+        return
+    with err.status(f"{description}…"):
+        yield
+
+
+@contextlib.contextmanager
+def removed_on_error(path: Path) -> Iterator[None]:
+    """Delete `path` if the block fails: an error exit leaves no output file behind."""
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, typer.Exit) or exc.exit_code not in (EXIT_OK, EXIT_MISMATCH):
+            Path(path).unlink(missing_ok=True)
+        raise

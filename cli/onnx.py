@@ -1,0 +1,199 @@
+"""`bnexport onnx`: fold (by default), export one self-contained ONNX file, check its parity.
+
+Thin glue over `bnexport.source`, `bnexport.fold`, `bnexport.export` and `bnexport.parity`; the fold
+report table and the model options are `bnexport fold`'s, the parity table is `bnexport check`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from bnexport.cli._common import EXIT_MISMATCH, EXIT_OK, console, handle_errors, table
+from bnexport.cli.fold import (
+    CheckpointArg,
+    InputShapeOpt,
+    ModelOpt,
+    ReportJsonOpt,
+    StrictOpt,
+    TemperatureOpt,
+    load_model_source,
+    refuse_unfolded,
+    removed_on_error,
+    render_fold_report,
+    render_source,
+    source_summary,
+    stage,
+)
+
+DEFAULT_OPSET = 20  # keep equal to bnexport.export.DEFAULT_OPSET (not imported: --help stays light)
+DEFAULT_PROVIDERS = "auto"
+
+
+@handle_errors
+def onnx_cli(
+    checkpoint: CheckpointArg = None,
+    output: Annotated[
+        Path,
+        typer.Option("-o", "--output", help="Where to write the .onnx file.", show_default=False),
+    ] = ...,  # type: ignore[assignment]
+    no_fold: Annotated[
+        bool,
+        typer.Option("--no-fold", help="Export the model as it is (BatchNorm and all)."),
+    ] = False,
+    opset: Annotated[
+        int, typer.Option("--opset", min=7, help="ONNX opset (default-domain) to export to.")
+    ] = DEFAULT_OPSET,
+    no_check: Annotated[
+        bool,
+        typer.Option("--no-check", help="Skip the parity check on onnxruntime."),
+    ] = False,
+    providers: Annotated[
+        str,
+        typer.Option(
+            "--providers",
+            help="Parity check providers: auto (CPU, plus CUDA when it really runs), cpu, cuda or "
+            "cpu,cuda. Asking for cuda where it does not run is an error (exit 2).",
+        ),
+    ] = DEFAULT_PROVIDERS,
+    model: ModelOpt = None,
+    input_shape: InputShapeOpt = None,
+    temperature: TemperatureOpt = None,
+    report_json: ReportJsonOpt = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Fold BatchNorm and temperature, export one self-contained ONNX file, check its parity.
+
+    The file takes `input` and gives `logits`, both with a dynamic first dimension named batch.
+
+    It passes onnx.checker's full check, records its provenance in metadata_props, and is
+    reproducible: the same model gives the same bytes.
+
+    Then (unless --no-check) it runs `bnexport check` against the unfolded model.
+
+    Exit 0: parity holds; 1: mismatch, or a BatchNorm left with --strict; 2: bad input.
+    """
+    from bnexport.errors import BnexportError
+    from bnexport.export import build_metadata, export_onnx
+    from bnexport.files import write_json
+    from bnexport.parity import CheckConfig, check_parity
+
+    if no_fold and strict:
+        raise BnexportError("--strict needs folding; drop --no-fold or --strict")
+    config = None
+    if not no_check:
+        config = CheckConfig(
+            providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+            folded=not no_fold,
+        )
+
+    out = console()
+    with stage("Loading the model"):
+        source = load_model_source(checkpoint, model, input_shape, temperature)
+    folded = None
+    if not no_fold:
+        from bnexport.fold import fold_model
+
+        with stage("Folding BatchNorm"):
+            folded = fold_model(source.model, (source.example_input,))
+    render_source(out, source)
+    if folded is not None:
+        render_fold_report(out, folded.report)
+        if strict and refuse_unfolded(out, folded.report):
+            raise typer.Exit(EXIT_MISMATCH)
+    else:
+        out.print("Not folded (--no-fold): the model is exported as it is.")
+
+    report = folded.report if folded is not None else None
+    with stage("Exporting to ONNX"):
+        exported = export_onnx(
+            folded.module if folded is not None else source.model,
+            source.example_input,
+            output,
+            opset=opset,
+            metadata=build_metadata(source, report),
+        )
+    with removed_on_error(output):
+        render_export(out, exported)
+        parity = None
+        if config is not None:
+            with parity_progress() as progress:
+                parity = check_parity(
+                    output,
+                    source.model,
+                    config,
+                    normalize=source.normalize,
+                    input_shape=source.input_shape,
+                    folded=folded.module if folded is not None else None,
+                    reference_name=source.name,
+                    progress=progress,
+                )
+        if report_json is not None:
+            write_json(
+                report_json,
+                {
+                    "command": "onnx",
+                    "source": source_summary(source),
+                    "fold": report.to_dict() if report is not None else None,
+                    "export": exported.to_dict(),
+                    "parity": parity.to_dict() if parity is not None else None,
+                },
+            )
+    if parity is None:
+        out.print("Parity check skipped (--no-check).")
+        raise typer.Exit(EXIT_OK)
+    # `bnexport check`'s own rendering, so both commands print the same parity table.
+    from bnexport.cli.check import render_report
+
+    render_report(parity)
+    raise typer.Exit(EXIT_OK if parity.passed else EXIT_MISMATCH)
+
+
+def render_export(out: Console, exported: Any) -> None:
+    """Where the file went, its graph's op counts, and the recorded metadata."""
+    out.print(
+        f"Wrote {exported.path} ({exported.size_bytes / 1e6:.2f} MB, opset {exported.opset}, "
+        f"sha256 {exported.sha256[:16]}…): {exported.input_name} [batch, …] → "
+        f"{', '.join(exported.output_names)} [batch, …], one file, onnx.checker full check passed",
+        markup=False,
+        highlight=False,
+    )
+    out.print(
+        table(
+            f"ONNX graph: {exported.num_nodes} nodes",
+            ["op", "count"],
+            [[escape(op), n] for op, n in exported.op_counts.items()],
+        )
+    )
+    meta = ", ".join(f"{k}={v}" for k, v in exported.metadata.items())
+    out.print(f"metadata_props: {meta}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar on stderr for the parity check (none when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("Checking parity: {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(stage_name: str, done: int, total: int) -> None:
+            bar.update(task, description=stage_name, completed=done, total=total)
+
+        yield update

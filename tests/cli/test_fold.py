@@ -1,0 +1,175 @@
+"""`bnexport fold` through CliRunner: the saved .pt2 program against an independent float64
+reference, the fold report, `--model`, `--strict`, and bad input (exit 2, one line, no file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import net_forward_f64, randomize_net_state
+from seed_models import SeedNet
+from typer.testing import CliRunner
+
+from bnexport.checkpoint import save_checkpoint
+from bnexport.cli.app import app
+from bnexport.data import FASHION_MNIST_NORMALIZE
+from bnexport.nets import Net
+
+runner = CliRunner()
+TEMPERATURE = 1.5
+X = torch.randn(7, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+USER_MODELS = """
+import torch
+from torch import nn
+
+
+class LinearBn(nn.Module):
+    '''An MLP: Linear → BatchNorm1d → ×(−2) → ReLU → Linear.'''
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.out = nn.Linear(5, 3)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.randn(5, generator=g))
+            self.bn.running_var.copy_(torch.rand(5, generator=g) + 0.5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x)) * -2.0))
+
+
+class BnFirst(nn.Module):
+    '''BatchNorm1d straight on the input, then ReLU: no layer to fold it into.'''
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(x)))
+"""
+
+
+def _load_program(path: Path) -> torch.nn.Module:
+    return torch.export.load(str(path)).module()
+
+
+def _assert_matches(got: torch.Tensor, ref: torch.Tensor) -> None:
+    got_np, ref_np = got.detach().double().numpy(), ref.numpy()
+    scale = max(1.0, float(np.abs(ref_np).max()))
+    assert float(np.abs(got_np - ref_np).max()) <= 1e-5 * scale
+
+
+@pytest.fixture(scope="module")
+def user_models(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("user")
+    (root / "bnx_cli_fold_models.py").write_text(USER_MODELS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        yield "bnx_cli_fold_models"
+
+
+def test_fold_writes_a_program_that_matches_the_reference(tmp_path: Path) -> None:
+    net = randomize_net_state(Net(temperature=TEMPERATURE), seed=2)
+    ckpt, out, report = tmp_path / "net.pt", tmp_path / "net.pt2", tmp_path / "report.json"
+    sha = save_checkpoint(ckpt, net, normalize=FASHION_MNIST_NORMALIZE, metadata={})
+    result = runner.invoke(app, ["fold", str(ckpt), "-o", str(out), "--report-json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "Fold report: 1 folded, 0 left" in result.stdout
+    assert "×1.5" in result.stdout and "conv1" in result.stdout
+    assert "Parity: PASS" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt", "net.pt2", "report.json"]
+
+    program = _load_program(out)
+    for batch in (1, 7):
+        _assert_matches(program(X[:batch]), net_forward_f64(net.state_dict(), X[:batch], 1.5))
+    data = json.loads(report.read_text())
+    assert data["source"]["sha256"] == sha
+    assert data["fold"]["entries"][0]["into"] == "conv1"
+    assert data["fold"]["entries"][0]["temperature"] == TEMPERATURE
+    assert data["parity"]["passed"] is True and data["parity"]["samples"] > 1000
+    assert not any("batch_norm" in op for op in data["program"]["op_counts"])
+
+
+def test_seed_batchnorm2d_state_dict_folds_with_temperature(tmp_path: Path) -> None:
+    seed = randomize_net_state(SeedNet(), seed=4)
+    ckpt, out = tmp_path / "seed.pt", tmp_path / "seed.pt2"
+    torch.save(seed.state_dict(), ckpt)
+    result = runner.invoke(app, ["fold", str(ckpt), "-o", str(out), "--temperature", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "temperature 0.5" in result.stdout
+    _assert_matches(_load_program(out)(X), net_forward_f64(seed.state_dict(), X, 0.5))
+
+
+def test_user_model_folds_with_negative_scale(user_models: str, tmp_path: Path) -> None:
+    from importlib import import_module
+
+    out = tmp_path / "mlp.pt2"
+    args = ["fold", "--model", f"{user_models}:LinearBn", "--input-shape", "6", "-o", str(out)]
+    result = runner.invoke(app, [*args, "--strict"])
+    assert result.exit_code == 0, result.output
+    assert "Fold report: 1 folded, 0 left" in result.stdout
+    model = import_module(user_models).LinearBn().eval()
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fc, bn, head = model.fc.double(), model.bn.double(), model.out.double()
+        y = torch.nn.functional.linear(x.double(), fc.weight, fc.bias)
+        y = (y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        ref = torch.nn.functional.linear(torch.relu(-2.0 * y), head.weight, head.bias)
+    _assert_matches(_load_program(out)(x), ref)
+
+
+def test_strict_exits_1_and_writes_nothing_when_a_batchnorm_is_left(
+    user_models: str, tmp_path: Path
+) -> None:
+    args = ["fold", "--model", f"{user_models}:BnFirst", "--input-shape", "6"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "x.pt2"), "--strict"])
+    assert result.exit_code == 1, result.output
+    assert "left" in result.stdout and "bn (BatchNorm1d)" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+    # Without --strict the BN stays, the report says why, and the program still matches.
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "x.pt2")])
+    assert result.exit_code == 0, result.output
+    assert "Fold report: 0 folded, 1 left" in result.stdout
+    assert (tmp_path / "x.pt2").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "bnx_no_such_module:factory", "--input-shape", "3"], "cannot import"),
+        (["--model", "torch.nn:Identity"], "--input-shape"),
+        (["--model", "torch.nn:Identity", "--input-shape", "three"], "--input-shape"),
+        ([], "give a CHECKPOINT"),
+    ],
+    ids=["bad-import", "no-shape", "bad-shape", "nothing"],
+)
+def test_bad_model_options_exit_2_with_one_line(
+    args: list[str], needle: str, tmp_path: Path
+) -> None:
+    result = runner.invoke(app, ["fold", *args, "-o", str(tmp_path / "x.pt2")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bnexport: error: ")
+    assert needle in lines[0] and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_keys_exit_2_and_leave_no_file(tmp_path: Path) -> None:
+    state = randomize_net_state(Net(), seed=1).state_dict()
+    del state["bn1.bn.running_var"]
+    ckpt = tmp_path / "in.pt"
+    torch.save(state, ckpt)
+    result = runner.invoke(app, ["fold", str(ckpt), "-o", str(tmp_path / "x.pt2")])
+    assert result.exit_code == 2, result.output
+    assert "missing keys: bn1.bn.running_var" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
