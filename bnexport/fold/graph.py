@@ -427,6 +427,12 @@ def affine_step(
     return Step(-float(alpha) * ones, vec, f"{c.label}−{alpha_txt}x", c)
 
 
+def _writes_into(node: fx.Node, x: fx.Node) -> bool:
+    """Whether ``node`` is an in-place arithmetic op overwriting ``x`` (like ``x.mul_(c)``)."""
+    found = arith_op(node)
+    return found is not None and found[1] and _operands(node)[0] is x
+
+
 # --- BatchNorm sites --------------------------------------------------------------------------
 
 
@@ -554,16 +560,40 @@ class FoldContext:
         self._extend_chain(site)
         return site
 
+    def _users_in_order(self, node: fx.Node) -> list[fx.Node]:
+        if len(node.users) <= 1:
+            return list(node.users)
+        return [n for n in self.gm.graph.nodes if n in node.users]
+
     def _extend_chain(self, site: BNSite) -> None:
+        """Grow the chain one constant affine step at a time while its value has one reader.
+
+        An in-place step (``y.mul_(2)``) that is the first reader of the value folds even when
+        later nodes also read it: they all see the value after the step (the same tensor), so they
+        are pointed at the step's node and the chain stays linear. Any other value with several
+        users ends the chain, with the reason in ``chain_stop`` if an affine op was among them.
+        """
         shape, dtype = self.shape(site.node), self.dtype(site.node)
         if shape is None or dtype is None:
             return
         while True:
             cur = site.end
-            users = list(cur.users)
-            if len(users) != 1:
+            users = self._users_in_order(cur)
+            if not users:
                 return
-            step = affine_step(users[0], cur, self.gm, shape, dtype, site.name)
+            first = users[0]
+            if len(users) > 1:
+                if not _writes_into(first, cur):
+                    site.chain_stop = self._shared_stop(site, cur, users, shape, dtype)
+                    return
+                step = affine_step(first, cur, self.gm, shape, dtype, site.name)
+                if not isinstance(step, Step):
+                    site.chain_stop = step.reason if step is not None else None
+                    return
+                for u in users[1:]:
+                    u.replace_input_with(cur, first)
+            else:
+                step = affine_step(first, cur, self.gm, shape, dtype, site.name)
             if step is None:
                 return
             if isinstance(step, Stop):
@@ -578,6 +608,46 @@ class FoldContext:
                     note = f"learnable parameter {p} folded as a constant (its value now)"
                     if note not in site.notes:
                         site.notes.append(note)
+
+    def _shared_stop(
+        self,
+        site: BNSite,
+        cur: fx.Node,
+        users: list[fx.Node],
+        shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> str | None:
+        """Why the first affine op among ``cur``'s several ``users`` (graph order) can't fold; None
+        if none of them is an affine op (the chain simply ends, as at a residual add)."""
+        owner = (
+            f"the BatchNorm's output ({cur.name})"
+            if cur is site.node
+            else f"the chain's output ({cur.name})"
+        )
+        for k, user in enumerate(users):
+            try:
+                step = affine_step(user, cur, self.gm, shape, dtype, site.name)
+                if step is None:
+                    continue  # e.g. a residual add: the chain simply ends there
+                if isinstance(step, Stop):
+                    return step.reason
+            except FoldError:
+                pass  # a non-finite constant is an error only in an op that would fold
+            found = arith_op(user)
+            assert found is not None
+            where = f"{user.name} ({found[0]})"
+            if _writes_into(user, cur):
+                readers = ", ".join(u.name for u in users[:k])
+                return (
+                    f"{where} writes in place into {owner}, which {readers} already read before "
+                    "it; folding it would change what they see"
+                )
+            names = ", ".join(u.name for u in users)
+            return (
+                f"{where}: {owner} has {len(users)} users ({names}), so this scale/shift can't "
+                "fold into a layer without changing what the others see"
+            )
+        return None
 
     # rewrites
     def install(self, node: fx.Node, new_module: nn.Module) -> str | None:

@@ -278,6 +278,104 @@ def test_chain_stops_at_non_affine_steps_and_says_why(name, step, needle) -> Non
     close(result.module(x), model.reference(x.to(F64)))
 
 
+def _inplace_then_add(m, y):
+    y.mul_(2.0)
+    y += 1.0  # traced as a new `add` reading the BN node, which mul_ has already overwritten
+    return y
+
+
+def _inplace_twice(m, y):
+    y.mul_(m.t)
+    y.sub_(m.k)
+    return y
+
+
+@pytest.mark.parametrize(
+    ("step", "chain"),
+    [
+        (_inplace_then_add, "BatchNorm2d → ×2 → +1"),
+        (_inplace_twice, "BatchNorm2d → ×param t=1.75 → −buffer k[1, 3, 1, 1]"),
+    ],
+    ids=["mul_-then-add", "mul_-then-sub_"],
+)
+def test_in_place_chain_on_the_bn_output_folds_completely(step, chain: str) -> None:
+    model = Chain(step).eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.folded
+    assert entry.chain == chain
+    assert entry.chain_stop is None and "chain stops" not in str(result.report)
+    assert not has_batchnorm(result.module)
+    assert arith_nodes(result.module) == [], result.module.code
+    close(result.module(x), model.reference(x.to(F64)))
+
+
+def _read_then_inplace(m, y):
+    r = torch.relu(y)  # reads the BN output before mul_ overwrites it
+    y.mul_(2.0)
+    return y + r
+
+
+def test_in_place_step_after_another_reader_stays_and_says_why() -> None:
+    model = Chain(_read_then_inplace).eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.folded  # the BN itself still folds into the conv
+    assert entry.chain == "BatchNorm2d"
+    assert "mul_ (mul) writes in place into the BatchNorm's output" in entry.chain_stop
+    assert "relu already read" in entry.chain_stop
+    assert f"chain stops: {entry.chain_stop}" in str(result.report)
+    assert "mul_" in arith_nodes(result.module)
+    close(result.module(x), model.reference(x.to(F64)))
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize(
+    ("step", "chain", "needles"),
+    [
+        (
+            lambda m, y: y * 2.0 + y,
+            "BatchNorm2d",
+            ["mul (mul): the BatchNorm's output (bn) has 2 users (mul, add)"],
+        ),
+        (
+            lambda m, y: (lambda z: (z + 1.0, z))(y * 2.0),
+            "BatchNorm2d → ×2",
+            ["add (add): the chain's output (mul) has 2 users (add, output)"],
+        ),
+    ],
+    ids=["bn-output", "chain-output"],
+)
+def test_scale_after_a_multi_user_value_stays_and_says_why(step, chain, needles) -> None:
+    model = Chain(step).eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.folded
+    assert entry.chain == chain
+    for needle in needles:
+        assert needle in entry.chain_stop
+    assert f"chain stops: {entry.chain_stop}" in str(result.report)
+    assert arith_nodes(result.module), "the step the other users can't share must stay"
+    got, ref = result.module(x), model.reference(x.to(F64))
+    for g, r in zip(_outputs(got), _outputs(ref), strict=True):
+        close(g, r)
+
+
+def test_multi_user_bn_output_without_arithmetic_has_no_chain_stop() -> None:
+    model = Chain(lambda m, y: (torch.relu(y), torch.sigmoid(y))).eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.folded
+    assert entry.chain == "BatchNorm2d" and entry.chain_stop is None
+    assert "chain stops" not in str(result.report)
+    got, ref = result.module(x), model.reference(x.to(F64))
+    for g, r in zip(_outputs(got), _outputs(ref), strict=True):
+        close(g, r)
+
+
 # --- refusals and graph shapes ------------------------------------------------------------------
 
 
