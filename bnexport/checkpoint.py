@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bnexport.data import FASHION_MNIST_NORMALIZE, Normalize
-from bnexport.errors import CheckpointError
+from bnexport.errors import CheckpointError, DataError
 from bnexport.files import atomic_path, sha256_file
 
 FORMAT = "bnexport.checkpoint"
@@ -274,7 +274,7 @@ def _normalize_from(value: Any, path: Path) -> Normalize:
         return FASHION_MNIST_NORMALIZE
     try:
         return Normalize.from_dict(value)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, DataError) as exc:
         raise CheckpointError(f"{path}: bad normalize config {value!r}: {exc}") from None
 
 
