@@ -82,7 +82,7 @@ def onnx_cli(
     from bnexport.errors import BnexportError
     from bnexport.export import build_metadata, export_onnx
     from bnexport.files import write_json
-    from bnexport.parity import CheckConfig, check_parity
+    from bnexport.parity import CheckConfig, check_parity, resolve_providers
 
     if no_fold and strict:
         raise BnexportError("--strict needs folding; drop --no-fold or --strict")
@@ -92,6 +92,7 @@ def onnx_cli(
             providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
             folded=not no_fold,
         )
+        resolve_providers(config)  # CUDA asked for and not running: fail before any work
 
     out = console()
     with stage("Loading the model"):

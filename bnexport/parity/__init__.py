@@ -197,7 +197,7 @@ def _device(cuda: bool) -> dict[str, Any]:
     return info
 
 
-def _resolve_providers(config: CheckConfig) -> tuple[bool, bool, dict[str, Any] | None, str]:
+def resolve_providers(config: CheckConfig) -> tuple[bool, bool, dict[str, Any] | None, str]:
     """(use cpu, use cuda, probe dict, reason CUDA is skipped or '')."""
     wanted = set(config.providers)
     use_cpu = "cpu" in wanted or "auto" in wanted
@@ -324,7 +324,7 @@ def _check_parity(
     tolerances = resolve_tolerances(config.tolerances)
     data, where = _model_bytes(onnx_model)
     model_info = _model_info(data, where)
-    use_cpu, use_cuda, probe, cuda_skip = _resolve_providers(config)
+    use_cpu, use_cuda, probe, cuda_skip = resolve_providers(config)
 
     reference.eval()
     skipped: list[dict[str, str]] = []
