@@ -1,0 +1,234 @@
+"""`bnexport bench`: PyTorch eager vs onnxruntime, side by side, interleaved, with ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bnexport.cli._common import console, handle_errors, table
+
+# Keep equal to bnexport.bench's defaults (not imported here: that would load numpy at --help).
+DEFAULT_REPEATS = 31
+DEFAULT_BATCH_SIZES = "1,64,256"
+DEFAULT_MIN_TIME_S = 0.02
+DEFAULT_WARMUP_S = 0.2
+DEFAULT_COOLDOWN_S = 0.05
+
+
+@handle_errors
+def bench_cli(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Checkpoint (.pt) of the seed Net, or weights for --model.", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Your model as package.module:factory (needs --input-shape)."),
+    ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option("--input-shape", help="Input shape without the batch dim, e.g. 3,32,32."),
+    ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx",
+            help="Bench this ONNX file as bnexport's export (default: fold "
+            "and export the model here).",
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write every figure, versions, threads and CPU model here."),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Timed rounds per batch size.")
+    ] = DEFAULT_REPEATS,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Threads for PyTorch and every onnxruntime session (default: each backend's "
+            "own default).",
+        ),
+    ] = None,
+    batch_sizes: Annotated[
+        str,
+        typer.Option("--batch-sizes", help="Comma-separated batch sizes (1 is the latency one)."),
+    ] = DEFAULT_BATCH_SIZES,
+    min_time: Annotated[
+        float,
+        typer.Option("--min-time", help="Seconds one timing lasts at least (many calls if fast)."),
+    ] = DEFAULT_MIN_TIME_S,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="Warm-up seconds per candidate and batch size.")
+    ] = DEFAULT_WARMUP_S,
+    cooldown: Annotated[
+        float,
+        typer.Option(
+            "--cooldown",
+            help="Idle seconds before each timing, so the previous candidate's spinning threads "
+            "park.",
+        ),
+    ] = DEFAULT_COOLDOWN_S,
+    cuda: Annotated[
+        bool,
+        typer.Option("--cuda/--no-cuda", help="Include onnxruntime CUDA when it really runs."),
+    ] = True,
+) -> None:
+    """Benchmark PyTorch eager (unfolded, folded) and onnxruntime (torch's export, bnexport's)."""
+    from bnexport.bench import BenchConfig, run_bench
+    from bnexport.errors import BnexportError
+    from bnexport.files import write_json
+    from bnexport.source import load_source, parse_input_shape
+
+    try:
+        sizes = tuple(int(s) for s in batch_sizes.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise BnexportError(
+            f"--batch-sizes {batch_sizes!r} is not a comma-separated list of integers (e.g. 1,64)"
+        ) from None
+    if onnx is not None and not onnx.is_file():
+        raise BnexportError(f"--onnx {onnx} not found; check the path")
+    config = BenchConfig(
+        batch_sizes=sizes,
+        warmup_s=warmup,
+        repeats=repeats,
+        min_time_s=min_time,
+        cooldown_s=cooldown,
+        threads=threads,
+        include_cuda=cuda,
+    )
+    source = load_source(
+        checkpoint,
+        model_spec=model,
+        input_shape=parse_input_shape(input_shape) if input_shape else None,
+    )
+    with _Progress() as progress:
+        report = run_bench(source, config, onnx_path=onnx, progress=progress)
+    if json_path is not None:
+        write_json(json_path, report.to_dict())
+    _render(report, json_path)
+
+
+def _render(report: Any, json_path: Path | None) -> None:
+    from rich.markup import escape
+
+    from bnexport.bench import BASELINE, LABELS, LATENCY_BATCH
+
+    out = console()
+    env = report.environment
+    threads = env["threads"]
+    out.print(
+        f"{escape(report.model)}: {report.flops.per_image / 1e6:.3f} MFLOP/image; "
+        f"fp32 peak {report.peak.gflops:.0f} GFLOP/s ({report.peak.method}, "
+        f"{report.peak.threads} threads)"
+    )
+    out.print(
+        f"{env['cpu_model']}, {env['cpus_available']} CPUs; torch {env['versions']['torch']} "
+        f"({threads['torch_intra_op']} threads), onnxruntime {env['versions']['onnxruntime']}; "
+        f"load average {_load(env.get('load_average_before'))} → "
+        f"{_load(env.get('load_average_after'))}; {env['date']}"
+    )
+    rows = []
+    for m in report.measurements:
+        s = m.speedup
+        ratio = (
+            "1.00× (baseline)"
+            if m.candidate == BASELINE
+            else (f"{s.median:.2f}× [{s.p10:.2f}–{s.p90:.2f}]")
+        )
+        rows.append(
+            [
+                LABELS.get(m.candidate, m.candidate),
+                m.batch_size,
+                _duration(m.median_s),
+                _duration(m.p90_s),
+                f"{m.images_per_s:,.0f}",
+                "-" if m.gflops is None else f"{m.gflops:.1f}",
+                "-" if m.peak_fraction is None else f"{m.peak_fraction:.1%}",
+                ratio,
+            ]
+        )
+    title = (
+        f"median of {report.config.repeats} interleaved timings; batch {LATENCY_BATCH} = latency; "
+        "× = paired speedup vs PyTorch eager unfolded [p10–p90]"
+    )
+    columns = ["candidate", "batch", "median", "p90", "images/s", "GFLOP/s", "of peak", "× eager"]
+    out.print(table(title, columns, rows))
+    for c in report.comparisons:
+        r = c.ratio
+        out.print(
+            f"{LABELS.get(c.candidate, c.candidate)} vs {LABELS.get(c.reference, c.reference)}, "
+            f"batch {c.batch_size}: {r.median:.3f}× [{r.p10:.3f}–{r.p90:.3f}]"
+        )
+    for info in report.candidates:
+        if not info.available:
+            out.print(f"not run: {info.label}: {escape(info.reason)}")
+        elif info.matches is False:
+            out.print(
+                f"warning: {info.label} computes something else than the PyTorch model "
+                f"(max |difference| {info.max_abs_diff:.3g}); its timings compare different "
+                "models (wrong --onnx file?)"
+            )
+    if json_path is not None:
+        out.print(f"wrote {escape(str(json_path))}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _load(values: list[float] | None) -> str:
+    return "?" if not values else "/".join(f"{v:.2f}" for v in values)
+
+
+class _Progress:
+    """Renders `BenchEvent`s on stderr: one transient bar per stage."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True, highlight=False),
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event: Any) -> None:
+        task = self.tasks.get(event.stage)
+        if task is None:
+            task = self.tasks[event.stage] = self.bar.add_task(event.stage, total=event.total)
+        self.bar.update(
+            task,
+            completed=event.done,
+            total=event.total,
+            description=f"{event.stage}: {event.message}",
+        )

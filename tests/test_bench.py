@@ -1,0 +1,302 @@
+"""`bnexport.bench`: FLOP counts against hand formulas, the interleaving design, and one tiny run.
+
+The run's figures are re-derived here with numpy from the raw per-repeat times (medians, paired
+ratios, images/s, GFLOP/s), so a wrong summary in the library cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import randomize_net_state
+from torch import nn
+
+from bnexport.bench import (
+    BASELINE,
+    BNEXPORT_CPU,
+    BNEXPORT_CUDA,
+    REFERENCE_EXPORT,
+    BenchConfig,
+    BenchReport,
+    count_flops,
+    cpu_model,
+    interleaved_orders,
+    measure_interleaved,
+    paired_ratio,
+    run_bench,
+)
+from bnexport.checkpoint import save_checkpoint
+from bnexport.data import FASHION_MNIST_NORMALIZE
+from bnexport.errors import BnexportError
+from bnexport.nets import Net
+from bnexport.source import load_source
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_net_flops_match_the_hand_formula() -> None:
+    # conv1: 32 output channels x 28x28 pixels x (1 input channel x 3x3) MACs; fc1: 25088 x 10 MACs.
+    conv = 32 * 28 * 28 * 1 * 3 * 3
+    fc = 32 * 28 * 28 * 10
+    count = count_flops(Net(), (1, 28, 28))
+    assert count.per_image == 2 * (conv + fc) == 953_344
+    assert [(layer.name, layer.kind, layer.flops) for layer in count.layers] == [
+        ("conv1", "Conv2d", 2 * conv),
+        ("fc1", "Linear", 2 * fc),
+    ]
+
+
+class _Zoo(nn.Module):
+    """Grouped strided conv, a transposed conv, and a Linear used twice on a 3-D tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=True)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.up(self.conv(x)))  # 4x9x9 → 8x5x5 → 6x10x10
+        return self.fc(self.fc(y.flatten(1, 2)))  # [1, 60, 10] twice
+
+
+def test_flops_for_groups_transposed_and_reused_layers() -> None:
+    conv = 8 * 5 * 5 * (4 // 2) * 3 * 3  # output elements x (C_in/groups) x k
+    up = 8 * 5 * 5 * (6 // 1) * 2 * 2  # input elements x (C_out/groups) x k
+    fc = 60 * 10 * 10  # rows x in x out, per call
+    count = count_flops(_Zoo().eval(), (4, 9, 9))
+    assert [layer.flops for layer in count.layers] == [2 * conv, 2 * up, 2 * fc, 2 * fc]
+    assert count.per_image == 2 * (conv + up + 2 * fc)
+
+
+# --------------------------------------------------------------------------------------------
+# Interleaving and timing
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_interleaved_orders_are_balanced(k: int) -> None:
+    cycle = 2 * k if k % 2 else k
+    orders = interleaved_orders(k, 2 * cycle)
+    assert all(sorted(order) == list(range(k)) for order in orders)
+    assert orders[:cycle] == orders[cycle:]
+    # every runner takes every position equally often
+    positions = Counter((order.index(i), i) for order in orders[:cycle] for i in range(k))
+    assert set(positions.values()) == {cycle // k}
+    # ... and directly follows every other runner equally often (no fixed neighbour)
+    pairs = Counter((a, b) for order in orders[:cycle] for a, b in itertools.pairwise(order))
+    assert len(pairs) == k * (k - 1) and len(set(pairs.values())) == 1
+
+
+class _Recorder:
+    """A fake runner: each call appends its name to a shared log and sleeps `seconds`."""
+
+    def __init__(
+        self, name: str, log: list[str], seconds: float, stamps: list[float] | None = None
+    ) -> None:
+        self.name, self.log, self.seconds = name, log, seconds
+        self.stamps = stamps if stamps is not None else []
+
+    def prepare(self, batch: np.ndarray):  # type: ignore[no-untyped-def]
+        def call() -> None:
+            self.log.append(self.name)
+            self.stamps.append(time.perf_counter())
+            time.sleep(self.seconds)
+
+        return call
+
+
+def _blocks(log: list[str]) -> list[tuple[str, int]]:
+    """Run-length encoding of the call log."""
+    out: list[tuple[str, int]] = []
+    for name in log:
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1] + 1)
+        else:
+            out.append((name, 1))
+    return out
+
+
+def test_measure_interleaves_rounds_and_times_each_runner() -> None:
+    log: list[str] = []
+    runners = [
+        _Recorder("fast", log, 0.001),
+        _Recorder("slow", log, 0.01),
+        _Recorder("mid", log, 0.003),
+    ]
+    config = BenchConfig(repeats=6, warmup_s=0.0, min_time_s=0.005, cooldown_s=0.0)
+    batch = np.zeros((1, 1), np.float32)
+    events: list[tuple[str, int, int]] = []
+    raw = measure_interleaved(
+        runners, {1: batch}, config, lambda e: events.append((e.stage, e.done, e.total))
+    )
+
+    # Warm-up/calibration first (each runner in turn), then 6 rounds of one timed block per runner,
+    # each block the runner's calibrated number of back-to-back calls.
+    counts = {r.name: raw[(r.name, 1)][1] for r in runners}
+    orders = interleaved_orders(3, 6)
+    assert len({tuple(order) for order in orders}) > 1  # the order really changes between rounds
+    expected = [
+        runners[i].name for order in orders for i in order for _ in range(counts[runners[i].name])
+    ]
+    assert log[-len(expected) :] == expected
+    assert [name for name, _ in _blocks(log[: -len(expected)])] == ["fast", "slow", "mid"]
+    assert counts["fast"] > counts["slow"] >= 1
+
+    times = {name: raw[(name, 1)][0] for name in ("fast", "slow", "mid")}
+    assert all(len(t) == 6 for t in times.values())
+    assert min(times["slow"]) >= 0.01 and min(times["fast"]) >= 0.001  # sleep never undershoots
+    assert statistics.median(times["slow"]) > 3 * statistics.median(times["fast"])
+    assert events[-1] == ("measure", 6, 6)
+
+
+def test_cooldown_idles_before_every_timing() -> None:
+    """Spinning thread pools of the previous runner must park: an idle gap before each timing."""
+    log: list[str] = []
+    stamps: list[float] = []
+    runners = [_Recorder(n, log, 0.0, stamps) for n in ("a", "b")]
+    config = BenchConfig(repeats=3, warmup_s=0.0, min_time_s=1e-6, cooldown_s=0.02)
+    raw = measure_interleaved(runners, {1: np.zeros((1, 1), np.float32)}, config)
+    assert raw[("a", 1)][1] == raw[("b", 1)][1] == 1  # one call per timing
+    timed = stamps[-6:]  # the 3 rounds x 2 runners
+    gaps = [later - earlier for earlier, later in itertools.pairwise(timed)]
+    assert min(gaps) >= 0.02
+
+
+def test_paired_ratio_pairs_each_repeat() -> None:
+    reference = [2.0, 4.0, 6.0, 8.0, 100.0]
+    candidate = [1.0, 2.0, 3.0, 4.0, 50.0]  # always exactly 2x faster, despite the drift
+    r = paired_ratio(reference, candidate)
+    assert (r.median, r.p10, r.p90) == (2.0, 2.0, 2.0)
+    r = paired_ratio([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 4.0, 0.5])
+    assert r.median == pytest.approx(np.median([1.0, 0.5, 0.25, 2.0]))
+    assert r.p10 == pytest.approx(np.percentile([1.0, 0.5, 0.25, 2.0], 10))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"repeats": 0}, "repeats"),
+        ({"batch_sizes": ()}, "at least one batch size"),
+        ({"batch_sizes": (1, 0)}, "batch sizes must be >= 1"),
+        ({"batch_sizes": (4, 4)}, "distinct"),
+        ({"threads": 0}, "threads"),
+        ({"min_time_s": 0.0}, "min time"),
+    ],
+)
+def test_bad_configs_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(BnexportError, match=message):
+        BenchConfig(**kwargs)
+
+
+def test_cpu_model_is_read_from_proc_cpuinfo() -> None:
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        pytest.skip("no /proc/cpuinfo on this platform")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in path.read_text().splitlines()
+        if line.lower().startswith("model name")
+    ]
+    if not names:
+        pytest.skip("/proc/cpuinfo has no 'model name' line here")
+    assert cpu_model() == names[0]
+
+
+# --------------------------------------------------------------------------------------------
+# One tiny run on the seed Net
+
+TINY = BenchConfig(
+    batch_sizes=(1, 4),
+    repeats=3,
+    warmup_s=0.005,
+    min_time_s=0.002,
+    cooldown_s=0.001,
+    peak_n=128,
+    peak_repeats=2,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = randomize_net_state(Net(temperature=1.5), seed=3).eval()
+    path = tmp_path_factory.mktemp("bench") / "net.pt"
+    save_checkpoint(path, model, normalize=FASHION_MNIST_NORMALIZE, metadata={})
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(checkpoint: Path) -> BenchReport:
+    events: list = []
+    rep = run_bench(load_source(checkpoint), TINY, progress=events.append)
+    stages = [e.stage for e in events]
+    assert stages[0] == "setup" and stages[-1] == "measure"
+    return rep
+
+
+def test_run_measures_every_candidate_at_every_batch_size(report: BenchReport) -> None:
+    names = [c.name for c in report.candidates]
+    assert names == [BASELINE, "torch_eager_folded", REFERENCE_EXPORT, BNEXPORT_CPU, BNEXPORT_CUDA]
+    ran = [c.name for c in report.candidates if c.available]
+    assert ran[:4] == names[:4]
+    cuda = report.candidates[-1]
+    assert cuda.available or "CUDA" in cuda.reason or "onnxruntime-gpu" in cuda.reason
+    assert {(m.candidate, m.batch_size) for m in report.measurements} == {
+        (name, b) for name in ran for b in (1, 4)
+    }
+    # every candidate computes the same function as the unfolded model
+    for c in report.candidates:
+        if c.available:
+            assert c.max_abs_diff is not None and c.max_abs_diff < 1e-4, c
+            assert c.matches is True
+    # torch's export keeps the temperature Mul (ORT fuses it); bnexport's has no BN, no Mul
+    bn_ops = next(c for c in report.candidates if c.name == BNEXPORT_CPU).op_counts
+    assert bn_ops is not None and "BatchNormalization" not in bn_ops and "Mul" not in bn_ops
+    assert {"Conv", "Relu"} <= set(bn_ops)
+
+
+def test_run_figures_agree_with_the_raw_times(report: BenchReport) -> None:
+    per_image = report.flops.per_image
+    assert per_image == 953_344
+    for m in report.measurements:
+        times = np.array(m.times_s)
+        assert len(times) == TINY.repeats and (times > 0).all()
+        assert m.median_s == pytest.approx(np.median(times))
+        assert m.p90_s == pytest.approx(np.percentile(times, 90))
+        assert m.images_per_s == pytest.approx(m.batch_size / np.median(times))
+        assert m.gflops == pytest.approx(per_image * m.batch_size / np.median(times) / 1e9)
+        assert m.peak_fraction == pytest.approx(m.gflops / report.peak.gflops)
+        base = np.array(report.measurement(BASELINE, m.batch_size).times_s)
+        assert m.speedup.median == pytest.approx(np.median(base / times))
+    assert report.measurement(BASELINE, 1).speedup.median == 1.0
+    for c in report.comparisons:
+        ref = np.array(report.measurement(c.reference, c.batch_size).times_s)
+        cand = np.array(report.measurement(c.candidate, c.batch_size).times_s)
+        assert c.ratio.median == pytest.approx(np.median(ref / cand))
+    assert {(c.candidate, c.batch_size) for c in report.comparisons} >= {
+        (BNEXPORT_CPU, 1),
+        (BNEXPORT_CPU, 4),
+    }
+    assert report.peak.gflops >= report.peak.median_gflops > 0
+
+
+def test_report_to_dict_is_json_with_versions_threads_and_cpu(report: BenchReport) -> None:
+    d = json.loads(json.dumps(report.to_dict()))
+    env = d["environment"]
+    assert env["cpu_model"] == cpu_model()
+    assert env["versions"]["torch"] == torch.__version__
+    assert {"onnxruntime", "onnx", "numpy", "bnexport"} <= set(env["versions"])
+    assert env["threads"]["torch_intra_op"] >= 1
+    assert d["config"]["batch_sizes"] == [1, 4]
+    assert len(d["measurements"]) == len(report.measurements)
+    assert d["flops"]["per_image"] == 953_344
