@@ -6,6 +6,8 @@ JUnit / Markdown files, and the exit code (0 pass, 1 mismatch, 2 bad input or CU
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -205,7 +207,7 @@ def check_cli(
         input_shape=parse_input_shape(input_shape) if input_shape else None,
         temperature=temperature,
     )
-    with _Progress() as progress:
+    with parity_progress() as progress:
         report = check_parity(
             model,
             source.model,
@@ -270,30 +272,26 @@ def render_report(report: Any) -> None:
         out.print(line, markup=False, highlight=False)
 
 
-class _Progress:
-    """Renders ``progress(stage, done, total)`` as a transient bar on stderr."""
+@contextlib.contextmanager
+def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar on stderr for the parity check (none when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("Checking parity: {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=None)
 
-        self.bar = Progress(
-            TextColumn("check {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.task: Any = None
+        def update(stage_name: str, done: int, total: int) -> None:
+            bar.update(task, description=stage_name, completed=done, total=total)
 
-    def __enter__(self) -> _Progress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.bar.add_task(stage, total=total)
-        self.bar.update(self.task, completed=done, total=total, description=stage)
+        yield update

@@ -6,8 +6,6 @@ report table and the model options are `bnexport fold`'s, the parity table is `b
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnexport.cli._common import EXIT_MISMATCH, EXIT_OK, console, handle_errors, table
+from bnexport.cli.check import parity_progress, render_report
 from bnexport.cli.fold import (
     CheckpointArg,
     InputShapeOpt,
@@ -149,10 +148,7 @@ def onnx_cli(
     if parity is None:
         out.print("Parity check skipped (--no-check).")
         raise typer.Exit(EXIT_OK)
-    # `bnexport check`'s own rendering, so both commands print the same parity table.
-    from bnexport.cli.check import render_report
-
-    render_report(parity)
+    render_report(parity)  # `bnexport check`'s rendering: both commands print the same table
     raise typer.Exit(EXIT_OK if parity.passed else EXIT_MISMATCH)
 
 
@@ -174,27 +170,3 @@ def render_export(out: Console, exported: Any) -> None:
     )
     meta = ", ".join(f"{k}={v}" for k, v in exported.metadata.items())
     out.print(f"metadata_props: {meta}", markup=False, highlight=False)
-
-
-@contextlib.contextmanager
-def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich progress bar on stderr for the parity check (none when stderr is not a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    err = Console(stderr=True)
-    if not err.is_terminal:
-        yield None
-        return
-    with Progress(
-        TextColumn("Checking parity: {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def update(stage_name: str, done: int, total: int) -> None:
-            bar.update(task, description=stage_name, completed=done, total=total)
-
-        yield update
