@@ -32,14 +32,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
-import io
 import math
 import os
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -731,12 +729,14 @@ def _torch_export_candidate(
     import onnxruntime as ort
     import torch
 
+    from bnexport.export import quiet_exporter
+
     name = REFERENCE_EXPORT
     x = example_input.detach()
     if x.shape[0] < 2:  # a batch of 1 would be specialised to a constant
         x = x.expand(2, *x.shape[1:]).clone()
     try:
-        with _quiet():
+        with quiet_exporter():
             program = torch.onnx.export(
                 model,
                 (x,),
@@ -787,34 +787,6 @@ def _op_counts(path: Path) -> dict[str, int]:
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Swallow what an exporter prints (stdout, stderr, warnings, torch/onnx log handlers)."""
-    import logging
-
-    sink = io.StringIO()
-    swapped: list[tuple[logging.Logger, list[logging.Handler]]] = []
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if (
-            isinstance(logger, logging.Logger)
-            and logger.handlers
-            and name.split(".")[0] in ("torch", "onnx", "onnxscript", "onnx_ir")
-        ):
-            swapped.append((logger, logger.handlers[:]))
-            logger.handlers = [logging.StreamHandler(sink)]
-    try:
-        with (
-            contextlib.redirect_stdout(sink),
-            contextlib.redirect_stderr(sink),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, handlers in swapped:
-            logger.handlers = handlers
 
 
 # --------------------------------------------------------------------------------------------

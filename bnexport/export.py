@@ -248,7 +248,7 @@ def save_program(
     import torch
 
     x = _example_batch(example_input)
-    with _quiet() as log, _eval_mode(model), torch.inference_mode(False):
+    with quiet_exporter() as log, _eval_mode(model), torch.inference_mode(False):
         try:
             program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_shapes())
         except Exception as exc:
@@ -301,7 +301,7 @@ def check_program(
     from bnexport.parity.tolerance import DEFAULT_TOLERANCES
 
     tol = tolerance or DEFAULT_TOLERANCES["torch"]
-    with _quiet() as log:
+    with quiet_exporter() as log:
         try:
             program = torch.export.load(str(path))
             module = program.module()
@@ -384,7 +384,7 @@ def _export_onnx_program(model: torch.nn.Module, example_input: torch.Tensor, op
     import torch
 
     x = _example_batch(example_input)
-    with _quiet() as log, _eval_mode(model), torch.inference_mode(False):
+    with quiet_exporter() as log, _eval_mode(model), torch.inference_mode(False):
         try:
             program = torch.onnx.export(
                 model,
@@ -464,7 +464,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[io.StringIO]:
+def quiet_exporter() -> Iterator[io.StringIO]:
     """Capture stdout, stderr, warnings and the torch/onnx loggers' output into one buffer."""
     buffer = io.StringIO()
     capture = logging.StreamHandler(buffer)
@@ -569,7 +569,7 @@ def _cleanup(ir_model: onnx_ir.Model, iterations: int = 2) -> None:
     from onnxscript import rewriter
 
     rules = _rewrite_rules()
-    with _quiet() as log:
+    with quiet_exporter() as log:
         try:
             passes.InlinePass()(ir_model)
             for _ in range(iterations):
