@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -83,3 +84,43 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     for row in rows:
         t.add_row(*(str(v) for v in row))
     return t
+
+
+# Model selection, shared by fold, onnx, check and bench (same names, same meaning).
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Your own model as package.module:factory (the factory returns an nn.Module).",
+        show_default=False,
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="Input shape without the batch dimension, e.g. 3,32,32 (needed with --model).",
+        show_default=False,
+    ),
+]
+TemperatureOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--temperature",
+        help="Temperature of a seed state dict (default 1.0; bnexport checkpoints record theirs).",
+        show_default=False,
+    ),
+]
+
+
+def load_model_source(
+    checkpoint: Path | None,
+    model: str | None,
+    input_shape: str | None,
+    temperature: float | None,
+) -> Any:
+    """Parse the shared model options and load the model (`bnexport.source.load_source`)."""
+    from bnexport.source import load_source, parse_input_shape
+
+    shape = parse_input_shape(input_shape) if input_shape is not None else None
+    return load_source(checkpoint, model_spec=model, input_shape=shape, temperature=temperature)

@@ -7,7 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import console, handle_errors, table
+from bnexport.cli._common import (
+    InputShapeOpt,
+    ModelOpt,
+    console,
+    handle_errors,
+    load_model_source,
+    table,
+)
 
 # Keep equal to bnexport.bench's defaults (not imported here: that would load numpy at --help).
 DEFAULT_REPEATS = 31
@@ -25,14 +32,8 @@ def bench_cli(
             help="Checkpoint (.pt) of the seed Net, or weights for --model.", show_default=False
         ),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="Your model as package.module:factory (needs --input-shape)."),
-    ] = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option("--input-shape", help="Input shape without the batch dim, e.g. 3,32,32."),
-    ] = None,
+    model: ModelOpt = None,
+    input_shape: InputShapeOpt = None,
     onnx: Annotated[
         Path | None,
         typer.Option(
@@ -85,7 +86,6 @@ def bench_cli(
     from bnexport.bench import BenchConfig, run_bench
     from bnexport.errors import BnexportError
     from bnexport.files import write_json
-    from bnexport.source import load_source, parse_input_shape
 
     try:
         sizes = tuple(int(s) for s in batch_sizes.replace(" ", "").split(",") if s)
@@ -104,11 +104,7 @@ def bench_cli(
         threads=threads,
         include_cuda=cuda,
     )
-    source = load_source(
-        checkpoint,
-        model_spec=model,
-        input_shape=parse_input_shape(input_shape) if input_shape else None,
-    )
+    source = load_model_source(checkpoint, model, input_shape, None)
     with _Progress() as progress:
         report = run_bench(source, config, onnx_path=onnx, progress=progress)
     if json_path is not None:

@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import EXIT_MISMATCH, EXIT_OK, console, handle_errors, table
+from bnexport.cli._common import (
+    EXIT_MISMATCH,
+    EXIT_OK,
+    InputShapeOpt,
+    ModelOpt,
+    TemperatureOpt,
+    console,
+    handle_errors,
+    load_model_source,
+    table,
+)
 
 DEFAULT_PROVIDERS = "auto"
 DEFAULT_OPT_LEVELS = "disabled,all"
@@ -38,30 +48,9 @@ def check_cli(
             show_default=False,
         ),
     ] = None,
-    model_spec: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            help="Your own PyTorch model as package.module:factory (with --input-shape).",
-            show_default=False,
-        ),
-    ] = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--input-shape",
-            help="Input shape without the batch dim, e.g. 3,32,32.",
-            show_default=False,
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            help="Temperature for seed state dicts (default 1.0).",
-            show_default=False,
-        ),
-    ] = None,
+    model_spec: ModelOpt = None,
+    input_shape: InputShapeOpt = None,
+    temperature: TemperatureOpt = None,
     providers: Annotated[
         str,
         typer.Option(
@@ -170,7 +159,6 @@ def check_cli(
     from bnexport.errors import ParityInputError
     from bnexport.parity import CheckConfig, InputConfig, check_parity
     from bnexport.parity.tolerance import parse_tolerance_overrides
-    from bnexport.source import load_source, parse_input_shape
 
     if against is not None and checkpoint is not None:
         raise ParityInputError("give the checkpoint once: either CHECKPOINT or --against")
@@ -201,12 +189,7 @@ def check_cli(
         ground_truth=ground_truth,
         folded=folded,
     )
-    source = load_source(
-        weights,
-        model_spec=model_spec,
-        input_shape=parse_input_shape(input_shape) if input_shape else None,
-        temperature=temperature,
-    )
+    source = load_model_source(weights, model_spec, input_shape, temperature)
     with parity_progress() as progress:
         report = check_parity(
             model,

@@ -16,7 +16,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnexport.cli._common import EXIT_MISMATCH, EXIT_OK, console, handle_errors, table
+from bnexport.cli._common import (
+    EXIT_MISMATCH,
+    EXIT_OK,
+    InputShapeOpt,
+    ModelOpt,
+    TemperatureOpt,
+    console,
+    handle_errors,
+    load_model_source,
+    table,
+)
 
 # Options shared with `bnexport onnx` (same names, same meaning).
 CheckpointArg = Annotated[
@@ -24,30 +34,6 @@ CheckpointArg = Annotated[
     typer.Argument(
         help="Checkpoint: a bnexport .pt, a seed state dict, or your model's state_dict "
         "(optional with --model).",
-        show_default=False,
-    ),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        help="Your own model as package.module:factory (the factory returns an nn.Module).",
-        show_default=False,
-    ),
-]
-InputShapeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--input-shape",
-        help="Input shape without the batch dimension, e.g. 3,32,32 (needed with --model).",
-        show_default=False,
-    ),
-]
-TemperatureOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--temperature",
-        help="Temperature of a seed state dict (default 1.0; bnexport checkpoints record theirs).",
         show_default=False,
     ),
 ]
@@ -124,19 +110,6 @@ def fold_cli(
     )
     render_program_check(out, check)
     raise typer.Exit(EXIT_OK if check.passed else EXIT_MISMATCH)
-
-
-def load_model_source(
-    checkpoint: Path | None,
-    model: str | None,
-    input_shape: str | None,
-    temperature: float | None,
-) -> Any:
-    """Parse the shared model options and load the model (`bnexport.source.load_source`)."""
-    from bnexport.source import load_source, parse_input_shape
-
-    shape = parse_input_shape(input_shape) if input_shape is not None else None
-    return load_source(checkpoint, model_spec=model, input_shape=shape, temperature=temperature)
 
 
 def source_summary(source: Any) -> dict[str, Any]:

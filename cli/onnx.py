@@ -13,16 +13,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnexport.cli._common import EXIT_MISMATCH, EXIT_OK, console, handle_errors, table
+from bnexport.cli._common import (
+    EXIT_MISMATCH,
+    EXIT_OK,
+    InputShapeOpt,
+    ModelOpt,
+    TemperatureOpt,
+    console,
+    handle_errors,
+    load_model_source,
+    table,
+)
 from bnexport.cli.check import parity_progress, render_report
 from bnexport.cli.fold import (
     CheckpointArg,
-    InputShapeOpt,
-    ModelOpt,
     ReportJsonOpt,
     StrictOpt,
-    TemperatureOpt,
-    load_model_source,
     refuse_unfolded,
     removed_on_error,
     render_fold_report,
