@@ -21,20 +21,25 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
 from bnexport.errors import FoldError
-from bnexport.fold.graph import remove_eval_identities, trace
+from bnexport.fold.batchnorm import BNParams, register_batchnorm
 from bnexport.fold.passes import fold_graph
-from bnexport.fold.patterns import PATTERNS, Pattern
-from bnexport.fold.report import REASONS, FoldEntry, FoldReport
+from bnexport.fold.patterns import PATTERNS, Pattern, Rule
+from bnexport.fold.report import REASONS, ChainEntry, FoldEntry, FoldReport
+from bnexport.fold.trace import remove_eval_identities, trace
 
 __all__ = [
     "PATTERNS",
     "REASONS",
     "VERIFY_TOLERANCE",
+    "BNParams",
+    "ChainEntry",
     "FoldEntry",
     "FoldReport",
     "FoldResult",
     "Pattern",
+    "Rule",
     "fold_model",
+    "register_batchnorm",
 ]
 
 #: Largest ``max|folded − original| / max|original|`` the float64 self-check accepts, keyed by the
@@ -84,19 +89,38 @@ def _lowest_precision(module: nn.Module) -> torch.dtype:
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
+def run_float64(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
+    """``module``'s output tensors with every floating parameter and buffer in float64 (as
+    ``deepcopy(module).double()`` would give, without copying the module: a fold's check on a
+    large model is then two forwards, not two deep copies)."""
+    state = {
+        name: t.detach().double() if t.is_floating_point() else t
+        for name, t in [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]
+    }
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(module, state, _clone(inputs))
+    finally:
+        for m, training in modes:
+            m.training = training
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def check_against_original(
     reference: nn.Module, folded: nn.Module, inputs: Sequence[Any], tolerance: float
 ) -> dict[str, Any]:
     """Run both modules in float64 on ``inputs``; `FoldError` if they differ by more than
     ``tolerance`` relative to the output's largest magnitude."""
-    ref64 = copy.deepcopy(reference).double().eval()
-    fold64 = copy.deepcopy(folded).double().eval()
     xs = tuple(
         x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
     )
-    with torch.no_grad():
-        expected = [t for t in tree_leaves(ref64(*_clone(xs))) if isinstance(t, torch.Tensor)]
-        got = [t for t in tree_leaves(fold64(*_clone(xs))) if isinstance(t, torch.Tensor)]
+    expected = run_float64(reference, xs)
+    got = run_float64(folded, xs)
     if len(expected) != len(got) or any(
         e.shape != g.shape for e, g in zip(expected, got, strict=False)
     ):
@@ -155,7 +179,8 @@ def fold_model(
     inputs = _as_tuple(example_inputs)
     was_training = any(m.training for m in model.modules())
     work = copy.deepcopy(model).eval()
-    gm = trace(work, leaf_modules)
+    traced = trace(work, leaf_modules)
+    gm = traced.gm
     removed = remove_eval_identities(gm)
     gm.recompile()
     try:
@@ -167,8 +192,8 @@ def fold_model(
             f"({type(exc).__name__}: {exc}); fix: pass inputs shaped like the model's real input, "
             "with a batch dimension (e.g. torch.randn(2, C, H, W))"
         ) from exc
-    entries = fold_graph(gm)
-    report = FoldReport(entries=entries)
+    entries, chains = fold_graph(gm, untraceable=traced.untraceable)
+    report = FoldReport(entries=entries, chains=chains)
     if was_training:
         report.notes.append(TRAIN_MODE_NOTE)
     if removed:

@@ -17,104 +17,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
-from torch.nn.utils import parametrize
 
 from bnexport.errors import FoldError
 from bnexport.fold import math as fm
+from bnexport.fold.batchnorm import BNParams, functional_args, needs_probe, read_batchnorm
 from bnexport.nets import TemperatureBatchNorm2d
-
-_LAYER_BASES: tuple[tuple[type[nn.Module], fm.LayerKind], ...] = (
-    (nn.Conv1d, "conv"),
-    (nn.Conv2d, "conv"),
-    (nn.Conv3d, "conv"),
-    (nn.ConvTranspose1d, "conv_transpose"),
-    (nn.ConvTranspose2d, "conv_transpose"),
-    (nn.ConvTranspose3d, "conv_transpose"),
-    (nn.Linear, "linear"),
-)
-
-#: Modules that are the identity in eval mode; removed before folding so a BN next to them can fold.
-EVAL_IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-
-def layer_kind(module: nn.Module | None) -> fm.LayerKind | None:
-    """The fold kind of a plain Conv/ConvTranspose/Linear (its own torch forward), else None.
-
-    A subclass that overrides ``forward``/``_conv_forward`` (weight standardization, QAT
-    fake-quant…) transforms its weight, so folding into the weight would be wrong: None.
-    """
-    if module is None:
-        return None
-    for base, kind in _LAYER_BASES:
-        if isinstance(module, base):
-            cls = type(module)
-            if cls.forward is not base.forward:
-                return None
-            if kind != "linear" and getattr(cls, "_conv_forward", None) is not getattr(
-                base, "_conv_forward", None
-            ):
-                return None
-            return kind
-    return None
-
-
-def bn_parts(module: nn.Module | None) -> tuple[_BatchNorm, Any] | None:
-    """``(batchnorm, temperature or None)`` for a BatchNorm-like leaf module, else None.
-
-    BatchNorm1d/2d/3d and SyncBatchNorm (eval: same as BatchNorm) with their own forward, and
-    `TemperatureBatchNorm2d` (``temperature * bn(x)``).
-    """
-    if isinstance(module, TemperatureBatchNorm2d):
-        if type(module).forward is TemperatureBatchNorm2d.forward:
-            return module.bn, module.temperature
-        return None
-    if isinstance(module, _BatchNorm) and type(module).forward in (
-        _BatchNorm.forward,
-        SyncBatchNorm.forward,
-    ):
-        return module, None
-    return None
-
-
-class FoldTracer(fx.Tracer):
-    """symbolic_trace's tracer, with BatchNorms (incl. `TemperatureBatchNorm2d`), plain layers and
-    the caller's ``leaf_types`` kept as single ``call_module`` nodes."""
-
-    def __init__(self, leaf_types: Sequence[type[nn.Module]] = ()) -> None:
-        super().__init__()
-        self.leaf_types = tuple(leaf_types)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        if bn_parts(m) is not None or layer_kind(m) is not None:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def trace(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model``; a model FX can't trace raises `FoldError` with the fix."""
-    tracer = FoldTracer(leaf_types)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        raise FoldError(
-            f"cannot trace {type(model).__name__} with torch.fx.symbolic_trace "
-            f"({type(exc).__name__}: {exc}); fix: move data-dependent Python (if/for on tensor "
-            "values, shape-dependent control flow) into a function decorated with torch.fx.wrap, "
-            "or pass leaf_modules=(TheBlockClass,) so that block is called as a black box "
-            "(BatchNorms inside a leaf module are not folded)"
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:
@@ -438,24 +345,28 @@ def _writes_into(node: fx.Node, x: fx.Node) -> bool:
 
 @dataclass
 class BNSite:
-    """A BatchNorm call plus the constant chain after it, composed into one per-channel affine map.
+    """A BatchNorm call (or a layer, for a chain without BatchNorm) plus the constant chain after
+    it, composed into one per-channel affine map.
 
     ``scale``/``shift`` (float64 ``[C]``): ``end``'s output = ``scale·x + shift`` with ``x`` the BN
-    input.
+    input. ``head`` starts the chain's description (``BatchNorm2d``, ``batch_norm``); ``args`` are
+    the nodes computing a functional BatchNorm's constants (erased once unused).
     """
 
     node: fx.Node
     name: str
     type_name: str
-    bn: _BatchNorm
+    channels: int
+    head: str
     temperature: float | None
     scale: torch.Tensor
     shift: torch.Tensor
-    chain_nodes: list[fx.Node]
-    labels: list[str]
-    consts: list[Const]
-    chain_stop: str | None
-    notes: list[str]
+    chain_nodes: list[fx.Node] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    consts: list[Const] = field(default_factory=list)
+    chain_stop: str | None = None
+    notes: list[str] = field(default_factory=list)
+    args: list[fx.Node] = field(default_factory=list)
 
     @property
     def end(self) -> fx.Node:
@@ -463,12 +374,81 @@ class BNSite:
 
     @property
     def input(self) -> fx.Node | None:
-        arg = self.node.args[0] if self.node.args else None
+        arg = self.node.args[0] if self.node.args else self.node.kwargs.get("input")
         return arg if isinstance(arg, fx.Node) else None
 
     @property
     def chain(self) -> str:
-        return " → ".join([type(self.bn).__name__, *self.labels])
+        return " → ".join([self.head, *self.labels])
+
+
+UNTRACKED_REASON = (
+    "track_running_stats=False: {name} normalizes with the statistics of each batch even in eval "
+    "mode, so it is not a fixed affine map; fix: train it with track_running_stats=True (or "
+    "recompute running statistics) to fold it"
+)
+
+#: How far a BatchNorm-like module's output may be from the formula in the float64 probe,
+#: relative to the output's scale, and still count as a BatchNorm.
+PROBE_TOLERANCE = 1e-9
+
+
+def _temperature(name: str, temperature: Any) -> float:
+    t = torch.as_tensor(
+        temperature.detach() if isinstance(temperature, torch.Tensor) else temperature,
+        dtype=torch.float64,
+    ).reshape(-1)
+    if t.numel() != 1 or not bool(torch.isfinite(t).all()):
+        raise FoldError(
+            f"BatchNorm {name!r}: temperature is {t.tolist()}; it must be one finite number; "
+            "fix: pass a finite temperature (e.g. --temperature 1.5)"
+        )
+    return float(t[0])
+
+
+def probe_mismatch(module: nn.Module, params: BNParams, shape: Sequence[int]) -> float:
+    """Relative max error of ``module`` (a float64 copy, batch 1 of ``shape``) against the
+    BatchNorm formula with ``params``: 0 for a module that computes exactly a BatchNorm."""
+    assert params.running_mean is not None and params.running_var is not None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *shape[1:]), generator=gen, dtype=torch.float64)
+    scale, shift = fm.bn_affine(
+        params.running_mean, params.running_var, params.eps, params.weight, params.bias
+    )
+    if params.temperature is not None:
+        t = float(torch.as_tensor(params.temperature, dtype=torch.float64))
+        scale, shift = scale * t, shift * t
+    view = [1, -1, *([1] * (len(shape) - 2))]
+    expected = x * scale.reshape(view) + shift.reshape(view)
+    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+    try:
+        with torch.no_grad():
+            got = probe(x)
+    except Exception:
+        return float("inf")
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return float("inf")
+    err = float((got - expected).abs().max())
+    return err / max(float(expected.abs().max()), 1e-300)
+
+
+_METADATA_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device"})
+
+
+def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads only ``node``'s shape/rank/dtype/device (``x.ndim``, ``x.size(0)``),
+    which a fold never changes — e.g. timm's ``_assert(x.ndim == 4)`` before each BatchNorm."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _METADATA_ATTRS
+    if user.op == "call_method" and user.target in _METADATA_METHODS:
+        return user.args[0] is node
+    return user.op == "call_function" and user.target in (len, torch.numel)
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (not only its metadata)."""
+    return [u for u in node.users if not reads_metadata_only(u, node)]
 
 
 def _tensor_meta(node: Any) -> Any:
@@ -511,51 +491,120 @@ class FoldContext:
         return f"{node.name} ({node.op.replace('_', ' ')} {target})"
 
     # sites
-    def bn_site(self, node: fx.Node, name: str) -> BNSite | str:
-        """The `BNSite` of a BatchNorm call, or the reason it can't fold at all (untracked stats).
+    def bn_site(self, node: fx.Node, name: str) -> BNSite | tuple[str, str]:
+        """The `BNSite` of a BatchNorm-like module call, or ``(reason code, reason)`` why it can't
+        fold at all (batch statistics; a module whose forward is not the BatchNorm it claims).
 
         Validates statistics, parameters and the chain's constants (`FoldError` if non-finite etc.).
         """
-        parts = bn_parts(self.module(node))
-        assert parts is not None
-        bn, temperature = parts
-        if bn.running_mean is None or bn.running_var is None:
-            return (
-                f"track_running_stats=False: {name} normalizes with the statistics of each batch "
-                "even in eval mode, so it is not a fixed affine map; fix: train it with "
-                "track_running_stats=True (or recompute running statistics) to fold it"
-            )
-        fm.validate_bn(name, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        scale, shift = fm.bn_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        labels: list[str] = []
-        notes: list[str] = []
-        temp_value: float | None = None
-        if temperature is not None:
-            t = torch.as_tensor(
-                temperature.detach() if isinstance(temperature, torch.Tensor) else temperature,
-                dtype=torch.float64,
-            ).reshape(-1)
-            if t.numel() != 1 or not bool(torch.isfinite(t).all()):
-                raise FoldError(
-                    f"TemperatureBatchNorm2d {name!r}: temperature is {t.tolist()}; it must be one "
-                    "finite number; fix: pass a finite temperature (e.g. --temperature 1.5)"
+        module = self.module(node)
+        params = read_batchnorm(module)
+        assert module is not None and params is not None
+        if params.running_mean is None or params.running_var is None:
+            return "untracked_stats", UNTRACKED_REASON.format(name=name)
+        fm.validate_bn(
+            name, params.running_mean, params.running_var, params.eps, params.weight, params.bias
+        )
+        if params.temperature is not None:
+            _temperature(name, params.temperature)  # a non-finite temperature is an error
+        shape = self.shape(node)
+        if needs_probe(module) and shape is not None and len(shape) >= 2:
+            err = probe_mismatch(module, params, shape)
+            if not err <= PROBE_TOLERANCE:
+                return "not_batchnorm", (
+                    f"{name} ({type(module).__name__}) has BatchNorm statistics but its forward "
+                    f"computes something else (relative difference {err:.3g} from γ·(x − μ)/"
+                    "√(σ² + ε) + β on a probe input), so it stays as it is; fix: if it is a "
+                    "BatchNorm followed by more (an activation…), don't keep it as a leaf module "
+                    "so it is traced through"
                 )
-            temp_value = float(t[0])
+        head = type(module).__name__
+        if params.temperature is not None and isinstance(module, TemperatureBatchNorm2d):
+            head = type(module.bn).__name__
+        return self._site(node, name, type(module).__name__, head, params)
+
+    def functional_site(self, node: fx.Node, name: str, type_name: str) -> BNSite | tuple[str, str]:
+        """The `BNSite` of an ``F.batch_norm``/``torch.batch_norm`` call, or ``(code, reason)`` why
+        it can't fold (training mode, batch statistics, non-constant statistics)."""
+        named = functional_args(node.target, node.args, dict(node.kwargs))
+        if named.get("training") is not False:
+            return "functional_training", (
+                f"{name} is called with training={named.get('training')!r}: it normalizes with "
+                "batch statistics, so it is not a fixed affine map"
+            )
+        consts: dict[str, Const | None] = {}
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            arg = named.get(key)
+            if arg is None:
+                consts[key] = None
+                continue
+            c = const_of(arg, self.gm)
+            if c is None:
+                return "functional_input", (
+                    f"the {key} of {name} is computed from the model's input, not a constant "
+                    "(buffer/parameter), so it can't fold"
+                )
+            consts[key] = c
+        if consts["running_mean"] is None or consts["running_var"] is None:
+            return "untracked_stats", UNTRACKED_REASON.format(name=name)
+        eps = named.get("eps", 1e-5)
+        if not isinstance(eps, int | float):
+            return "functional_input", f"the eps of {name} is not a constant number"
+
+        def value(key: str) -> torch.Tensor | None:
+            c = consts[key]
+            return c.value.reshape(-1) if c is not None else None
+
+        params = BNParams(
+            value("running_mean"), value("running_var"), float(eps), value("weight"), value("bias")
+        )
+        fm.validate_bn(
+            name, params.running_mean, params.running_var, params.eps, params.weight, params.bias
+        )
+        site = self._site(node, name, type_name, "batch_norm", params)
+        site.args = [n for c in consts.values() if c is not None for n in c.nodes]
+        return site
+
+    def _site(
+        self, node: fx.Node, name: str, type_name: str, head: str, params: BNParams
+    ) -> BNSite:
+        assert params.running_mean is not None and params.running_var is not None
+        scale, shift = fm.bn_affine(
+            params.running_mean, params.running_var, params.eps, params.weight, params.bias
+        )
+        labels: list[str] = []
+        temp_value: float | None = None
+        if params.temperature is not None:
+            temp_value = _temperature(name, params.temperature)
             scale, shift = fm.compose(scale, shift, temp_value, 0.0)
             labels.append(f"×{_fmt_num(temp_value)} (temperature)")
         site = BNSite(
             node=node,
             name=name,
-            type_name=type(self.module(node)).__name__,
-            bn=bn,
+            type_name=type_name,
+            channels=params.num_features,
+            head=head,
             temperature=temp_value,
             scale=scale,
             shift=shift,
-            chain_nodes=[],
             labels=labels,
-            consts=[],
-            chain_stop=None,
-            notes=notes,
+        )
+        self._extend_chain(site)
+        return site
+
+    def layer_site(self, node: fx.Node, name: str, channels: int) -> BNSite:
+        """A layer call with the constant scale/shift chain after it (no BatchNorm): identity
+        start, grown like a BatchNorm's chain."""
+        ones = torch.ones(channels, dtype=torch.float64)
+        site = BNSite(
+            node=node,
+            name=name,
+            type_name="",
+            channels=channels,
+            head=name,
+            temperature=None,
+            scale=ones,
+            shift=0 * ones,
         )
         self._extend_chain(site)
         return site
@@ -684,11 +733,13 @@ class FoldContext:
         node.target = name
         return name
 
-    def remove_site(self, site: BNSite) -> None:
-        """Erase the chain and BN nodes (their uses already rerouted) and now-dead constants."""
-        for n in reversed([site.node, *site.chain_nodes]):
+    def remove_site(self, site: BNSite, keep_node: bool = False) -> None:
+        """Erase the chain and BN nodes (their uses already rerouted) and now-dead constants;
+        ``keep_node``: the site's node is the layer itself (a chain without BatchNorm)."""
+        nodes = site.chain_nodes if keep_node else [site.node, *site.chain_nodes]
+        for n in reversed(nodes):
             self.gm.graph.erase_node(n)
-        self.erase_dead(n for c in site.consts for n in c.nodes)
+        self.erase_dead([*site.args, *(n for c in site.consts for n in c.nodes)])
 
     def erase_dead(self, nodes: Iterable[fx.Node]) -> None:
         for n in nodes:
@@ -727,58 +778,3 @@ def _has_path(root: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def new_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    """A copy of ``layer`` with new weight and bias Parameters (the original is never touched)."""
-    device = layer.weight.device
-    new_weight = nn.Parameter(weight.to(device), requires_grad=layer.weight.requires_grad)
-    req = layer.bias.requires_grad if layer.bias is not None else layer.weight.requires_grad
-    new_bias = nn.Parameter(bias.to(device), requires_grad=req)
-    # The memo makes deepcopy use the new Parameters instead of copying the old ones.
-    memo: dict[int, Any] = {id(layer.weight): new_weight}
-    if layer.bias is not None:
-        memo[id(layer.bias)] = new_bias
-    new = copy.deepcopy(layer, memo)
-    new.bias = new_bias
-    return new
-
-
-def layer_hook_reason(layer: nn.Module, name: str) -> str | None:
-    """Why folding into ``layer``'s weight would be undone (parametrization, pre-hooks), or None."""
-    if parametrize.is_parametrized(layer):
-        return (
-            f"{name} has a parametrization on its weight (e.g. weight_norm/spectral_norm) that "
-            "recomputes it; fix: torch.nn.utils.parametrize.remove_parametrizations first"
-        )
-    if layer._forward_pre_hooks or layer._forward_hooks:
-        return (
-            f"{name} has forward hooks (e.g. the old torch.nn.utils.weight_norm) that may "
-            "recompute or change its weight/output; fix: remove the hooks (remove_weight_norm) "
-            "first"
-        )
-    return None
-
-
-def remove_eval_identities(gm: fx.GraphModule) -> int:
-    """Drop ``nn.Identity``/``Dropout*`` calls and ``F.dropout(..., training=False)`` (identities in
-    eval) so a BN on either side of them can fold. Returns how many were removed."""
-    removed = 0
-    for node in list(gm.graph.nodes):
-        is_identity = False
-        if node.op == "call_module":
-            is_identity = isinstance(gm.get_submodule(str(node.target)), EVAL_IDENTITY_MODULES)
-        elif node.op == "call_function" and node.target in (
-            F.dropout,
-            F.dropout1d,
-            F.dropout2d,
-            F.dropout3d,
-            F.alpha_dropout,
-        ):
-            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-            is_identity = training is False
-        if is_identity and node.args and isinstance(node.args[0], fx.Node):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            removed += 1
-    return removed

@@ -262,21 +262,24 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
     are flushed to zero and counted. ``FoldError`` names the layer, the values and the fix.
     """
     v = _f64(values)
-    bad = ~torch.isfinite(v)
-    if bool(bad.any()):
+    if not bool(torch.isfinite(v).all()):
+        bad = ~torch.isfinite(v)
         raise FoldError(
             f"folding into {layer!r} gives a non-finite {what} at {_offenders(bad, v)}; "
             "fix: check the BatchNorm statistics and the constants after it (a division by zero, "
             "an infinite temperature)"
         )
     info = torch.finfo(dtype)
-    tiny = (v != 0) & (v.abs() < info.tiny)
-    flushed = int(tiny.sum())
-    if flushed:
+    flushed = 0
+    magnitude = v.abs()
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.numel() and float(nonzero.min()) < info.tiny:
+        tiny = (v != 0) & (magnitude < info.tiny)
+        flushed = int(tiny.sum())
         v = torch.where(tiny, torch.zeros_like(v), v)
     out = v.to(dtype)
-    over = ~torch.isfinite(out)
-    if bool(over.any()):
+    if not bool(torch.isfinite(out).all()):
+        over = ~torch.isfinite(out)
         raise FoldError(
             f"folding into {layer!r} overflows {str(dtype).removeprefix('torch.')}: {what} at "
             f"{_offenders(over, v)} exceeds the largest finite value {info.max:.6g}; fix: fold "

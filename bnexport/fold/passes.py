@@ -3,18 +3,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
-from bnexport.fold.graph import BNSite, FoldContext, bn_parts, layer_kind
-from bnexport.fold.patterns import PATTERNS, Pattern, Refusal
-from bnexport.fold.report import FoldEntry
-
-_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
+from bnexport.fold import math as fm
+from bnexport.fold.batchnorm import FUNCTIONAL_BATCHNORMS, is_batchnorm_class, is_batchnorm_like
+from bnexport.fold.graph import BNSite, FoldContext, arith_op
+from bnexport.fold.layers import layer_kind, new_layer
+from bnexport.fold.patterns import (
+    PATTERNS,
+    Refusal,
+    Rule,
+    cast_folded,
+    expected_rank,
+    layer_refusal,
+)
+from bnexport.fold.report import ChainEntry, Direction, FoldEntry
 
 _NONLINEAR_FUNCS = {
     torch.relu,
@@ -60,9 +67,8 @@ def _layer_name(node: object, ctx: FoldContext) -> str | None:
     return None
 
 
-def diagnose(site: BNSite, ctx: FoldContext) -> Refusal:
-    """Why no pattern matched: a nonlinearity (or another op) between the BN and a layer, or no
-    layer."""
+def _input_side(site: BNSite, ctx: FoldContext) -> Refusal | None:
+    """A layer one op before the BN: which op sits between them."""
     src = site.input
     if isinstance(src, fx.Node) and src.args:
         layer = _layer_name(src.args[0], ctx)
@@ -74,6 +80,11 @@ def diagnose(site: BNSite, ctx: FoldContext) -> Refusal:
                 f"{ctx.describe(src)} sits between {layer} and {site.name} ({what}): a BatchNorm "
                 "can't move across it",
             )
+    return None
+
+
+def _output_side(site: BNSite, ctx: FoldContext) -> Refusal | None:
+    """A layer one op after the BN (and its chain): which op sits between them."""
     for user in site.end.users:
         for nxt in user.users:
             layer = _layer_name(nxt, ctx)
@@ -84,13 +95,28 @@ def diagnose(site: BNSite, ctx: FoldContext) -> Refusal:
                     f"{ctx.describe(user)} sits between {site.name} and {layer}: a BatchNorm "
                     "can't move across it",
                 )
+    return None
+
+
+def diagnose(site: BNSite, ctx: FoldContext, tried: Sequence[Direction] = ()) -> list[Refusal]:
+    """Why no rule folded the BN, for each side no rule already explained (``tried``): an op
+    between the BN and a layer, or no layer at all."""
+    found = [
+        r
+        for direction, side in (("after", _input_side), ("before", _output_side))
+        if direction not in tried and (r := side(site, ctx)) is not None
+    ]
+    if found or tried:
+        return found
     users = ", ".join(ctx.describe(u) for u in site.end.users) or "nothing"
-    return Refusal(
-        "no_adjacent_layer",
-        f"its input comes from {ctx.describe(src)} and its output goes to {users}; a BatchNorm "
-        "folds only into a Conv/ConvTranspose/Linear module right before it (and sole user of its "
-        "output) or right after it",
-    )
+    return [
+        Refusal(
+            "no_adjacent_layer",
+            f"its input comes from {ctx.describe(site.input)} and its output goes to {users}; a "
+            "BatchNorm folds only into a Conv/ConvTranspose/Linear module right before it (and "
+            "sole user of its output) or right after it",
+        )
+    ]
 
 
 def _left(site: BNSite, refusals: Sequence[Refusal]) -> FoldEntry:
@@ -110,108 +136,195 @@ def _left(site: BNSite, refusals: Sequence[Refusal]) -> FoldEntry:
     )
 
 
-def _bn_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
-    """Report names: module path, plus ``(call k of n)`` for a BN module called several times."""
-    calls: dict[str, list[fx.Node]] = {}
+def _owner(node: fx.Node) -> tuple[str, str]:
+    """``(module path, class name)`` of the module a functional BatchNorm call belongs to: the
+    owner of its running_mean buffer, else the innermost module whose forward made the call."""
+    named = FUNCTIONAL_BATCHNORMS[node.target]
+    args = dict(zip(named, node.args, strict=False)) | dict(node.kwargs)
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    mean = args.get("running_mean")
+    if isinstance(mean, fx.Node) and mean.op == "get_attr":
+        path = str(mean.target).rpartition(".")[0]
+        for p, cls in stack:
+            if p == path:
+                return path, getattr(cls, "__name__", str(cls))
+        if path:
+            return path, "batch_norm"
+    if stack:
+        path, cls = stack[-1]
+        return str(path), getattr(cls, "__name__", str(cls))
+    return "", "batch_norm"
+
+
+def bn_names(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
+    """Report name and type of every BatchNorm call: its module path (the module owning a
+    functional call's statistics), plus ``(call k of n)`` when one module makes several calls."""
+    calls: dict[str, list[tuple[fx.Node, str]]] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module" and bn_parts(gm.get_submodule(str(n.target))) is not None:
-            calls.setdefault(str(n.target), []).append(n)
-    names: dict[fx.Node, str] = {}
+        if n.op == "call_module":
+            module = gm.get_submodule(str(n.target))
+            if is_batchnorm_like(module):
+                calls.setdefault(str(n.target), []).append((n, type(module).__name__))
+        elif n.op == "call_function" and n.target in FUNCTIONAL_BATCHNORMS:
+            path, cls = _owner(n)
+            calls.setdefault(path or f"{gm.__class__.__name__}.forward", []).append((n, cls))
+    names: dict[fx.Node, tuple[str, str]] = {}
     for target, nodes in calls.items():
-        for k, n in enumerate(nodes, 1):
-            names[n] = target if len(nodes) == 1 else f"{target} (call {k} of {len(nodes)})"
+        for k, (n, cls) in enumerate(nodes, 1):
+            label = target if len(nodes) == 1 else f"{target} (call {k} of {len(nodes)})"
+            names[n] = (label, cls)
     return names
 
 
-def _inside_leaf(node: fx.Node, ctx: FoldContext) -> list[FoldEntry]:
-    """Entries for the BatchNorms hidden inside a called leaf module (not a BN/layer itself)."""
+def _inside_leaf(
+    node: fx.Node, ctx: FoldContext, untraceable: Mapping[str, str]
+) -> list[FoldEntry]:
+    """Entries for the BatchNorms inside a module called as a black box (a leaf module that is not
+    itself a BN/layer, or a block torch.fx can't trace)."""
     module = ctx.module(node)
-    if module is None or bn_parts(module) is not None or layer_kind(module) is not None:
+    if module is None or is_batchnorm_like(module) or layer_kind(module) is not None:
         return []
-    found: dict[str, nn.Module] = {}
-    inner: set[int] = set()  # the `.bn` of a TemperatureBatchNorm2d already listed
+    target = str(node.target)
+    blocked = next((p for p in untraceable if target == p or target.startswith(p + ".")), None)
+    entries: list[FoldEntry] = []
+    listed: list[str] = []
     for name, sub in module.named_modules():
-        parts = bn_parts(sub)
-        if parts is not None and id(sub) not in inner:
-            found[name] = sub
-            inner.add(id(parts[0]))
-    return [
-        FoldEntry(
-            bn=f"{node.target}.{name}",
-            bn_type=type(sub).__name__,
-            status="left",
-            chain=type(bn_parts(sub)[0]).__name__,  # type: ignore[index]
-            reason_code="leaf_module",
-            reason=(
-                f"it is inside {ctx.describe(node)}, which is called as a black box (a leaf "
-                "module), so its graph is not visible; fix: make that module traceable instead of "
-                "passing it in leaf_modules"
-            ),
+        if not is_batchnorm_class(sub) or any(name.startswith(p + ".") for p in listed):
+            continue
+        listed.append(name)
+        path = f"{target}.{name}" if name else target
+        if blocked is not None:
+            code, reason = (
+                "not_traceable",
+                (
+                    f"inside a non-traceable region: torch.fx can't trace {blocked} "
+                    f"({untraceable[blocked]}), so it runs as a black box"
+                ),
+            )
+        elif not name:
+            code, reason = (
+                "leaf_module",
+                (
+                    f"not traced: kept as a leaf (leaf_modules), and its forward "
+                    f"({type(sub).__name__}) is not a plain BatchNorm; fix: drop it from "
+                    "leaf_modules so it is traced through"
+                ),
+            )
+        else:
+            code, reason = (
+                "leaf_module",
+                (
+                    f"not traced: it is inside {ctx.describe(node)}, which is kept as a leaf "
+                    "(leaf_modules), so its graph is not visible; fix: make that module traceable "
+                    "instead of passing it in leaf_modules"
+                ),
+            )
+        entries.append(
+            FoldEntry(
+                bn=path,
+                bn_type=type(sub).__name__,
+                status="left",
+                chain=type(sub).__name__,
+                reason_code=code,
+                reason=reason,
+            )
         )
-        for name, sub in found.items()
-    ]
+    return entries
 
 
-def fold_graph(gm: fx.GraphModule, patterns: Sequence[Pattern] = PATTERNS) -> list[FoldEntry]:
-    """Fold every BatchNorm in ``gm`` (shape-propagated) in place; one entry per BatchNorm call.
+def _fold_site(
+    node: fx.Node, name: str, type_name: str, ctx: FoldContext, rules: Sequence[Rule]
+) -> FoldEntry:
+    """Fold one BatchNorm call with the first rule whose check passes, or say why not."""
+    if node.op == "call_function":
+        site = ctx.functional_site(node, name, type_name)
+    else:
+        site = ctx.bn_site(node, name)
+    if isinstance(site, tuple):
+        code, reason = site
+        return FoldEntry(
+            bn=name,
+            bn_type=type_name,
+            status="left",
+            chain=type_name,
+            reason_code=code,
+            reason=reason,
+        )
+    refusals: list[Refusal] = []
+    tried: list[Direction] = []
+    for rule in rules:
+        m = rule.match(site, ctx)
+        if m is None:
+            continue
+        refusal = rule.check(m, ctx)
+        if refusal is not None:
+            refusals.append(refusal)
+            tried.append(rule.direction)
+            continue
+        return rule.rewrite(m, ctx)
+    return _left(site, [*refusals, *diagnose(site, ctx, tried)])
 
-    BNs are visited in graph order, so ``BN → conv → BN`` folds both (before, then after).
+
+def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
+    """Fold the constant scale/shift chain right after any layer (``linear(x) / T``, ``conv(x) *
+    s + c``) into it; one entry per layer with such a chain."""
+    entries: list[ChainEntry] = []
+    for node in list(ctx.gm.graph.nodes):
+        layer = ctx.module(node)
+        kind = layer_kind(layer)
+        if kind is None or not any(arith_op(u) for u in node.users):
+            continue
+        assert layer is not None
+        shape, name = ctx.shape(node), str(node.target)
+        if shape is None or len(shape) != expected_rank(layer):
+            continue  # e.g. a Linear on [N, L, F]: dim 1 is not its feature dim
+        site = ctx.layer_site(node, name, int(shape[1]))
+        if not site.chain_nodes:
+            continue
+        chain = " → ".join(site.labels)
+        refusal = layer_refusal(layer, name)
+        if refusal is not None:
+            entries.append(ChainEntry(name, type(layer).__name__, chain, "left", refusal.reason))
+            continue
+        folded = fm.fold_after(
+            kind, layer.weight, layer.bias, site.scale, site.shift, int(getattr(layer, "groups", 1))
+        )
+        w, b = cast_folded(folded, layer, name)
+        created = ctx.install(node, new_layer(layer, w.tensor, b.tensor))
+        site.end.replace_all_uses_with(node)
+        ctx.remove_site(site, keep_node=True)
+        notes = list(site.notes)
+        if created:
+            notes.append(f"{name} is shared: only this call uses the folded copy {created}")
+        entries.append(
+            ChainEntry(
+                name, type(layer).__name__, chain, "folded", chain_stop=site.chain_stop, notes=notes
+            )
+        )
+    return entries
+
+
+def fold_graph(
+    gm: fx.GraphModule,
+    rules: Sequence[Rule] = PATTERNS,
+    untraceable: Mapping[str, str] | None = None,
+) -> tuple[list[FoldEntry], list[ChainEntry]]:
+    """Fold every BatchNorm in ``gm`` (shape-propagated) in place; one entry per BatchNorm call,
+    plus one per layer whose constant scale/shift chain (without BatchNorm) was folded.
+
+    Chains after layers fold first (``conv → ×c → BN`` then folds as ``conv → BN``); BNs are then
+    visited in graph order, so ``BN → conv → BN`` folds both (before, then after).
     """
     ctx = FoldContext(gm)
-    names = _bn_names(gm)
+    chains = fold_layer_chains(ctx)
+    names = bn_names(gm)
     entries: list[FoldEntry] = []
     for node in list(gm.graph.nodes):
         if node._erased:
             continue
-        if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
-            entries.append(
-                FoldEntry(
-                    bn=node.name,
-                    bn_type="functional batch_norm",
-                    status="left",
-                    chain="batch_norm",
-                    reason_code="functional",
-                    reason=(
-                        f"{ctx.describe(node)} is a functional batch_norm call (or a BatchNorm "
-                        "subclass with its own forward, traced through); fix: use a plain "
-                        "nn.BatchNorm module"
-                    ),
-                )
-            )
-            continue
-        if node not in names:
-            entries.extend(_inside_leaf(node, ctx))
-            continue
-        site = ctx.bn_site(node, names[node])
-        if isinstance(site, str):
-            module = ctx.module(node)
-            bn, temperature = bn_parts(module)  # type: ignore[misc]
-            entries.append(
-                FoldEntry(
-                    bn=names[node],
-                    bn_type=type(module).__name__,
-                    status="left",
-                    chain=type(bn).__name__,
-                    temperature=float(temperature)
-                    if isinstance(temperature, float | int)
-                    else None,
-                    reason_code="untracked_stats",
-                    reason=site,
-                )
-            )
-            continue
-        refusals: list[Refusal] = []
-        for pattern in patterns:
-            m = pattern.match(site, ctx)
-            if m is None:
-                continue
-            refusal = pattern.check(m, ctx)
-            if refusal is not None:
-                refusals.append(refusal)
-                continue
-            entries.append(pattern.rewrite(m, ctx))
-            break
-        else:
-            entries.append(_left(site, refusals or [diagnose(site, ctx)]))
+        if node in names:
+            entries.append(_fold_site(node, *names[node], ctx, rules))
+        elif node.op == "call_module":
+            entries.extend(_inside_leaf(node, ctx, untraceable or {}))
     ctx.finish()
-    return entries
+    return entries, chains

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from bnexport.fold import math as fm
-from bnexport.fold.graph import (
-    BNSite,
-    FoldContext,
-    layer_hook_reason,
-    layer_kind,
-    new_layer,
-)
+from bnexport.fold.graph import BNSite, FoldContext, data_users
+from bnexport.fold.layers import layer_hook_reason, layer_kind, new_layer
 from bnexport.fold.report import Direction, FoldEntry
 
 
@@ -54,23 +49,63 @@ def _dt(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Pattern(ABC):
-    """One fold rule. Subclasses set `kind` (the weight-axis hook) and `direction`."""
+class Rule(ABC):
+    """One fold rule: ``match`` (structure), ``check`` (exact and safe?), ``rewrite``; its
+    `direction` says on which side of the BN the layer is."""
 
-    kind: ClassVar[fm.LayerKind]
     direction: ClassVar[Direction]
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
+    @abstractmethod
+    def match(self, site: BNSite, ctx: FoldContext) -> Any: ...
+
+    @abstractmethod
+    def check(self, m: Any, ctx: FoldContext) -> Refusal | None: ...
+
+    @abstractmethod
+    def rewrite(self, m: Any, ctx: FoldContext) -> FoldEntry: ...
+
+
+def weight_change(site: BNSite) -> float:
+    """``max |W' − W| / |W|`` of a fold: the largest ``|s_c − 1|`` over the folded channels."""
+    return float((site.scale - 1).abs().max()) if site.scale.numel() else 0.0
+
+
+def cast_folded(folded: fm.Folded, layer: nn.Module, name: str) -> tuple[fm.Cast, fm.Cast]:
+    """The folded weight and bias, cast once to the layer's dtypes (checked)."""
+    bias_dtype = layer.bias.dtype if layer.bias is not None else layer.weight.dtype
+    w = fm.cast_checked(folded.weight, layer.weight.dtype, layer=name, what="weight")
+    b = fm.cast_checked(folded.bias, bias_dtype, layer=name, what="bias")  # type: ignore[arg-type]
+    return w, b
+
+
+def layer_refusal(layer: nn.Module, name: str) -> Refusal | None:
+    """Hooks/parametrizations or a non-float weight: the layer can't absorb a fold."""
+    hook = layer_hook_reason(layer, name)
+    if hook:
+        return Refusal("layer_hooks", hook)
+    if not layer.weight.is_floating_point():  # type: ignore[union-attr]
+        return Refusal("dtype", f"{name} has a {_dt(layer.weight.dtype)} weight")  # type: ignore[union-attr]
+    return None
+
+
+def expected_rank(layer: nn.Module) -> int:
+    """Rank of the layer's batched input/output whose dim 1 is its channel/feature dim."""
+    return 2 if isinstance(layer, nn.Linear) else len(layer.kernel_size) + 2  # type: ignore[arg-type]
+
+
+class Pattern(Rule):
+    """A rule with one layer next to the BN. Subclasses set `kind` (the weight-axis hook) and
+    `direction`."""
+
+    kind: ClassVar[fm.LayerKind]
+    direction: ClassVar[Direction]
+
     def is_layer(self, node: object, ctx: FoldContext) -> bool:
         return layer_kind(ctx.module(node)) == self.kind
-
-    @staticmethod
-    def expected_rank(layer: nn.Module) -> int:
-        """Rank of the layer's batched input/output whose dim 1 is its channel/feature dim."""
-        return 2 if isinstance(layer, nn.Linear) else len(layer.kernel_size) + 2  # type: ignore[arg-type]
 
     @abstractmethod
     def match(self, site: BNSite, ctx: FoldContext) -> Match | None: ...
@@ -90,10 +125,7 @@ class Pattern(ABC):
         """Fold: float64 math, one checked cast, a new module for this call, node edits, report
         entry."""
         layer, site = m.layer, m.site
-        folded = self.fold(m)
-        bias_dtype = layer.bias.dtype if layer.bias is not None else layer.weight.dtype
-        w = fm.cast_checked(folded.weight, layer.weight.dtype, layer=m.layer_name, what="weight")
-        b = fm.cast_checked(folded.bias, bias_dtype, layer=m.layer_name, what="bias")
+        w, b = cast_folded(self.fold(m), layer, m.layer_name)
         created = ctx.install(m.layer_node, new_layer(layer, w.tensor, b.tensor))
         self.reroute(m, ctx)
         ctx.remove_site(site)
@@ -114,7 +146,7 @@ class Pattern(ABC):
             new_module=created,
             temperature=site.temperature,
             chain_stop=site.chain_stop,
-            max_rel_weight_change=fm.max_relative_change(layer.weight, folded.weight),
+            max_rel_weight_change=weight_change(site),
             subnormals_flushed=w.subnormals_flushed + b.subnormals_flushed,
             notes=notes,
         )
@@ -125,11 +157,9 @@ class Pattern(ABC):
         """Hooks, float dtype, and the layout: ``tensor_node`` (the layer side of the BN) must have
         the layer's batched rank and the BN's channels on dim 1."""
         site, layer = m.site, m.layer
-        hook = layer_hook_reason(layer, m.layer_name)
-        if hook:
-            return Refusal("layer_hooks", hook)
-        if not layer.weight.is_floating_point():
-            return Refusal("dtype", f"{m.layer_name} has a {_dt(layer.weight.dtype)} weight")
+        refusal = layer_refusal(layer, m.layer_name)
+        if refusal is not None:
+            return refusal
         shape = ctx.shape(tensor_node)
         if ctx.dtype(tensor_node) != ctx.dtype(site.end):
             return Refusal(
@@ -138,18 +168,18 @@ class Pattern(ABC):
                 f"{_dt(ctx.dtype(site.end))}; the folded layer would keep "
                 f"{_dt(ctx.dtype(tensor_node))}",
             )
-        rank = self.expected_rank(layer)
-        if shape is None or len(shape) != rank or shape[1] != site.bn.num_features:
+        rank = expected_rank(layer)
+        if shape is None or len(shape) != rank or shape[1] != site.channels:
             return Refusal(
                 "layout",
                 f"{site.name} normalizes dim 1 of a {list(shape or ())} tensor but "
                 f"{m.layer_name}'s {channels} channels/features are dim 1 only of a rank-{rank} "
                 "batched tensor",
             )
-        if channels != site.bn.num_features:
+        if channels != site.channels:
             return Refusal(
                 "layout",
-                f"{site.name} has {site.bn.num_features} channels, {m.layer_name} {channels}",
+                f"{site.name} has {site.channels} channels, {m.layer_name} {channels}",
             )
         return None
 
@@ -181,7 +211,7 @@ class FoldAfter(Pattern):
         return Match(site, src, layer)
 
     def check(self, m: Match, ctx: FoldContext) -> Refusal | None:
-        users = list(m.layer_node.users)
+        users = data_users(m.layer_node)
         if len(users) != 1:
             others = ", ".join(ctx.describe(u) for u in users if u is not m.site.node)
             return Refusal(
@@ -323,11 +353,125 @@ class BNThenLinear(FoldBefore):
     kind: ClassVar[fm.LayerKind] = "linear"
 
 
-#: Tried in this order for every BatchNorm: after a layer first (always exact), then before one.
-PATTERNS: tuple[Pattern, ...] = (
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+@dataclass
+class ConcatMatch:
+    """A BN site whose input is a channel concat of layer outputs."""
+
+    site: BNSite
+    cat: fx.Node
+    parts: list[fx.Node]
+
+
+class ConcatThenBN(Rule):
+    """``cat([layer_1(…), …, layer_k(…)], dim=1) → BN → chain`` (mixed/grouped kernels: split →
+    convs → cat → BN): channel slice ``k`` of the BN's scale/shift folds into layer ``k`` after it
+    (``W_k' = W_k·s[k]``, ``b_k' = s[k]·b_k + t[k]``), and the concat stays."""
+
+    direction: ClassVar[Direction] = "after"
+
+    def match(self, site: BNSite, ctx: FoldContext) -> ConcatMatch | None:
+        src = site.input
+        if src is None or src.op != "call_function" or src.target not in _CATS:
+            return None
+        parts = src.args[0] if src.args else src.kwargs.get("tensors")
+        dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+        rank = len(ctx.shape(src) or ())
+        if not isinstance(parts, list | tuple) or dim not in (1, 1 - rank):
+            return None
+        if not any(layer_kind(ctx.module(p)) is not None for p in parts):
+            return None
+        return ConcatMatch(site, src, list(parts))
+
+    def check(self, m: ConcatMatch, ctx: FoldContext) -> Refusal | None:
+        site, cat = m.site, m.cat
+        if len(data_users(cat)) != 1:
+            others = ", ".join(ctx.describe(u) for u in data_users(cat) if u is not site.node)
+            return Refusal(
+                "multi_user",
+                f"the concat {ctx.describe(cat)} before {site.name} also feeds {others}; folding "
+                "into its layers would change what those see",
+            )
+        offset = 0
+        for k, part in enumerate(m.parts):
+            layer = ctx.module(part)
+            shape = ctx.shape(part)
+            width = int(shape[1]) if shape is not None and len(shape) > 1 else 0
+            where = (
+                f"part {k} of the concat (channels {offset}…{offset + width - 1} of {site.name})"
+            )
+            offset += width
+            if layer_kind(layer) is None:
+                return Refusal(
+                    "no_adjacent_layer",
+                    f"{where} is {ctx.describe(part)}, not a Conv/ConvTranspose/Linear output, so "
+                    "that slice has no layer to fold into",
+                )
+            assert layer is not None and isinstance(part, fx.Node)
+            if len(data_users(part)) != 1 or m.parts.count(part) > 1:
+                return Refusal(
+                    "multi_user",
+                    f"{where}: the output of {part.target} has other users besides the concat",
+                )
+            refusal = layer_refusal(layer, str(part.target))
+            if refusal is not None:
+                return refusal
+            if shape is None or len(shape) != expected_rank(layer):
+                return Refusal("layout", f"{where}: {part.target}'s output is {list(shape or ())}")
+            if ctx.dtype(part) != ctx.dtype(site.end):
+                return Refusal("dtype", f"{where}: {site.name} and its chain change the dtype")
+        if offset != site.channels:
+            return Refusal(
+                "layout",
+                f"the concat has {offset} channels, {site.name} normalizes {site.channels}",
+            )
+        return None
+
+    def rewrite(self, m: ConcatMatch, ctx: FoldContext) -> FoldEntry:
+        site = m.site
+        names, notes, flushed, offset = [], list(site.notes), 0, 0
+        for part in m.parts:
+            layer = ctx.module(part)
+            kind = layer_kind(layer)
+            assert layer is not None and kind is not None
+            width = _out_channels(layer)
+            s, t = site.scale[offset : offset + width], site.shift[offset : offset + width]
+            offset += width
+            name = str(part.target)
+            folded = fm.fold_after(kind, layer.weight, layer.bias, s, t, _groups(layer))
+            w, b = cast_folded(folded, layer, name)
+            created = ctx.install(part, new_layer(layer, w.tensor, b.tensor))
+            flushed += w.subnormals_flushed + b.subnormals_flushed
+            if created:
+                notes.append(f"{name} is shared: only this call uses the folded copy {created}")
+            names.append(name)
+        site.end.replace_all_uses_with(m.cat)
+        ctx.remove_site(site)
+        return FoldEntry(
+            bn=site.name,
+            bn_type=site.type_name,
+            status="folded",
+            chain=site.chain,
+            into=", ".join(names),
+            layer_type=f"torch.cat of {len(names)} layers",
+            direction=self.direction,
+            temperature=site.temperature,
+            chain_stop=site.chain_stop,
+            max_rel_weight_change=weight_change(site),
+            subnormals_flushed=flushed,
+            notes=notes,
+        )
+
+
+#: Tried in this order for every BatchNorm: after a layer first (always exact), after a concat of
+#: layers, then before a layer.
+PATTERNS: tuple[Rule, ...] = (
     ConvThenBN(),
     ConvTransposeThenBN(),
     LinearThenBN(),
+    ConcatThenBN(),
     BNThenConv(),
     BNThenConvTranspose(),
     BNThenLinear(),

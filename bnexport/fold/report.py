@@ -25,8 +25,11 @@ REASONS: dict[str, str] = {
     "layout": "the BatchNorm's channel dim is not the layer's channel/feature dim",
     "dtype": "the BatchNorm or its chain changes the dtype, or the layer is not floating point",
     "layer_hooks": "the layer has hooks or a parametrization that recompute its weight",
-    "functional": "a functional batch_norm call (not an nn.BatchNorm module)",
-    "leaf_module": "inside a module traced as a black box (leaf_modules), so not in the graph",
+    "functional_training": "a functional batch_norm call with training=True (batch statistics)",
+    "functional_input": "a functional batch_norm whose statistics/parameters are not constants",
+    "not_batchnorm": "a module with BatchNorm statistics whose forward computes something else",
+    "leaf_module": "not traced: kept as a leaf (leaf_modules), or inside such a module",
+    "not_traceable": "inside a block torch.fx can't trace, run as a black box",
 }
 
 
@@ -78,10 +81,38 @@ class FoldEntry:
 
 
 @dataclass
+class ChainEntry:
+    """A constant scale/shift chain right after a layer, without a BatchNorm (``linear(x) / T``),
+    folded into the layer or left with the reason."""
+
+    layer: str
+    layer_type: str
+    chain: str
+    status: Status
+    reason: str | None = None
+    chain_stop: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        if self.status == "folded":
+            line = f"folded  {self.chain} into {self.layer} ({self.layer_type})"
+        else:
+            line = f"left    {self.chain} after {self.layer} ({self.layer_type}): {self.reason}"
+        extra = [f"chain stops: {self.chain_stop}"] if self.chain_stop else []
+        extra += self.notes
+        return "\n".join([line, *(f"          {e}" for e in extra)])
+
+
+@dataclass
 class FoldReport:
-    """All entries (graph order), notes (e.g. the train-mode note) and the float64 verification."""
+    """All entries (graph order), the scale/shift chains folded without a BatchNorm, notes (e.g.
+    the train-mode note) and the float64 verification."""
 
     entries: list[FoldEntry] = field(default_factory=list)
+    chains: list[ChainEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     verification: dict[str, Any] | None = None
 
@@ -106,6 +137,7 @@ class FoldReport:
             "folded": len(self.folded),
             "left": len(self.left),
             "entries": [e.to_dict() for e in self.entries],
+            "chains": [c.to_dict() for c in self.chains],
             "notes": list(self.notes),
             "verification": self.verification,
         }
@@ -116,6 +148,9 @@ class FoldReport:
             f"(of {len(self.entries)} BatchNorm{'s' if len(self.entries) != 1 else ''})"
         ]
         lines += [f"  {line}" for e in self.entries for line in str(e).splitlines()]
+        if self.chains:
+            lines.append(f"  scale/shift chains after a layer (no BatchNorm): {len(self.chains)}")
+            lines += [f"  {line}" for c in self.chains for line in str(c).splitlines()]
         if self.verification:
             v = self.verification
             lines.append(

@@ -485,10 +485,14 @@ class Functional(nn.Module):
         return F.batch_norm(self.conv(x), self.m, self.v, training=False)
 
 
-def test_functional_batch_norm_is_reported_left() -> None:
-    result = fold_model(Functional().eval(), torch.randn(2, 2, 3, 3))
-    (entry,) = result.report.left
-    assert entry.reason_code == "functional"
+def test_functional_batch_norm_with_constant_statistics_folds() -> None:
+    model = Functional().eval()
+    x = torch.randn(2, 2, 3, 3)
+    result = fold_model(model, x)
+    (entry,) = result.report.folded
+    assert (entry.bn, entry.into, entry.chain) == ("Functional.forward", "conv", "batch_norm")
+    expected = F.conv2d(x, model.conv.weight, model.conv.bias) / (1 + 1e-5) ** 0.5
+    close(result.module(x), expected)
 
 
 # --- numerics and errors ------------------------------------------------------------------------
@@ -523,7 +527,7 @@ def test_corrupt_statistics_raise_fold_error_naming_the_bn(field, value, needle)
 
 
 def test_nan_temperature_raises_fold_error() -> None:
-    with pytest.raises(FoldError, match=r"TemperatureBatchNorm2d 'bn': temperature is \[nan\]"):
+    with pytest.raises(FoldError, match=r"BatchNorm 'bn': temperature is \[nan\]"):
         fold_model(ConvBN(float("nan")).eval(), torch.randn(2, 2, 5, 5))
 
 
@@ -600,8 +604,21 @@ class Wrapper(nn.Module):
 
 
 def test_untraceable_model_raises_fold_error_with_the_fix() -> None:
-    with pytest.raises(FoldError, match=r"cannot trace Wrapper.*torch\.fx\.wrap.*leaf_modules"):
-        fold_model(Wrapper().eval(), torch.randn(2, 2, 3, 3))
+    with pytest.raises(FoldError, match=r"cannot trace Untraceable.*torch\.fx\.wrap.*leaf_modules"):
+        fold_model(Untraceable().eval(), torch.randn(2, 2, 3, 3))
+
+
+def test_an_untraceable_block_runs_as_a_black_box_and_its_bn_is_reported() -> None:
+    model = Wrapper().eval()
+    x = torch.randn(2, 2, 3, 3)
+    result = fold_model(model, x)
+    assert [(e.bn, e.status, e.reason_code) for e in result.report.entries] == [
+        ("inner.bn", "left", "not_traceable"),
+        ("bn", "folded", None),
+    ]
+    assert "inside a non-traceable region: torch.fx can't trace inner" in str(result.report)
+    assert module_calls(result.module) == [Untraceable, nn.Conv2d]
+    close(result.module(x), model(x))
 
 
 def test_leaf_modules_make_untraceable_blocks_opaque() -> None:

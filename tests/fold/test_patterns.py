@@ -77,6 +77,7 @@ def test_every_pattern_has_a_test_here() -> None:
         "ConvThenBN",
         "ConvTransposeThenBN",
         "LinearThenBN",
+        "ConcatThenBN",
         "BNThenConv",
         "BNThenConvTranspose",
         "BNThenLinear",
@@ -248,3 +249,52 @@ def test_bn_feeding_two_linears_is_left() -> None:
     (entry,) = result.report.left
     assert entry.reason_code == "multi_user"
     assert "2 users" in entry.reason
+
+
+# --- ConcatThenBN -------------------------------------------------------------------------------
+
+
+class MixedKernels(nn.Module):
+    """split → one conv per slice (3×3, 5×5 depthwise, a ConvTranspose…) → cat → BN → ÷t."""
+
+    def __init__(self, t: float = 1.0, shared_part: bool = False) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(2, 3, 3, padding=1, bias=False),
+                nn.Conv2d(2, 2, 5, padding=2, groups=2),
+                nn.ConvTranspose2d(2, 4, 3, padding=1, groups=2),
+            ]
+        )
+        self.bn = randomize_bn(nn.BatchNorm2d(9), 4)
+        self.t, self.shared_part = t, shared_part
+
+    def forward(self, x: torch.Tensor):
+        xs = torch.split(x, 2, 1)  # indexed, as timm's MixedConv2d does (a Proxy can't be iterated)
+        parts = [c(xs[i]) for i, c in enumerate(self.convs)]
+        z = self.bn(torch.cat(parts, 1)) / self.t
+        return (z, parts[0]) if self.shared_part else z
+
+    def reference(self, x: torch.Tensor):
+        parts = [f_layer(c, xs) for c, xs in zip(self.convs, torch.split(x, 2, 1), strict=True)]
+        z = f_bn(self.bn, torch.cat(parts, 1)) / self.t
+        return (z, parts[0]) if self.shared_part else z
+
+
+@pytest.mark.parametrize("t", [0.7, -2.0])
+def test_concat_then_bn_folds_each_slice_into_its_layer(t) -> None:
+    result = _fold(MixedKernels(t), (2, 6, 7, 7))
+    assert not has_batchnorm(result.module)
+    assert arith_nodes(result.module) == []
+    (entry,) = result.report.folded
+    assert entry.into == "convs.0, convs.1, convs.2"
+    assert entry.layer_type == "torch.cat of 3 layers"
+    assert entry.chain == f"BatchNorm2d → ÷{t:g}"
+
+
+def test_concat_then_bn_left_when_a_part_has_another_user() -> None:
+    result = _fold(MixedKernels(shared_part=True), (2, 6, 7, 7))
+    (entry,) = result.report.left
+    assert entry.reason_code == "multi_user"
+    assert "part 0 of the concat (channels 0…2 of bn)" in entry.reason
+    assert has_batchnorm(result.module)

@@ -1,0 +1,129 @@
+"""Trace a model with torch.fx for folding: BatchNorms and layers stay single calls, and a submodule
+torch.fx can't trace becomes a black box (its BatchNorms are reported, not lost).
+
+torch.fx's ``symbolic_trace`` fails on the whole model when one block has data-dependent Python
+(``if x.shape[-1] % 2`` …). `trace` then retries with that block (the innermost module whose
+``forward`` raised) called as a leaf, so the rest of the model still folds; the fold report lists
+every BatchNorm inside such a block as "left: inside a non-traceable region".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from bnexport.errors import FoldError
+from bnexport.fold.batchnorm import is_batchnorm_like
+from bnexport.fold.layers import layer_kind
+
+#: How many blocks may be turned into black boxes before tracing gives up.
+MAX_UNTRACEABLE = 64
+
+#: Modules that are the identity in eval mode; removed before folding so a BN next to them can fold.
+EVAL_IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+_ATTR = "_bnexport_failed_in"
+
+
+class FoldTracer(fx.Tracer):
+    """symbolic_trace's tracer, with BatchNorm-like modules, plain layers, the caller's
+    ``leaf_types`` and the ``leaf_paths`` found untraceable kept as single ``call_module`` nodes."""
+
+    def __init__(
+        self, leaf_types: Sequence[type[nn.Module]] = (), leaf_paths: Sequence[str] = ()
+    ) -> None:
+        super().__init__()
+        self.leaf_types = tuple(leaf_types)
+        self.leaf_paths = frozenset(leaf_paths)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if is_batchnorm_like(m) or layer_kind(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, _ATTR):  # the innermost module whose forward failed
+                with contextlib.suppress(Exception):  # an exception type refusing attributes
+                    setattr(exc, _ATTR, self.path_of_module(m))
+            raise
+
+
+@dataclass
+class Traced:
+    """The traced module and the blocks run as black boxes because fx can't trace them."""
+
+    gm: fx.GraphModule
+    untraceable: dict[str, str] = field(default_factory=dict)  # module path → why
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def trace(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = ()) -> Traced:
+    """Symbolically trace ``model``, turning untraceable blocks into leaves; `FoldError` with the
+    fix if the model's own forward can't be traced."""
+    untraceable: dict[str, str] = {}
+    for _ in range(MAX_UNTRACEABLE + 1):
+        tracer = FoldTracer(leaf_types, tuple(untraceable))
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:
+            path = getattr(exc, _ATTR, None)
+            if path and path not in untraceable and len(untraceable) < MAX_UNTRACEABLE:
+                untraceable[path] = _first_line(exc)
+                continue
+            raise FoldError(
+                f"cannot trace {type(model).__name__} with torch.fx.symbolic_trace "
+                f"({_first_line(exc)}); fix: move data-dependent Python (if/for on tensor "
+                "values, shape-dependent control flow) into a function decorated with "
+                "torch.fx.wrap, or pass leaf_modules=(TheBlockClass,) so that block is called as "
+                "a black box (BatchNorms inside a leaf module are not folded)"
+            ) from exc
+        return Traced(fx.GraphModule(tracer.root, graph, type(model).__name__), untraceable)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_EVAL_IDENTITY_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
+
+
+def remove_eval_identities(gm: fx.GraphModule) -> int:
+    """Drop ``nn.Identity``/``Dropout*`` calls and ``F.dropout(..., training=False)`` (identities in
+    eval) so a BN on either side of them can fold. Returns how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        is_identity = False
+        if node.op == "call_module":
+            is_identity = isinstance(gm.get_submodule(str(node.target)), EVAL_IDENTITY_MODULES)
+        elif node.op == "call_function" and node.target in _EVAL_IDENTITY_FUNCS:
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            is_identity = training is False
+        if is_identity and node.args and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    return removed
