@@ -262,30 +262,27 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
     are flushed to zero and counted. ``FoldError`` names the layer, the values and the fix.
     """
     v = _f64(values)
-    if not bool(torch.isfinite(v).all()):
-        bad = ~torch.isfinite(v)
-        raise FoldError(
-            f"folding into {layer!r} gives a non-finite {what} at {_offenders(bad, v)}; "
-            "fix: check the BatchNorm statistics and the constants after it (a division by zero, "
-            "an infinite temperature)"
-        )
     info = torch.finfo(dtype)
-    flushed = 0
-    magnitude = v.abs()
-    nonzero = magnitude[magnitude > 0]
-    if nonzero.numel() and float(nonzero.min()) < info.tiny:
-        tiny = (v != 0) & (magnitude < info.tiny)
-        flushed = int(tiny.sum())
-        v = torch.where(tiny, torch.zeros_like(v), v)
-    out = v.to(dtype)
+    out = v.to(dtype)  # one pass; the checks below read the (smaller) result
     if not bool(torch.isfinite(out).all()):
-        over = ~torch.isfinite(out)
+        if not bool(torch.isfinite(v).all()):
+            raise FoldError(
+                f"folding into {layer!r} gives a non-finite {what} at "
+                f"{_offenders(~torch.isfinite(v), v)}; fix: check the BatchNorm statistics and the "
+                "constants after it (a division by zero, an infinite temperature)"
+            )
         raise FoldError(
             f"folding into {layer!r} overflows {str(dtype).removeprefix('torch.')}: {what} at "
-            f"{_offenders(over, v)} exceeds the largest finite value {info.max:.6g}; fix: fold "
-            "while the model is in float32 (call .half()/.bfloat16() after folding), or keep this "
-            "layer in float32"
+            f"{_offenders(~torch.isfinite(out), v)} exceeds the largest finite value "
+            f"{info.max:.6g}; fix: fold while the model is in float32 (call .half()/.bfloat16() "
+            "after folding), or keep this layer in float32"
         )
+    flushed = 0
+    magnitude = out.abs()
+    if bool((magnitude < info.tiny).any()):  # zeros, or subnormals to flush
+        tiny = (magnitude < info.tiny) & (out != 0)
+        flushed = int(tiny.sum())
+        out = out.masked_fill(tiny, 0)
     return Cast(out, flushed)
 
 
