@@ -510,6 +510,19 @@ def measure_interleaved(
 # The run
 
 
+def check_benchable(source: ModelSource) -> None:
+    """`BnexportError` unless the model takes one float32 input (what the bench feeds)."""
+    specs = tuple(source.input_specs)
+    if len(specs) != 1 or specs[0].dtype != "float32":
+        given = ", ".join(
+            f"{n} {s.describe()}" for n, s in zip(source.input_names, specs, strict=True)
+        )
+        raise BnexportError(
+            f"bnexport bench measures models with one float32 input; {source.name} takes "
+            f"{given}: bench a single-input wrapper of it"
+        )
+
+
 def run_bench(
     source: ModelSource,
     config: BenchConfig | None = None,
@@ -526,6 +539,7 @@ def run_bench(
 
     from bnexport.fold import fold_model
 
+    check_benchable(source)
     config = config or BenchConfig()
     started = time.perf_counter()
     load_before = _loadavg()
@@ -785,7 +799,7 @@ def _torch_export_candidate(
 def _bnexport_export(folded: torch.nn.Module, example_input: torch.Tensor, path: Path) -> None:
     from bnexport.export import export_onnx
 
-    export_onnx(folded, example_input, path)
+    export_onnx(folded, example_input, path, fuse_batchnorm=True)
 
 
 def _op_counts(path: Path) -> dict[str, int]:

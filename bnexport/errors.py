@@ -33,3 +33,7 @@ class ProviderUnavailableError(BnexportError):
 
 class ParityInputError(BnexportError):
     """Parity inputs or the two models' inputs/outputs do not match (names, shapes, dtypes)."""
+
+
+class WeightsMismatchError(ParityInputError):
+    """The reference's weights are not the ones the ONNX model was exported from."""

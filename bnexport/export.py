@@ -1,12 +1,19 @@
 """Export a (folded) PyTorch model: a self-contained ONNX file, or a `torch.export` program.
 
-Both use `torch.export` with a dynamic batch dimension named ``batch``. The ONNX path is the dynamo
+Both use `torch.export` with a dynamic first dimension named ``batch`` on every input and output.
+A model takes any number of positional tensor inputs (float, integer or bool). ONNX names: the
+inputs are the forward's positional parameter names; a single output is ``output``, a dict's
+outputs keep its keys (``out``, ``aux``), any other structure gives ``output_0``, ``output_1``, …
+(flattened in `torch.utils._pytree` order); the caller may pass both. The ONNX path is the dynamo
 exporter (`torch.onnx.export(..., dynamo=True)`) followed by a fixed, explicit cleanup pipeline:
 
 * constant folding and onnxscript's rewrite rules (e.g. the ``view(x.size(0), -1)`` shape
   arithmetic becomes one constant-shape ``Reshape``) — **without** onnxscript's BatchNorm fusion
-  rules: folding is bnexport's job and is reported by `bnexport.fold`; `--no-fold` must export the
-  model as it is;
+  rules, so an unfolded model (`--no-fold`) is exported as it is;
+* with ``fuse_batchnorm`` (the model was folded by `bnexport.fold`), a second stage adds
+  onnxscript's BatchNorm fusion rules (into Conv, ConvTranspose, Gemm), so whatever BatchNorm the
+  fold left that the exporter's own rules can fuse is fused: bnexport's ONNX never keeps a
+  ``BatchNormalization`` that `torch.onnx.export(dynamo=True)` would have removed;
 * every node/value doc string and metadata entry is dropped (they carry stack traces with local
   file paths), so the same model gives a byte-identical file on any machine;
 * the model's ``metadata_props`` hold only what the caller passes (plus bnexport/torch versions).
@@ -18,13 +25,14 @@ The exporter's console output (prints, warnings, log records) is captured; it ap
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +99,17 @@ _REWRITE_RULE_NAMES = (
     "remove_optional_bias_from_conv_rule",
     "remove_optional_bias_from_conv_transpose_rule",
     "remove_optional_bias_from_gemm_rule",
+    "normalize_pad_format_conv_integer_rule",
+    "fuse_pad_into_conv_integer_rule",
+    "remove_optional_bias_from_qlinear_conv_rule",
 )
+# The second stage (``fuse_batchnorm``): onnxscript's BatchNormalization fusions.
+_BN_FUSION_RULE_NAMES = (
+    "fuse_batchnorm_into_conv_rule",
+    "fuse_batchnorm_into_conv_transpose_rule",
+    "fuse_batchnorm_into_gemm_rule",
+)
+SINGLE_OUTPUT_NAME = "output"
 
 
 @dataclass(frozen=True)
@@ -103,10 +121,16 @@ class ExportResult:
     sha256: str
     opset: int
     num_nodes: int
-    input_name: str = "input"
-    output_names: tuple[str, ...] = ("logits",)
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
     size_bytes: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    bn_fused_by_onnxscript: int = 0  # BatchNormalization nodes the second stage fused
+
+    @property
+    def input_name(self) -> str:
+        """The first input's name."""
+        return self.input_names[0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,8 +139,9 @@ class ExportResult:
             "opset": self.opset,
             "num_nodes": self.num_nodes,
             "op_counts": dict(self.op_counts),
-            "input_name": self.input_name,
+            "input_names": list(self.input_names),
             "output_names": list(self.output_names),
+            "bn_fused_by_onnxscript": self.bn_fused_by_onnxscript,
             "size_bytes": self.size_bytes,
             "metadata": dict(self.metadata),
         }
@@ -171,29 +196,37 @@ class ProgramCheck:
 
 def export_onnx(
     model: torch.nn.Module,
-    example_input: torch.Tensor,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
     path: str | os.PathLike[str],
     *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
-    input_name: str = "input",
-    output_name: str = "logits",
     metadata: Mapping[str, Any] | None = None,
+    fuse_batchnorm: bool = False,
 ) -> ExportResult:
     """Export `model` to one self-contained, checked, deterministic ONNX file at `path`.
 
-    The first dimension of the input and of every output is dynamic and named ``batch``.
-    `metadata` becomes the model's ``metadata_props`` (non-string values are JSON-encoded);
-    ``bnexport_version`` and ``torch_version`` are added unless given. The file is written
-    atomically: on any error nothing is left at `path`. Raises `ExportError`.
+    `example_inputs`: a tensor, or a tuple of the forward's positional inputs. The first dimension
+    of every input and output is dynamic and named ``batch``. Names default as the module
+    docstring says. `fuse_batchnorm`: also run onnxscript's BatchNorm fusions (for a folded
+    model; `ExportResult.bn_fused_by_onnxscript` counts them). `metadata` becomes the model's
+    ``metadata_props`` (non-string values are JSON-encoded); ``bnexport_version`` and
+    ``torch_version`` are added unless given. The file is written atomically: on any error nothing
+    is left at `path`. Raises `ExportError`.
     """
     import onnx
     import torch
 
-    program = _export_onnx_program(model, example_input, opset)
+    inputs = _example_batches(example_inputs)
+    in_names = _names(input_names, "input_names") or default_input_names(model, len(inputs))
+    program = _export_onnx_program(model, inputs, opset)
     ir_model = program.model
-    _rename_io(ir_model, input_name, output_name)
+    out_spec = program.exported_program.call_spec.out_spec
+    out_names = _names(output_names, "output_names") or default_output_names(out_spec)
+    _rename_io(ir_model, in_names, out_names)
     _check_batch_dims(ir_model)
-    _cleanup(ir_model)
+    fused = _cleanup(ir_model, fuse_batchnorm=fuse_batchnorm)
     props = _metadata_props(metadata, torch.__version__)
     proto = _to_proto(ir_model, props)
 
@@ -227,19 +260,73 @@ def export_onnx(
         sha256=sha256_file(final),
         opset=produced,
         num_nodes=len(proto.graph.node),
-        input_name=input_name,
+        input_names=tuple(i.name for i in proto.graph.input),
         output_names=tuple(o.name for o in proto.graph.output),
         size_bytes=len(data),
         metadata=props,
+        bn_fused_by_onnxscript=fused,
     )
+
+
+def forward_parameters(model: Any) -> tuple[tuple[str, ...], int] | None:
+    """``(names, required)`` of `model.forward`'s positional parameters; None for ``*args``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = inspect.Parameter
+    if any(p.kind == kinds.VAR_POSITIONAL for p in params):
+        return None
+    positional = [
+        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+    ]
+    required = sum(p.default is inspect.Parameter.empty for p in positional)
+    return tuple(p.name for p in positional), required
+
+
+def default_input_names(model: Any, count: int) -> tuple[str, ...]:
+    """The forward's first `count` positional parameter names (``input_0``, … for ``*args``)."""
+    params = forward_parameters(model)
+    if params is None:
+        return tuple(f"input_{i}" for i in range(count))
+    names, _ = params
+    if count > len(names):
+        raise ExportError(
+            f"{count} example inputs, but {type(model).__name__}.forward takes "
+            f"{len(names)} positional input(s) ({', '.join(names)})"
+        )
+    return names[:count]
+
+
+def default_output_names(out_spec: Any) -> tuple[str, ...]:
+    """Output names for a pytree output structure: ``output`` for one tensor, a flat dict's keys,
+    else ``output_0``, ``output_1``, … in flattening order."""
+    from torch.utils._pytree import tree_unflatten
+
+    n = out_spec.num_leaves
+    structure = tree_unflatten(list(range(n)), out_spec)
+    if isinstance(structure, int):
+        return (SINGLE_OUTPUT_NAME,)
+    if isinstance(structure, Mapping) and all(isinstance(v, int) for v in structure.values()):
+        return tuple(str(k) for k in structure)
+    return tuple(f"output_{i}" for i in range(n))
+
+
+def _names(names: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise ExportError(f"{what} must be a sequence of non-empty strings, got {names!r}")
+    return tuple(names)
 
 
 def save_program(
     model: torch.nn.Module,
-    example_input: torch.Tensor,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
     path: str | os.PathLike[str],
 ) -> ProgramResult:
-    """Save `model` as a self-contained `torch.export` program (.pt2) with a dynamic batch dim.
+    """Save `model` as a self-contained `torch.export` program (.pt2), every input's first
+    dimension dynamic (`example_inputs`: a tensor or a tuple of positional inputs).
 
     The file holds the graph of aten ops and the weights, no Python code: it loads with
     `torch.export.load(path).module()` in a process where bnexport is not installed. Same model
@@ -247,10 +334,10 @@ def save_program(
     """
     import torch
 
-    x = _example_batch(example_input)
+    inputs = _example_batches(example_inputs)
     with quiet_exporter() as log, _eval_mode(model), torch.inference_mode(False):
         try:
-            program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_shapes())
+            program = torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs))
         except Exception as exc:
             raise _export_failure("torch.export", exc, log.getvalue()) from exc
         _check_program_batch(program)
@@ -278,7 +365,9 @@ def check_program(
     path: str | os.PathLike[str],
     reference: torch.nn.Module,
     *,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]],
+    input_dtypes: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     normalize: Any = None,
     batch_size: int = DEFAULT_CHECK_BATCH,
     tolerance: Any = None,
@@ -287,16 +376,18 @@ def check_program(
     """Compare the program saved at `path` with the unfolded `reference` on the same inputs.
 
     The program is loaded with `torch.export.load` (as a user would), so this checks the artifact,
-    not the in-memory module. Inputs are `bnexport.parity`'s: the bundled Fashion-MNIST images
-    when `normalize` is known and the input is one 28×28 image, seeded random samples and edge
-    cases. An element passes when ``|a − r| <= atol + rtol·|r|`` with the ``torch`` tolerance
-    (`bnexport.parity.tolerance.DEFAULT_TOLERANCES`) unless `tolerance` is given. Raises
-    `ExportError` when the program cannot be loaded or run.
+    not the in-memory module. `input_shape`: one shape, or one per positional input (no batch
+    dim); `input_dtypes` their numpy dtype names (default float32); `output_names` name the
+    outputs in the report (default: as `export_onnx` names them). Inputs are `bnexport.parity`'s:
+    the bundled Fashion-MNIST images when `normalize` is known and the input is one 28×28 image,
+    seeded random samples and edge cases. An element passes when ``|a − r| <= atol + rtol·|r|``
+    with the ``torch`` tolerance (`bnexport.parity.tolerance.DEFAULT_TOLERANCES`) unless
+    `tolerance` is given. Raises `ExportError` when the program cannot be loaded or run.
     """
     import torch
 
     from bnexport.parity.compare import compare_output
-    from bnexport.parity.inputs import InputConfig, TensorSpec, build_inputs
+    from bnexport.parity.inputs import InputConfig, TensorSpec, as_shapes, build_inputs
     from bnexport.parity.runners import TorchRunner, name_outputs
     from bnexport.parity.tolerance import DEFAULT_TOLERANCES
 
@@ -309,19 +400,25 @@ def check_program(
             raise _export_failure(
                 f"loading {path} with torch.export.load", exc, log.getvalue()
             ) from exc
-    n_out = len(program.graph_signature.user_outputs)
-    out_names = ["logits"] if n_out == 1 else [f"logits_{i}" for i in range(n_out)]
-    spec = TensorSpec("input", (None, *input_shape), np.dtype(np.float32))
-    feed = build_inputs(
-        [spec], inputs or InputConfig(), normalize=normalize, input_shape=input_shape
-    )
-    ref_runner = TorchRunner(reference, ["input"], out_names, name="torch-fp32")
+    out_names = list(output_names or default_output_names(program.call_spec.out_spec))
+    shapes = as_shapes(input_shape) or []
+    dtypes = list(input_dtypes or ["float32"] * len(shapes))
+    if len(dtypes) != len(shapes):
+        raise ExportError(f"{len(shapes)} input shapes but {len(dtypes)} input dtypes")
+    names = ["input"] if len(shapes) == 1 else [f"input_{i}" for i in range(len(shapes))]
+    try:
+        np_dtypes = [np.dtype(d) for d in dtypes]
+    except TypeError as exc:
+        raise ExportError(f"cannot feed inputs of dtypes {dtypes} to the check: {exc}") from None
+    specs = [TensorSpec(n, (None, *s), d) for n, s, d in zip(names, shapes, np_dtypes, strict=True)]
+    feed = build_inputs(specs, inputs or InputConfig(), normalize=normalize, input_shape=shapes)
+    ref_runner = TorchRunner(reference, names, out_names, name="torch-fp32")
 
     def run_program(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # An exported program's module refuses .eval(): call it as is (it has no modes).
-        x = torch.from_numpy(np.array(batch["input"], copy=True))
+        xs = [torch.from_numpy(np.array(batch[n], copy=True)) for n in names]
         with torch.inference_mode():
-            return name_outputs(module(x), out_names, "the saved program")
+            return name_outputs(module(*xs), out_names, "the saved program")
 
     chunks: dict[str, dict[str, list[np.ndarray]]] = {"ref": {}, "cand": {}}
     for batch in feed.batches(batch_size):
@@ -331,7 +428,7 @@ def check_program(
             except Exception as exc:
                 what = "the saved program" if key == "cand" else "the unfolded model"
                 raise ExportError(
-                    f"running {what} on a batch of {len(batch['input'])} failed: "
+                    f"running {what} on a batch of {len(batch[names[0]])} failed: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             for name, arr in out.items():
@@ -360,13 +457,20 @@ def build_metadata(source: Any, fold_report: Any = None) -> dict[str, Any]:
     """The ONNX ``metadata_props`` bnexport records for a model from `bnexport.source`.
 
     `source` is a `ModelSource`; `fold_report` the `FoldReport` (None: exported unfolded).
-    Keys whose value is unknown (no checkpoint hash, no temperature, no normalization) are left
-    out rather than written as placeholders.
+    ``weights_sha256`` fingerprints the unfolded model's weights (`bnexport.fingerprint`). Keys
+    whose value is unknown (no checkpoint hash, no temperature, no normalization) are left out
+    rather than written as placeholders.
     """
+    from bnexport.fingerprint import METADATA_KEY, weights_sha256
+
     meta: dict[str, Any] = {
         "source_name": source.name,
         "source_sha256": source.sha256,
-        "input_shape": list(source.input_shape),
+        METADATA_KEY: weights_sha256(source.model),
+        "inputs": [
+            {"name": n, "shape": list(s.shape), "dtype": s.dtype}
+            for n, s in zip(source.input_names, source.input_specs, strict=True)
+        ],
         "temperature": source.temperature,
         "folded": "true" if fold_report is not None else "false",
     }
@@ -379,19 +483,20 @@ def build_metadata(source: Any, fold_report: Any = None) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if v is not None}
 
 
-def _export_onnx_program(model: torch.nn.Module, example_input: torch.Tensor, opset: int) -> Any:
+def _export_onnx_program(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], opset: int
+) -> Any:
     """Run the dynamo exporter quietly, unoptimized (bnexport runs its own cleanup)."""
     import torch
 
-    x = _example_batch(example_input)
     with quiet_exporter() as log, _eval_mode(model), torch.inference_mode(False):
         try:
             program = torch.onnx.export(
                 model,
-                (x,),
+                inputs,
                 None,
                 dynamo=True,
-                dynamic_shapes=_dynamic_shapes(),
+                dynamic_shapes=_dynamic_shapes(inputs),
                 opset_version=opset,
                 optimize=False,
                 external_data=False,
@@ -406,25 +511,40 @@ def _export_onnx_program(model: torch.nn.Module, example_input: torch.Tensor, op
     return program
 
 
-def _example_batch(example_input: torch.Tensor) -> torch.Tensor:
-    """The example batch, at least 2 long: torch.export specializes a batch of 1 to a constant."""
+def _example_batches(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The example inputs as a tuple of batches of one size, at least 2 long (torch.export
+    specializes a batch of 1 to a constant)."""
     import torch
 
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
+    inputs = (
+        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    )
+    if not inputs:
+        raise ExportError("no example inputs: pass a tensor or a tuple of tensors")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ExportError(
+                f"example input {i} must be a tensor with a batch dimension, got "
+                f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+            )
+    batches = {int(x.shape[0]) for x in inputs}
+    if len(batches) > 1:
         raise ExportError(
-            "the example input must be a tensor with a batch dimension, got "
-            f"{type(example_input).__name__} {tuple(getattr(example_input, 'shape', ()))}"
+            f"the example inputs have different batch sizes {sorted(batches)}; the first "
+            "dimension of every input is the batch"
         )
-    x = example_input.detach()
-    if x.shape[0] < 2:
-        x = x.expand(2, *x.shape[1:]).clone()
-    return x
+    out = tuple(x.detach() for x in inputs)
+    if batches == {1}:
+        out = tuple(x.expand(2, *x.shape[1:]).clone() for x in out)
+    return out
 
 
-def _dynamic_shapes() -> tuple[dict[int, Any]]:
+def _dynamic_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
+    """One ``batch`` dimension shared by every input."""
     import torch
 
-    return ({0: torch.export.Dim(BATCH_DIM)},)
+    batch = torch.export.Dim(BATCH_DIM)
+    return tuple({0: batch} for _ in inputs)
 
 
 def _export_failure(stage: str, exc: BaseException, captured: str) -> ExportError:
@@ -496,25 +616,41 @@ def quiet_exporter() -> Iterator[io.StringIO]:
             logger.handlers = handlers
 
 
-def _rename_io(ir_model: onnx_ir.Model, input_name: str, output_name: str) -> None:
-    """Name the graph input `input_name` and the output(s) `output_name` (`_0`, `_1`, … if many)."""
+def _rename_io(
+    ir_model: onnx_ir.Model, input_names: tuple[str, ...], output_names: tuple[str, ...]
+) -> None:
+    """Name the graph's inputs and outputs; an output that is an input or repeats another output
+    gets its own value (an Identity), so every name is its own."""
+    import onnx_ir as ir
+
     graph = ir_model.graph
-    if len(graph.inputs) != 1:
-        raise ExportError(
-            f"expected the exported graph to have 1 input, got {len(graph.inputs)}: "
-            f"{[v.name for v in graph.inputs]}"
-        )
-    graph.inputs[0].name = input_name
-    outputs = list(graph.outputs)
-    if len(outputs) == 1:
-        outputs[0].name = output_name
-    else:
-        for i, value in enumerate(outputs):
-            value.name = f"{output_name}_{i}"
+    for what, values, names in (
+        ("input", graph.inputs, input_names),
+        ("output", graph.outputs, output_names),
+    ):
+        if len(values) != len(names):
+            raise ExportError(
+                f"the exported graph has {len(values)} {what}(s) but {len(names)} {what} names "
+                f"were given: {list(names)}"
+            )
+    every = [*input_names, *output_names]
+    if len(set(every)) != len(every):
+        raise ExportError(f"input and output names must all differ, got {every}")
+    seen = set(graph.inputs)
+    for i, value in enumerate(list(graph.outputs)):
+        if value in seen:
+            node = ir.node("Identity", inputs=[value])
+            graph.append(node)
+            copy = node.outputs[0]
+            copy.shape, copy.type = value.shape, value.type
+            graph.outputs[i] = value = copy
+        seen.add(value)
+    for value, name in zip([*graph.inputs, *graph.outputs], every, strict=True):
+        value.name = name
 
 
 def _check_batch_dims(ir_model: onnx_ir.Model) -> None:
-    """The input's and every output's first dimension must be the symbolic ``batch``.
+    """Every input's and output's first dimension must be the symbolic ``batch``.
 
     The exporter does not fail on a model that, e.g., reshapes with a literal batch size: it
     exports a graph whose output has a fixed first dimension. That is no dynamic-batch model.
@@ -522,12 +658,14 @@ def _check_batch_dims(ir_model: onnx_ir.Model) -> None:
     import onnx_ir as ir
 
     graph = ir_model.graph
-    first = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
-    if not isinstance(first, ir.SymbolicDim):
-        raise ExportError(
-            f"the exported input {graph.inputs[0].name!r} has a fixed first dimension ({first}); "
-            "the model must accept any batch size"
-        )
+    first = None
+    for value in graph.inputs:
+        first = value.shape[0] if value.shape is not None and len(value.shape) else None
+        if not isinstance(first, ir.SymbolicDim):
+            raise ExportError(
+                f"the exported input {value.name!r} has a fixed first dimension ({first}); "
+                "the model must accept any batch size"
+            )
     for value in graph.outputs:
         dim = value.shape[0] if value.shape is not None and len(value.shape) else None
         if dim != first:
@@ -555,29 +693,29 @@ def _check_program_batch(program: Any) -> None:
             )
 
 
-def _rewrite_rules() -> list[Any]:
+def _rewrite_rules(names: Sequence[str]) -> list[Any]:
     from onnxscript.rewriter.rules import common
 
-    return [getattr(common, name) for name in _REWRITE_RULE_NAMES]
+    return [getattr(common, name) for name in names]
 
 
-def _cleanup(ir_model: onnx_ir.Model, iterations: int = 2) -> None:
-    """Constant-fold, rewrite (no BN fusion), drop dead nodes, and strip path-dependent metadata."""
+def _cleanup(ir_model: onnx_ir.Model, *, fuse_batchnorm: bool = False, iterations: int = 2) -> int:
+    """Constant-fold, rewrite (BN fusion only with `fuse_batchnorm`, as a second stage), drop dead
+    nodes, and strip path-dependent metadata. Returns how many BatchNormalization nodes the
+    second stage fused."""
     import onnx_ir as ir
     import onnx_ir.passes.common as passes
-    import onnxscript.optimizer as optimizer
-    from onnxscript import rewriter
 
-    rules = _rewrite_rules()
+    rules = _rewrite_rules(_REWRITE_RULE_NAMES)
+    fused = 0
     with quiet_exporter() as log:
         try:
             passes.InlinePass()(ir_model)
-            for _ in range(iterations):
-                folded = optimizer.fold_constants(ir_model)
-                before = _signature(ir_model)
-                rewriter.rewrite(ir_model, pattern_rewrite_rules=rules)
-                if not folded.modified and _signature(ir_model) == before:
-                    break
+            _rewrite(ir_model, rules, iterations)
+            if fuse_batchnorm:
+                before = _count(ir_model, "BatchNormalization")
+                _rewrite(ir_model, [*rules, *_rewrite_rules(_BN_FUSION_RULE_NAMES)], iterations)
+                fused = before - _count(ir_model, "BatchNormalization")
             ir.passes.Sequential(
                 passes.RemoveUnusedNodesPass(),
                 passes.RemoveUnusedFunctionsPass(),
@@ -591,10 +729,28 @@ def _cleanup(ir_model: onnx_ir.Model, iterations: int = 2) -> None:
         except Exception as exc:
             raise _export_failure("ONNX graph cleanup (onnxscript)", exc, log.getvalue()) from exc
     _strip_value_metadata(ir_model)
+    return fused
+
+
+def _rewrite(ir_model: onnx_ir.Model, rules: list[Any], iterations: int) -> None:
+    """Constant folding and `rules`, repeated until nothing changes (at most `iterations`)."""
+    import onnxscript.optimizer as optimizer
+    from onnxscript import rewriter
+
+    for _ in range(iterations):
+        folded = optimizer.fold_constants(ir_model)
+        before = _signature(ir_model)
+        rewriter.rewrite(ir_model, pattern_rewrite_rules=rules)
+        if not folded.modified and _signature(ir_model) == before:
+            break
 
 
 def _signature(ir_model: onnx_ir.Model) -> tuple[str, ...]:
     return tuple(node.op_type for node in ir_model.graph)
+
+
+def _count(ir_model: onnx_ir.Model, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in ir_model.graph)
 
 
 def _strip_value_metadata(ir_model: onnx_ir.Model) -> None:

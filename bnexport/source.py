@@ -1,7 +1,8 @@
 """Where the model comes from: a seed-`Net` checkpoint, or any model from an import string.
 
-`load_source` is what every command calls first. It returns the model in eval mode, its input shape
-and an example input, so fold, export, check and bench treat a user's model like the shipped one.
+`load_source` is what every command calls first. It returns the model in eval mode, its inputs
+(shape and dtype of each, in the forward's order), their ONNX names and seeded example inputs, so
+fold, export, check and bench treat a user's model like the shipped one.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,52 @@ from bnexport.data import Normalize
 from bnexport.errors import ModelSpecError
 
 EXAMPLE_BATCH = 2
+NET_INPUT_NAMES = ("input",)  # the seed Net's ONNX interface: input → logits
+NET_OUTPUT_NAMES = ("logits",)
 EXAMPLE_SEED = 0
+#: Dtypes an ``--input-shape`` may name after a colon (``8:int64``), by alias → canonical name.
+INPUT_DTYPES = {
+    **{n: n for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16")},
+    **{n: n for n in ("int8", "uint8", "bool")},
+    "float": "float32",
+    "fp32": "float32",
+    "double": "float64",
+    "fp64": "float64",
+    "half": "float16",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "long": "int64",
+    "int": "int32",
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One positional input of the model: its shape without the batch dimension, and its dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"  # a canonical name of INPUT_DTYPES
+
+    def describe(self) -> str:
+        dims = ",".join(map(str, self.shape))
+        return f"[N,{dims}]" + ("" if self.dtype == "float32" else f" {self.dtype}")
 
 
 @dataclass
 class ModelSource:
-    """A model ready to fold, export or check."""
+    """A model ready to fold, export or check.
+
+    ``input_names`` are the ONNX input names (the forward's parameter names; ``input`` for the seed
+    Net); ``output_names`` the ONNX output names, or None for the exporter's defaults.
+    ``rebuild`` builds the model again (a ``--model`` factory without weights), to tell an
+    unseeded factory apart.
+    """
 
     model: Any  # torch.nn.Module, eval mode
-    input_shape: tuple[int, ...]  # without the batch dimension
-    example_input: Any  # torch.Tensor, float32, batch EXAMPLE_BATCH
+    input_specs: tuple[InputSpec, ...]
+    example_inputs: tuple[Any, ...]  # torch.Tensors, batch EXAMPLE_BATCH, forward order
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...] | None
     normalize: Normalize | None
     temperature: float | None
     sha256: str | None
@@ -34,6 +72,29 @@ class ModelSource:
     is_net: bool
     metadata: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rebuild: Callable[[], Any] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The first input's shape (the only one for single-input models)."""
+        return self.input_specs[0].shape
+
+    @property
+    def example_input(self) -> Any:
+        """The first example input."""
+        return self.example_inputs[0]
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse ``"C,H,W"`` or ``"C,H,W:dtype"`` (any rank, no batch dimension)."""
+    shape_text, _, dtype_text = text.partition(":")
+    dtype = INPUT_DTYPES.get(dtype_text.strip().lower() or "float32")
+    if dtype is None:
+        raise ModelSpecError(
+            f"--input-shape {text!r}: unknown dtype {dtype_text!r}; use one of "
+            f"{', '.join(sorted(set(INPUT_DTYPES.values())))}"
+        )
+    return InputSpec(parse_input_shape(shape_text), dtype)
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -56,30 +117,50 @@ def load_source(
     checkpoint: str | os.PathLike[str] | None,
     *,
     model_spec: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
+    input_specs: Sequence[InputSpec] | None = None,
     temperature: float | None = None,
 ) -> ModelSource:
     """Load the seed `Net` from `checkpoint`, or the model `model_spec` builds (with weights).
 
     `model_spec` is ``package.module:factory`` (like uvicorn's app strings): `factory` is a callable
     returning an `nn.Module` (or a module instance). The current directory is importable.
+    `input_specs`: one per positional input of the model's forward, in order.
     """
+    specs = tuple(input_specs) if input_specs else None
     if model_spec is None:
-        return _net_source(checkpoint, input_shape, temperature)
-    return _user_source(checkpoint, model_spec, input_shape, temperature)
+        return _net_source(checkpoint, specs, temperature)
+    return _user_source(checkpoint, model_spec, specs, temperature)
+
+
+def example_inputs(specs: Sequence[InputSpec], batch: int = EXAMPLE_BATCH) -> tuple[Any, ...]:
+    """Seeded example inputs, independent of the global RNG: standard normal floats, integers
+    uniform in ``[0, INT_INPUT_HIGH)`` (valid indices of any embedding that large), random bools."""
+    import torch
+
+    from bnexport.parity.inputs import INT_INPUT_HIGH
+
+    gen = torch.Generator().manual_seed(EXAMPLE_SEED)
+    out = []
+    for spec in specs:
+        size = (batch, *spec.shape)
+        dtype = getattr(torch, spec.dtype)
+        if dtype.is_floating_point:
+            x = torch.randn(size, generator=gen, dtype=torch.float32).to(dtype)
+        else:
+            high = 2 if dtype == torch.bool else INT_INPUT_HIGH
+            x = torch.randint(0, high, size, generator=gen).to(dtype)
+        out.append(x)
+    return tuple(out)
 
 
 def example_input(input_shape: tuple[int, ...], batch: int = EXAMPLE_BATCH) -> Any:
-    """A seeded standard-normal float32 batch, independent of the global RNG."""
-    import torch
-
-    gen = torch.Generator().manual_seed(EXAMPLE_SEED)
-    return torch.randn((batch, *input_shape), generator=gen, dtype=torch.float32)
+    """A seeded standard-normal float32 batch (the first of `example_inputs`)."""
+    return example_inputs([InputSpec(tuple(input_shape))], batch)[0]
 
 
 def _net_source(
     checkpoint: str | os.PathLike[str] | None,
-    input_shape: tuple[int, ...] | None,
+    specs: tuple[InputSpec, ...] | None,
     temperature: float | None,
 ) -> ModelSource:
     from bnexport.checkpoint import load_checkpoint
@@ -89,15 +170,20 @@ def _net_source(
         raise ModelSpecError(
             "give a CHECKPOINT, or --model package.module:factory for your own model"
         )
-    if input_shape is not None and tuple(input_shape) != INPUT_SHAPE:
+    net_spec = InputSpec(INPUT_SHAPE)
+    if specs is not None and specs != (net_spec,):
+        given = " ".join(s.describe() for s in specs)
         raise ModelSpecError(
-            f"--input-shape {input_shape} does not fit the seed Net, whose input is {INPUT_SHAPE}"
+            f"--input-shape {given} does not fit the seed Net, whose one input is "
+            f"{net_spec.describe()}"
         )
     ckpt = load_checkpoint(checkpoint, temperature=temperature)
     return ModelSource(
         model=ckpt.model,
-        input_shape=INPUT_SHAPE,
-        example_input=example_input(INPUT_SHAPE),
+        input_specs=(net_spec,),
+        example_inputs=example_inputs([net_spec]),
+        input_names=NET_INPUT_NAMES,
+        output_names=NET_OUTPUT_NAMES,
         normalize=ckpt.normalize,
         temperature=ckpt.temperature,
         sha256=ckpt.sha256,
@@ -111,23 +197,27 @@ def _net_source(
 def _user_source(
     checkpoint: str | os.PathLike[str] | None,
     model_spec: str,
-    input_shape: tuple[int, ...] | None,
+    specs: tuple[InputSpec, ...] | None,
     temperature: float | None,
 ) -> ModelSource:
     import torch
 
     from bnexport.checkpoint import load_state_dict_strict, read_torch_file
+    from bnexport.export import forward_parameters
     from bnexport.files import sha256_file
 
-    if input_shape is None:
-        raise ModelSpecError(
-            f"--model {model_spec} needs --input-shape (e.g. 3,32,32; no batch dim)"
-        )
     if temperature is not None:
         raise ModelSpecError(
             "--temperature applies to the seed Net's state dicts; set it in your factory instead"
         )
     model = resolve_model(model_spec)
+    params = forward_parameters(model)
+    if specs is None:
+        names = f" (one per input of forward({', '.join(params[0])}))" if params else ""
+        raise ModelSpecError(
+            f"--model {model_spec} needs --input-shape{names}, e.g. 3,32,32 (no batch dim)"
+        )
+    names = _input_names(model_spec, params, len(specs))
     sha = None
     if checkpoint is not None:
         state = read_torch_file(checkpoint)
@@ -138,24 +228,49 @@ def _user_source(
         load_state_dict_strict(model, state, checkpoint)
         sha = sha256_file(checkpoint)
     model.eval()
-    example = example_input(tuple(input_shape))
+    examples = example_inputs(specs)
     try:
         with torch.no_grad():
-            model(example)
+            model(*examples)
     except Exception as exc:
+        given = ", ".join(f"{n} {s.describe()}" for n, s in zip(names, specs, strict=True))
         raise ModelSpecError(
-            f"{model_spec} fails on an input of shape {tuple(example.shape)}: "
-            f"{type(exc).__name__}: {exc}; check --input-shape"
+            f"{model_spec} fails on inputs {given}: {type(exc).__name__}: {exc}; "
+            "check --input-shape (one per forward input, in order, with its dtype)"
         ) from None
+
+    def rebuild() -> Any:
+        return resolve_model(model_spec).eval()
+
     return ModelSource(
         model=model,
-        input_shape=tuple(input_shape),
-        example_input=example,
+        input_specs=specs,
+        example_inputs=examples,
+        input_names=names,
+        output_names=None,
         normalize=None,
         temperature=None,
         sha256=sha,
         name=model_spec,
         is_net=False,
+        rebuild=rebuild if checkpoint is None else None,
+    )
+
+
+def _input_names(
+    model_spec: str, params: tuple[tuple[str, ...], int] | None, count: int
+) -> tuple[str, ...]:
+    """The forward's first `count` parameter names; `ModelSpecError` when `count` can't fit."""
+    if params is None:  # forward(*args): nothing to name them after
+        return tuple(f"input_{i}" for i in range(count))
+    names, required = params
+    if required <= count <= len(names):
+        return names[:count]
+    takes = f"{required}" if required == len(names) else f"{required} to {len(names)}"
+    raise ModelSpecError(
+        f"--model {model_spec}: forward({', '.join(names)}) takes {takes} input(s), got "
+        f"{count} --input-shape; give one --input-shape per input, in that order "
+        "(e.g. --input-shape 3,32,32 --input-shape 8:int64)"
     )
 
 

@@ -96,10 +96,13 @@ ModelOpt = Annotated[
     ),
 ]
 InputShapeOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--input-shape",
-        help="Input shape without the batch dimension, e.g. 3,32,32 (needed with --model).",
+        metavar="<shape[:dtype]>",
+        help="Input shape without the batch dimension, e.g. 3,32,32, with an optional dtype "
+        "(8:int64; default float32). Needed with --model; repeat it once per forward input, in "
+        "order.",
         show_default=False,
     ),
 ]
@@ -116,11 +119,25 @@ TemperatureOpt = Annotated[
 def load_model_source(
     checkpoint: Path | None,
     model: str | None,
-    input_shape: str | None,
+    input_shapes: list[str] | None,
     temperature: float | None,
 ) -> Any:
     """Parse the shared model options and load the model (`bnexport.source.load_source`)."""
-    from bnexport.source import load_source, parse_input_shape
+    from bnexport.source import load_source, parse_input_spec
 
-    shape = parse_input_shape(input_shape) if input_shape is not None else None
-    return load_source(checkpoint, model_spec=model, input_shape=shape, temperature=temperature)
+    specs = [parse_input_spec(text) for text in input_shapes or ()]
+    return load_source(
+        checkpoint, model_spec=model, input_specs=specs or None, temperature=temperature
+    )
+
+
+def split_names(text: str | None, flag: str) -> tuple[str, ...] | None:
+    """``"a,b"`` → ``("a", "b")``; None stays None; empty or repeated names are an error."""
+    from bnexport.errors import BnexportError
+
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise BnexportError(f"{flag} {text!r} must be distinct, non-empty, comma-separated names")
+    return names

@@ -83,7 +83,7 @@ def bench_cli(
     ] = True,
 ) -> None:
     """Benchmark PyTorch eager (unfolded, folded) and onnxruntime (torch's export, bnexport's)."""
-    from bnexport.bench import BenchConfig, run_bench
+    from bnexport.bench import BenchConfig, check_benchable, run_bench
     from bnexport.errors import BnexportError
     from bnexport.files import write_json
 
@@ -105,6 +105,7 @@ def bench_cli(
         include_cuda=cuda,
     )
     source = load_model_source(checkpoint, model, input_shape, None)
+    check_benchable(source)
     with _Progress() as progress:
         report = run_bench(source, config, onnx_path=onnx, progress=progress)
     if json_path is not None:

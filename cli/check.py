@@ -196,9 +196,10 @@ def check_cli(
             source.model,
             config,
             normalize=source.normalize,
-            input_shape=source.input_shape,
+            input_shape=[s.shape for s in source.input_specs],
             reference_name=source.name,
             progress=progress,
+            rebuild=source.rebuild,
         )
 
     if json_path is not None:

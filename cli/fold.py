@@ -80,17 +80,22 @@ def fold_cli(
     with stage("Loading the model"):
         source = load_model_source(checkpoint, model, input_shape, temperature)
     with stage("Folding BatchNorm"):
-        folded = fold_model(source.model, (source.example_input,))
+        folded = fold_model(source.model, source.example_inputs)
     render_source(out, source)
     render_fold_report(out, folded.report)
     if strict and refuse_unfolded(out, folded.report):
         raise typer.Exit(EXIT_MISMATCH)
 
     with stage("Saving the torch.export program"):
-        program = save_program(folded.module, source.example_input, output)
+        program = save_program(folded.module, source.example_inputs, output)
     with removed_on_error(output), stage("Checking the saved program"):
         check = check_program(
-            output, source.model, input_shape=source.input_shape, normalize=source.normalize
+            output,
+            source.model,
+            input_shape=[s.shape for s in source.input_specs],
+            input_dtypes=[s.dtype for s in source.input_specs],
+            output_names=source.output_names,
+            normalize=source.normalize,
         )
         if report_json is not None:
             write_json(
@@ -118,7 +123,10 @@ def source_summary(source: Any) -> dict[str, Any]:
         "name": source.name,
         "sha256": source.sha256,
         "is_net": source.is_net,
-        "input_shape": list(source.input_shape),
+        "inputs": [
+            {"name": n, "shape": list(s.shape), "dtype": s.dtype}
+            for n, s in zip(source.input_names, source.input_specs, strict=True)
+        ],
         "temperature": source.temperature,
         "normalize": source.normalize.to_dict() if source.normalize is not None else None,
         "notes": list(getattr(source, "notes", [])),
@@ -127,7 +135,10 @@ def source_summary(source: Any) -> dict[str, Any]:
 
 def render_source(out: Console, source: Any) -> None:
     """One line naming the model, then its notes (e.g. where a seed's temperature came from)."""
-    parts = [f"Model: {source.name}", f"input [N,{','.join(map(str, source.input_shape))}]"]
+    inputs = ", ".join(
+        f"{n} {s.describe()}" for n, s in zip(source.input_names, source.input_specs, strict=True)
+    )
+    parts = [f"Model: {source.name}", f"input{'s' if len(source.input_specs) > 1 else ''} {inputs}"]
     if source.temperature is not None:
         parts.append(f"temperature {source.temperature:g}")
     if source.sha256:
@@ -137,35 +148,68 @@ def render_source(out: Console, source: Any) -> None:
         out.print(f"  note: {note}", markup=False, highlight=False)
 
 
-def render_fold_report(out: Console, report: Any) -> None:
-    """The fold report as a table: one row per BatchNorm, folded into what, or why it was left."""
+#: Up to this many BatchNorms, the fold table has a row for each; beyond, folded ones are grouped.
+FULL_REPORT_ROWS = 12
+
+
+def _entry_row(e: Any) -> list[str]:
+    into = "-"
+    if e.status == "folded":
+        into = f"{e.into} ({e.layer_type}, {e.direction})"
+        if e.new_module:
+            into += f" as {e.new_module}"
+    change = "-" if e.max_rel_weight_change is None else f"{e.max_rel_weight_change:.3g}"
+    why = [e.reason] if e.reason else []
+    if e.chain_stop:
+        why.append(f"chain stops: {e.chain_stop}")
+    if e.subnormals_flushed:
+        why.append(f"{e.subnormals_flushed} subnormals flushed to 0")
+    why += list(e.notes)
+    cells = [f"{e.bn} ({e.bn_type})", e.status, into, e.chain or "-", change]
+    return [escape(c) for c in [*cells, "; ".join(why) or "-"]]
+
+
+def _grouped_rows(folded: list[Any]) -> list[list[str]]:
+    """One row per (type, layer type, direction, chain) group of plain folds; a fold with notes
+    (shared layer, chain stop, subnormals) keeps its own row."""
+    groups: dict[tuple[str, ...], list[Any]] = {}
     rows = []
-    for e in report.entries:
-        into = "-"
-        if e.status == "folded":
-            into = f"{e.into} ({e.layer_type}, {e.direction})"
-            if e.new_module:
-                into += f" as {e.new_module}"
-        change = "-" if e.max_rel_weight_change is None else f"{e.max_rel_weight_change:.3g}"
-        why = [e.reason] if e.reason else []
-        if e.chain_stop:
-            why.append(f"chain stops: {e.chain_stop}")
-        if e.subnormals_flushed:
-            why.append(f"{e.subnormals_flushed} subnormals flushed to 0")
-        why += list(e.notes)
-        cells = [f"{e.bn} ({e.bn_type})", e.status, into, e.chain or "-", change]
-        rows.append([escape(c) for c in [*cells, "; ".join(why) or "-"]])
+    for e in folded:
+        if e.notes or e.chain_stop or e.subnormals_flushed or e.new_module:
+            rows.append(_entry_row(e))
+            continue
+        groups.setdefault((e.bn_type, e.layer_type, e.direction, e.chain), []).append(e)
+    for (bn_type, layer_type, direction, chain), entries in groups.items():
+        change = max(e.max_rel_weight_change or 0.0 for e in entries)
+        first = entries[0].bn if len(entries) == 1 else f"{entries[0].bn} … {entries[-1].bn}"
+        what = f"{len(entries)} × {bn_type}: {first}"
+        cells = [what, "folded", f"{layer_type}, {direction}", chain, f"≤ {change:.3g}", "-"]
+        rows.append([escape(c) for c in cells])
+    return rows
+
+
+def render_fold_report(out: Console, report: Any) -> None:
+    """The fold report as a table: a row per BatchNorm folded (grouped when there are many) or
+    left (always with its reason), then the scale/shift chains folded without a BatchNorm."""
+    if len(report.entries) <= FULL_REPORT_ROWS:
+        rows = [_entry_row(e) for e in report.entries]
+    else:
+        rows = _grouped_rows(report.folded) + [_entry_row(e) for e in report.left]
     n = len(report.entries)
     title = (
         f"Fold report: {len(report.folded)} folded, {len(report.left)} left "
         f"(of {n} BatchNorm{'' if n == 1 else 's'})"
     )
+    if n > FULL_REPORT_ROWS:
+        title += "; --report-json lists each"
     if rows:
         out.print(
             table(title, ["BN", "status", "into", "chain", "max rel weight change", "reason"], rows)
         )
     else:
         out.print(f"{title}: nothing to fold", markup=False)
+    for c in report.chains:
+        out.print(f"Scale/shift chain: {c}", markup=False, highlight=False)
     v = report.verification
     if v:
         out.print(

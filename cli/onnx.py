@@ -22,6 +22,7 @@ from bnexport.cli._common import (
     console,
     handle_errors,
     load_model_source,
+    split_names,
     table,
 )
 from bnexport.cli.check import parity_progress, render_report
@@ -70,12 +71,22 @@ def onnx_cli(
     model: ModelOpt = None,
     input_shape: InputShapeOpt = None,
     temperature: TemperatureOpt = None,
+    output_names: Annotated[
+        str | None,
+        typer.Option(
+            "--output-names",
+            help="ONNX output names, comma-separated, in output order (default: logits for the "
+            "seed Net; a dict's keys; output for one tensor; output_0, output_1, … otherwise).",
+            show_default=False,
+        ),
+    ] = None,
     report_json: ReportJsonOpt = None,
     strict: StrictOpt = False,
 ) -> None:
     """Fold BatchNorm and temperature, export one self-contained ONNX file, check its parity.
 
-    The file takes `input` and gives `logits`, both with a dynamic first dimension named batch.
+    The seed Net's file takes `input` and gives `logits`; a --model's inputs are its forward's
+    parameter names. Every input and output has a dynamic first dimension named batch.
 
     It passes onnx.checker's full check, records its provenance in metadata_props, and is
     reproducible: the same model gives the same bytes.
@@ -91,6 +102,7 @@ def onnx_cli(
 
     if no_fold and strict:
         raise BnexportError("--strict needs folding; drop --no-fold or --strict")
+    out_names = split_names(output_names, "--output-names")
     config = None
     if not no_check:
         config = CheckConfig(
@@ -107,7 +119,7 @@ def onnx_cli(
         from bnexport.fold import fold_model
 
         with stage("Folding BatchNorm"):
-            folded = fold_model(source.model, (source.example_input,))
+            folded = fold_model(source.model, source.example_inputs)
     render_source(out, source)
     if folded is not None:
         render_fold_report(out, folded.report)
@@ -120,10 +132,13 @@ def onnx_cli(
     with stage("Exporting to ONNX"):
         exported = export_onnx(
             folded.module if folded is not None else source.model,
-            source.example_input,
+            source.example_inputs,
             output,
+            input_names=source.input_names,
+            output_names=out_names or source.output_names,
             opset=opset,
             metadata=build_metadata(source, report),
+            fuse_batchnorm=folded is not None,
         )
     with removed_on_error(output):
         render_export(out, exported)
@@ -135,7 +150,7 @@ def onnx_cli(
                     source.model,
                     config,
                     normalize=source.normalize,
-                    input_shape=source.input_shape,
+                    input_shape=[s.shape for s in source.input_specs],
                     folded=folded.module if folded is not None else None,
                     reference_name=source.name,
                     progress=progress,
@@ -162,11 +177,19 @@ def render_export(out: Console, exported: Any) -> None:
     """Where the file went, its graph's op counts, and the recorded metadata."""
     out.print(
         f"Wrote {exported.path} ({exported.size_bytes / 1e6:.2f} MB, opset {exported.opset}, "
-        f"sha256 {exported.sha256[:16]}…): {exported.input_name} [batch, …] → "
+        f"sha256 {exported.sha256[:16]}…): {', '.join(exported.input_names)} [batch, …] → "
         f"{', '.join(exported.output_names)} [batch, …], one file, onnx.checker full check passed",
         markup=False,
         highlight=False,
     )
+    n = exported.bn_fused_by_onnxscript
+    if n:
+        out.print(
+            f"onnxscript fused {n} BatchNormalization node{'' if n == 1 else 's'} bnexport's fold "
+            "left",
+            markup=False,
+            highlight=False,
+        )
     out.print(
         table(
             f"ONNX graph: {exported.num_nodes} nodes",

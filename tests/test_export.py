@@ -2,6 +2,9 @@
 
 The reference is `reference.net_forward_f64`: the seed Net written in float64 from the raw
 state_dict with torch.nn.functional, never through bnexport. The ONNX files run on onnxruntime.
+Then models with several inputs (float and int64) and dict/tuple outputs: names and batch dims read
+from the ONNX graph, numbers against the eager model; and the second stage (onnxscript's BatchNorm
+fusions) on BatchNorms left in the graph, positive and negative.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from bnexport.export import export_onnx, save_program
 from bnexport.nets import Net
 
 TEMPERATURE = 1.5
+NET_NAMES = {"input_names": ("input",), "output_names": ("logits",)}  # as `bnexport onnx` passes
 METADATA = {"source_sha256": "ab" * 32, "temperature": TEMPERATURE, "folded_layers": ["bn1"]}
 ORT_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -69,7 +74,7 @@ def exported(net: Net, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = {}
     for key, model in (("folded", folded), ("again", folded), ("unfolded", net)):
         d = tmp_path_factory.mktemp(key)
-        result = export_onnx(model, example, d / "net.onnx", metadata=METADATA)
+        result = export_onnx(model, example, d / "net.onnx", metadata=METADATA, **NET_NAMES)
         out[key] = result
     out["folded_module"] = folded
     return out
@@ -150,7 +155,7 @@ def test_file_is_self_contained_and_free_of_local_paths(exported: dict) -> None:
 
 def test_export_leaves_the_model_in_its_training_mode(net: Net, tmp_path: Path) -> None:
     model = copy.deepcopy(net).train()
-    result = export_onnx(model, _inputs(2, 0), tmp_path / "t.onnx")
+    result = export_onnx(model, _inputs(2, 0), tmp_path / "t.onnx", **NET_NAMES)
     assert model.training and model.bn1.bn.training
     x = _inputs(7, seed=3)
     _assert_close_to_reference(_run(result.path, x), net.state_dict(), x)  # eval semantics
@@ -248,3 +253,225 @@ def test_check_program_explains_a_mismatch(exported: dict, net: Net, tmp_path: P
     (out,) = check.outputs
     assert out.violations > 0 and out.worst is not None and out.worst.index == (3,)
     assert out.min_atol_scale > out.tolerance.atol_scale  # the tolerance that would have passed
+
+
+# --------------------------------------------------------------------------------------------
+# Several inputs, any outputs: names from the forward and the output structure, batch everywhere
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+class _ImageAndIds(torch.nn.Module):
+    """A float image and int64 token ids in, a dict out (the order of the keys is not sorted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.embed = torch.nn.Embedding(10, 4)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = self.conv(image).mean((2, 3))
+        b = self.embed(ids).mean(1)
+        return {"score": (a * b).sum(1, keepdim=True), "aux": a - b}
+
+
+def _image_and_ids(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 6, 6, generator=gen), torch.randint(
+        0, 10, (batch, 5), generator=gen
+    )
+
+
+def test_several_inputs_are_named_after_the_forward_and_outputs_after_the_dict(
+    tmp_path: Path,
+) -> None:
+    model = _ImageAndIds().eval()
+    result = export_onnx(model, _image_and_ids(2, 0), tmp_path / "m.onnx")
+    graph = onnx.load(result.path).graph
+    assert [v.name for v in graph.input] == ["image", "ids"] == list(result.input_names)
+    assert [v.name for v in graph.output] == ["score", "aux"] == list(result.output_names)
+    assert result.input_name == "image"
+    assert graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [_dims(v) for v in graph.input] == [["batch", 3, 6, 6], ["batch", 5]]
+    assert [_dims(v) for v in graph.output] == [["batch", 1], ["batch", 4]]
+    for batch in (1, 7):
+        image, ids = _image_and_ids(batch, seed=batch)
+        got = _session(result.path).run(None, {"image": image.numpy(), "ids": ids.numpy()})
+        with torch.no_grad():
+            want = model(image, ids)
+        for name, arr in zip(["score", "aux"], got, strict=True):
+            np.testing.assert_allclose(arr, want[name].numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _Tuple(torch.nn.Module):
+    """Two outputs whose natural names clash with the graph's own values, and an input passed
+    straight through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.fc(x).relu(), self.fc(x), x
+
+
+@pytest.mark.parametrize(
+    ("names", "want"),
+    [
+        (None, ["output_0", "output_1", "output_2"]),
+        (("relu", "linear", "x_out"), ["relu", "linear", "x_out"]),
+        (("linear", "relu", "same"), ["linear", "relu", "same"]),  # names the graph also uses
+    ],
+)
+def test_tuple_outputs_get_numbered_or_given_names(
+    names: tuple[str, ...] | None, want: list[str], tmp_path: Path
+) -> None:
+    model = _Tuple().eval()
+    result = export_onnx(model, torch.randn(2, 4), tmp_path / "t.onnx", output_names=names)
+    graph = onnx.load(result.path).graph
+    assert [v.name for v in graph.output] == want
+    assert all(_dims(v)[0] == "batch" for v in graph.output)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    got = dict(zip(want, _session(result.path).run(want, {"x": x.numpy()}), strict=True))
+    with torch.no_grad():
+        ref = model(x)
+    for name, tensor in zip(want, ref, strict=True):
+        np.testing.assert_allclose(got[name], tensor.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_single_tensor_output_is_named_output_by_default(net: Net, tmp_path: Path) -> None:
+    graph = onnx.load(export_onnx(net, _inputs(2, 0), tmp_path / "n.onnx").path).graph
+    assert [v.name for v in graph.input] == ["x"]  # Net.forward(self, x)
+    assert [v.name for v in graph.output] == ["output"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"output_names": ("a", "b")}, "3 output.* but 2 output names"),
+        ({"input_names": ("a", "b")}, "1 input.* but 2 input names"),
+        ({"output_names": ("x", "b", "c")}, "must all differ"),
+    ],
+)
+def test_wrong_names_are_refused_and_leave_no_file(
+    kwargs: dict, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ExportError, match=message):
+        export_onnx(_Tuple().eval(), torch.randn(2, 4), tmp_path / "bad.onnx", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_example_inputs_of_different_batch_sizes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="different batch sizes"):
+        export_onnx(_ImageAndIds(), (torch.randn(2, 3, 6, 6), torch.zeros(3, 5)), tmp_path / "b")
+
+
+def test_saved_program_takes_several_inputs(tmp_path: Path) -> None:
+    from bnexport.export import check_program
+    from bnexport.parity.inputs import InputConfig
+
+    model = _ImageAndIds().eval()
+    path = tmp_path / "m.pt2"
+    save_program(model, _image_and_ids(2, 0), path)
+    loaded = torch.export.load(str(path)).module()
+    image, ids = _image_and_ids(7, seed=1)
+    with torch.no_grad():
+        want, got = model(image, ids), loaded(image, ids)
+    for key in ("score", "aux"):
+        torch.testing.assert_close(got[key], want[key])
+    few = InputConfig(bundled=False, random_count=8)
+    check = check_program(
+        path, model, input_shape=[(3, 6, 6), (5,)], input_dtypes=["float32", "int64"], inputs=few
+    )
+    assert check.passed and [o.name for o in check.outputs] == ["score", "aux"]
+
+
+# --------------------------------------------------------------------------------------------
+# The second stage: onnxscript's BatchNorm fusions, for what bnexport's fold left
+
+
+def _bn_stats(bn: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    n = bn.num_features
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+        bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+        bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return bn
+
+
+class _LayerThenFunctionalBN(torch.nn.Module):
+    """A layer, then `F.batch_norm` on its output (what timm's BatchNormAct2d traces to)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.layer, bn = {
+            "conv": (torch.nn.Conv2d(4, 6, 3), torch.nn.BatchNorm2d(6)),
+            "conv_transpose": (
+                torch.nn.ConvTranspose2d(4, 6, 3, groups=2),
+                torch.nn.BatchNorm2d(6),
+            ),
+            "linear": (torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)),
+        }[kind]
+        self.bn = _bn_stats(bn, 6)
+        self.shape = (4, 5, 5) if kind != "linear" else (4,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        y = torch.nn.functional.batch_norm(
+            self.layer(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+        return torch.relu(y)
+
+
+class _SharedConvOutput(torch.nn.Module):
+    """The conv's output feeds the BN and the sum: the BN can't be fused (a negative case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = torch.nn.Conv2d(4, 6, 3)
+        self.bn = _bn_stats(torch.nn.BatchNorm2d(6), 8)
+        self.shape = (4, 5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def _ops_and_error(model: torch.nn.Module, path: Path, fuse: bool) -> tuple[Counter, int, float]:
+    x = torch.randn(2, *model.shape, generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, x, path, fuse_batchnorm=fuse)
+    ops = Counter(n.op_type for n in onnx.load(result.path).graph.node)
+    x7 = torch.randn(7, *model.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.double()(x7.double()).numpy()
+    model.float()
+    (got,) = _session(result.path).run(None, {"x": x7.numpy()})
+    return ops, result.bn_fused_by_onnxscript, float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose", "linear"])
+def test_second_stage_fuses_a_batchnorm_the_fold_left(kind: str, tmp_path: Path) -> None:
+    model = _LayerThenFunctionalBN(kind).eval()
+    ops, fused, err = _ops_and_error(model, tmp_path / "off.onnx", fuse=False)
+    assert ops["BatchNormalization"] == 1 and fused == 0 and err < 1e-5  # --no-fold: as it is
+    ops, fused, err = _ops_and_error(model, tmp_path / "on.onnx", fuse=True)
+    assert ops["BatchNormalization"] == 0, dict(ops)
+    assert fused == 1 and err < 1e-5
+
+
+def test_second_stage_leaves_a_batchnorm_whose_layer_output_has_other_users(
+    tmp_path: Path,
+) -> None:
+    ops, fused, err = _ops_and_error(_SharedConvOutput().eval(), tmp_path / "s.onnx", fuse=True)
+    assert ops["BatchNormalization"] == 1 and fused == 0 and err < 1e-5

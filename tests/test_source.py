@@ -12,7 +12,7 @@ from bnexport.checkpoint import save_checkpoint
 from bnexport.data import Normalize
 from bnexport.errors import ModelSpecError
 from bnexport.nets import Net
-from bnexport.source import load_source, parse_input_shape
+from bnexport.source import InputSpec, load_source, parse_input_shape, parse_input_spec
 
 USER_MODULE = textwrap.dedent(
     """
@@ -22,6 +22,20 @@ USER_MODULE = textwrap.dedent(
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
 
     instance = build()
+
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, image, ids, scale=None):
+            return self.conv(image).mean((2, 3)) + self.embed(ids).mean(1)
+
+
+    def unseeded():
+        return nn.Linear(4, 2)
 
     def broken():
         raise RuntimeError("no weights here")
@@ -60,8 +74,9 @@ def test_net_source_from_checkpoint(tmp_path: Path) -> None:
     assert src.is_net and src.temperature == 1.5 and src.normalize == Normalize(0.3, 0.4)
     assert src.input_shape == (1, 28, 28)
     assert tuple(src.example_input.shape) == (2, 1, 28, 28)
+    assert src.input_names == ("input",) and src.output_names == ("logits",)  # the seed's names
     with pytest.raises(ModelSpecError, match="does not fit the seed Net"):
-        load_source(path, input_shape=(3, 28, 28))
+        load_source(path, input_specs=[InputSpec((3, 28, 28))])
 
 
 def test_net_source_needs_a_checkpoint() -> None:
@@ -70,11 +85,15 @@ def test_net_source_needs_a_checkpoint() -> None:
 
 
 def test_user_factory_and_instance(user_dir: Path) -> None:
-    src = load_source(None, model_spec="user_models_for_test:build", input_shape=(3, 8, 8))
+    src = load_source(
+        None, model_spec="user_models_for_test:build", input_specs=[InputSpec((3, 8, 8))]
+    )
     assert isinstance(src.model, torch.nn.Sequential) and not src.model.training
     assert not src.is_net and src.normalize is None
     assert tuple(src.example_input.shape) == (2, 3, 8, 8)
-    inst = load_source(None, model_spec="user_models_for_test:instance", input_shape=(3, 8, 8))
+    inst = load_source(
+        None, model_spec="user_models_for_test:instance", input_specs=[InputSpec((3, 8, 8))]
+    )
     assert isinstance(inst.model, torch.nn.Sequential)
 
 
@@ -87,7 +106,9 @@ def test_user_state_dict_is_loaded(user_dir: Path) -> None:
             p.uniform_(-1, 1)
     torch.save(trained.state_dict(), user_dir / "weights.pt")
     src = load_source(
-        user_dir / "weights.pt", model_spec="user_models_for_test:build", input_shape=(3, 8, 8)
+        user_dir / "weights.pt",
+        model_spec="user_models_for_test:build",
+        input_specs=[InputSpec((3, 8, 8))],
     )
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -107,15 +128,79 @@ def test_user_state_dict_is_loaded(user_dir: Path) -> None:
 )
 def test_bad_model_specs(user_dir: Path, spec: str, message: str) -> None:
     with pytest.raises(ModelSpecError, match=message):
-        load_source(None, model_spec=spec, input_shape=(3, 8, 8))
+        load_source(None, model_spec=spec, input_specs=[InputSpec((3, 8, 8))])
 
 
 def test_user_model_needs_a_fitting_input_shape(user_dir: Path) -> None:
     with pytest.raises(ModelSpecError, match="needs --input-shape"):
         load_source(None, model_spec="user_models_for_test:build")
     with pytest.raises(ModelSpecError, match="check --input-shape"):
-        load_source(None, model_spec="user_models_for_test:build", input_shape=(5, 8, 8))
+        load_source(
+            None, model_spec="user_models_for_test:build", input_specs=[InputSpec((5, 8, 8))]
+        )
     with pytest.raises(ModelSpecError, match="temperature"):
         load_source(
-            None, model_spec="user_models_for_test:build", input_shape=(3, 8, 8), temperature=2.0
+            None,
+            model_spec="user_models_for_test:build",
+            input_specs=[InputSpec((3, 8, 8))],
+            temperature=2.0,
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("3,32,32", InputSpec((3, 32, 32), "float32")),
+        ("8:int64", InputSpec((8,), "int64")),
+        ("8:long", InputSpec((8,), "int64")),
+        ("4x4:bf16", InputSpec((4, 4), "bfloat16")),
+        ("2:bool", InputSpec((2,), "bool")),
+        ("2: float16", InputSpec((2,), "float16")),
+    ],
+)
+def test_parse_input_spec(text: str, spec: InputSpec) -> None:
+    assert parse_input_spec(text) == spec
+
+
+def test_parse_input_spec_rejects_an_unknown_dtype() -> None:
+    with pytest.raises(ModelSpecError, match=r"unknown dtype 'complex64'.*int64"):
+        parse_input_spec("8:complex64")
+
+
+def test_several_inputs_are_named_after_the_forward(user_dir: Path) -> None:
+    specs = [InputSpec((3, 8, 8)), InputSpec((5,), "int64")]
+    src = load_source(None, model_spec="user_models_for_test:TwoInputs", input_specs=specs)
+    assert src.input_names == ("image", "ids") and src.output_names is None
+    image, ids = src.example_inputs
+    assert image.dtype == torch.float32 and tuple(image.shape) == (2, 3, 8, 8)
+    assert ids.dtype == torch.int64 and tuple(ids.shape) == (2, 5)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 10  # valid indices: INT_INPUT_HIGH
+    again = load_source(None, model_spec="user_models_for_test:TwoInputs", input_specs=specs)
+    assert all(
+        torch.equal(a, b) for a, b in zip(src.example_inputs, again.example_inputs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_a_wrong_number_of_input_shapes_names_the_forward_parameters(
+    user_dir: Path, count: int
+) -> None:
+    specs = [InputSpec((3, 8, 8))] * count
+    with pytest.raises(ModelSpecError) as info:
+        load_source(None, model_spec="user_models_for_test:TwoInputs", input_specs=specs)
+    message = str(info.value)
+    assert "forward(image, ids, scale) takes 2 to 3 input(s)" in message
+    assert f"got {count} --input-shape" in message
+
+
+def test_a_factory_without_weights_can_be_rebuilt(user_dir: Path) -> None:
+    spec = [InputSpec((4,))]
+    src = load_source(None, model_spec="user_models_for_test:unseeded", input_specs=spec)
+    assert src.rebuild is not None
+    other = src.rebuild()
+    assert not torch.equal(other.weight, src.model.weight)  # a second call: a new random model
+    torch.save(src.model.state_dict(), user_dir / "w.pt")
+    loaded = load_source(
+        user_dir / "w.pt", model_spec="user_models_for_test:unseeded", input_specs=spec
+    )
+    assert loaded.rebuild is None  # weights from a file: the same on every load

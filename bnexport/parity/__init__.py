@@ -8,8 +8,14 @@ runs — over the same inputs at each batch size, and compares each candidate wi
 per output (:mod:`bnexport.parity.compare`) under per-kind tolerances
 (:mod:`bnexport.parity.tolerance`).
 
-A mismatch is a result (``report.passed`` False); bad input raises ``ParityInputError``; CUDA asked
-for and not running raises ``ProviderUnavailableError`` — never a silent CPU pass.
+Models may have several inputs (fed by ONNX input name; the PyTorch models get them by name or in
+the forward's order) and several outputs (a dict's matched by key, others by order). Before any
+run, the reference's weights are checked against the ``weights_sha256`` the ONNX model records
+(`bnexport.fingerprint`).
+
+A mismatch is a result (``report.passed`` False); bad input raises ``ParityInputError`` (a weights
+mismatch ``WeightsMismatchError``); CUDA asked for and not running raises
+``ProviderUnavailableError`` — never a silent CPU pass.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from bnexport.errors import BnexportError, ParityInputError, ProviderUnavailableError
+from bnexport.fingerprint import verify_weights
 from bnexport.ort import OPT_LEVELS, SessionConfig, probe_cuda
 from bnexport.parity.compare import OutputComparison, compare_output
 from bnexport.parity.inputs import (
@@ -264,18 +271,21 @@ def check_parity(
     config: CheckConfig | None = None,
     *,
     normalize: Any = None,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] | None = None,
     folded: Any = None,
     reference_name: str = "",
     progress: Progress | None = None,
+    rebuild: Callable[[], Any] | None = None,
 ) -> ParityReport:
     """Compare ``onnx_model`` (a path or bytes) with the PyTorch ``reference`` module.
 
     ``normalize`` (a :class:`bnexport.data.Normalize`) lets the bundled/IDX images be fed;
-    ``input_shape`` (no batch dim) is the reference's input shape, checked against the ONNX model;
-    ``folded`` is a folded PyTorch module to check (by default ``bnexport.fold`` folds
-    ``reference`` when ``config.folded``). ``progress(stage, done, total)`` is called as runners
-    finish. Returns a :class:`ParityReport`; never prints, never exits.
+    ``input_shape`` (no batch dim) is the reference's input shape, or one per ONNX input in order,
+    checked against the ONNX model; ``folded`` is a folded PyTorch module to check (by default
+    ``bnexport.fold`` folds ``reference`` when ``config.folded``). ``rebuild`` builds the reference
+    again (a ``--model`` factory): on a weights mismatch, it tells an unseeded factory apart.
+    ``progress(stage, done, total)`` is called as runners finish. Returns a
+    :class:`ParityReport`; never prints, never exits.
     """
     config = config or CheckConfig()
     with _torch_threads(config.torch_threads):
@@ -288,6 +298,7 @@ def check_parity(
             folded=folded,
             reference_name=reference_name,
             progress=progress,
+            rebuild=rebuild,
         )
 
 
@@ -313,10 +324,11 @@ def _check_parity(
     config: CheckConfig,
     *,
     normalize: Any,
-    input_shape: tuple[int, ...] | None,
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] | None,
     folded: Any,
     reference_name: str,
     progress: Progress | None,
+    rebuild: Callable[[], Any] | None,
 ) -> ParityReport:
     import torch
 
@@ -324,6 +336,9 @@ def _check_parity(
     tolerances = resolve_tolerances(config.tolerances)
     data, where = _model_bytes(onnx_model)
     model_info = _model_info(data, where)
+    weights, notes = verify_weights(
+        model_info["metadata"], reference, rebuild=rebuild, name=reference_name
+    )
     use_cpu, use_cuda, probe, cuda_skip = resolve_providers(config)
 
     reference.eval()
@@ -508,7 +523,6 @@ def _check_parity(
 
     gating = [r for r in results if r.gating]
     passed = bool(gating) and all(r.passed for r in gating)
-    notes = []
     if not gating:
         notes.append("no gating runner ran, so the check cannot pass")
     return ParityReport(
@@ -518,7 +532,11 @@ def _check_parity(
             "inputs": [s.to_dict() for s in in_specs],
             "outputs": [s.to_dict() for s in out_specs],
         },
-        reference={"name": reference_name or type(reference).__name__, **ref_runner.info()},
+        reference={
+            "name": reference_name or type(reference).__name__,
+            "weights_sha256": weights,
+            **ref_runner.info(),
+        },
         runners=[r.info() for r in candidates],
         skipped=skipped,
         results=results,

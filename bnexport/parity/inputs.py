@@ -2,8 +2,11 @@
 
 Sources: the bundled Fashion-MNIST images (normalized with the checkpoint's ``Normalize``), an IDX
 directory (``--data DIR``), a saved ``.npz`` (``--inputs``), seeded standard-normal inputs, and edge
-cases (all zeros, constant images, ±large values). ``save_inputs`` writes exactly the arrays fed,
-so ``--inputs`` reproduces a run bit for bit, including where its worst elements were found.
+cases (all zeros, constant images, ±large values). Integer inputs get seeded integers in
+``[0, INT_INPUT_HIGH)`` (valid indices of any embedding that large; edge cases: all 0, all
+``INT_INPUT_HIGH - 1``), bool inputs random or constant bools. ``save_inputs`` writes exactly the
+arrays fed, so ``--inputs`` reproduces a run bit for bit, including where its worst elements were
+found.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from bnexport.errors import ParityInputError
 DEFAULT_RANDOM_COUNT = 64
 DEFAULT_SEED = 0
 EDGE_LARGE = 1.0e4  # "large" edge-case magnitude, in the model's input units
+INT_INPUT_HIGH = 10  # generated integer inputs (and the CLI's example inputs) lie in [0, this)
 IMAGE_SHAPE = (1, 28, 28)  # the shape the bundled images and IDX files fit
 META_SETS = "__sets__"
 META_SIZES = "__set_sizes__"
@@ -32,6 +36,7 @@ _ORT_DTYPES = {
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
     "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
@@ -144,35 +149,55 @@ class InputConfig:
     edge_cases: bool = True
 
 
+def as_shapes(
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] | None,
+) -> list[tuple[int, ...]] | None:
+    """One shape (a tuple of ints) or one per input, as a list of shapes."""
+    if input_shape is None:
+        return None
+    items = list(input_shape)
+    if all(isinstance(d, int) for d in items):
+        return [tuple(items)]  # type: ignore[arg-type]
+    return [tuple(int(d) for d in shape) for shape in items]  # type: ignore[union-attr]
+
+
 def resolve_sample_shapes(
-    specs: Sequence[TensorSpec], input_shape: tuple[int, ...] | None
+    specs: Sequence[TensorSpec],
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] | None,
 ) -> dict[str, tuple[int, ...]]:
     """Each input's per-sample shape (no batch dim), from the ONNX model and ``input_shape``.
 
-    Symbolic dimensions after the batch need ``input_shape`` (single-input models only); a static
-    ONNX shape that disagrees with ``input_shape`` is an error.
+    ``input_shape`` is one shape (single-input models) or one per ONNX input, in order. Symbolic
+    dimensions after the batch need it; a static ONNX shape that disagrees with it is an error.
     """
+    given = as_shapes(input_shape)
+    if given is not None and len(given) != len(specs):
+        raise ParityInputError(
+            f"the ONNX model has {len(specs)} input(s) {[s.name for s in specs]} but "
+            f"{len(given)} input shape(s) were given; give one --input-shape per input, in order"
+        )
     shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
         if not spec.shape:
             raise ParityInputError(
                 f"ONNX input {spec.name!r} is a scalar; bnexport check needs a batch dimension"
             )
         dims = spec.shape[1:]
-        if input_shape is not None and len(specs) == 1:
-            if len(input_shape) != len(dims) or any(
-                d is not None and d != want for d, want in zip(dims, input_shape, strict=False)
+        if given is not None:
+            want = given[i]
+            if len(want) != len(dims) or any(
+                d is not None and d != w for d, w in zip(dims, want, strict=False)
             ):
                 raise ParityInputError(
                     f"ONNX input {spec.describe()} does not fit the PyTorch model's input shape "
-                    f"[N,{','.join(map(str, input_shape))}]; export the model again or fix "
+                    f"[N,{','.join(map(str, want))}]; export the model again or fix "
                     "--input-shape"
                 )
-            shapes[spec.name] = tuple(int(d) for d in input_shape)
+            shapes[spec.name] = want
         elif any(d is None for d in dims):
             raise ParityInputError(
                 f"ONNX input {spec.describe()} has symbolic dimensions besides the batch; "
-                "give --input-shape C,H,W (single-input models) or --inputs FILE.npz"
+                "give --input-shape (one per input) or --inputs FILE.npz"
             )
         else:
             shapes[spec.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
@@ -204,13 +229,28 @@ def idx_images(data_dir: Path, normalize: Any, limit: int | None = None) -> Inpu
 def random_inputs(
     shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype], count: int, seed: int
 ) -> InputSet:
-    """``count`` seeded standard-normal samples per input (numpy PCG64, independent of globals)."""
+    """``count`` seeded samples per input (numpy PCG64, independent of globals): standard normal
+    floats, integers in ``[0, INT_INPUT_HIGH)``, random bools."""
     rng = np.random.default_rng(seed)
-    arrays = {
-        name: rng.standard_normal((count, *shape)).astype(dtypes[name])
-        for name, shape in shapes.items()
-    }
+    arrays = {}
+    for name, shape in shapes.items():
+        size, dtype = (count, *shape), dtypes[name]
+        if dtype.kind == "f":
+            arrays[name] = rng.standard_normal(size).astype(dtype)
+        else:
+            high = 2 if dtype.kind == "b" else INT_INPUT_HIGH
+            arrays[name] = rng.integers(0, high, size).astype(dtype)
     return InputSet("random", arrays, f"{count} standard-normal samples, seed {seed}")
+
+
+def _constant(value: float, dtype: np.dtype) -> float | int | bool:
+    """An edge-case value for an input of `dtype`: itself for floats; 0 (value ≤ 0) or the top of
+    the generated range (value > 0) for integers and bools."""
+    if dtype.kind == "f":
+        return value
+    if dtype.kind == "b":
+        return value > 0
+    return INT_INPUT_HIGH - 1 if value > 0 else 0
 
 
 def edge_case_inputs(
@@ -232,16 +272,24 @@ def edge_case_inputs(
     ]
     sets = [
         InputSet(
-            label, {n: np.full((1, *s), value, dtype=dtypes[n]) for n, s in shapes.items()}, desc
+            label,
+            {
+                n: np.full((1, *s), _constant(value, dtypes[n]), dtype=dtypes[n])
+                for n, s in shapes.items()
+            },
+            desc,
         )
         for label, value, desc in consts
     ]
+    signs = {n: rng.choice([-1.0, 1.0], size=(1, *s)) for n, s in shapes.items()}
     sets.append(
         InputSet(
             "large±",
             {
-                n: (EDGE_LARGE * rng.choice([-1.0, 1.0], size=(1, *s))).astype(dtypes[n])
-                for n, s in shapes.items()
+                n: np.where(
+                    sign > 0, _constant(EDGE_LARGE, dtypes[n]), _constant(-EDGE_LARGE, dtypes[n])
+                ).astype(dtypes[n])
+                for n, sign in signs.items()
             },
             f"±{EDGE_LARGE:g} with random signs",
         )
@@ -261,10 +309,10 @@ def build_inputs(
     if config.inputs_file is not None:
         return load_inputs(config.inputs_file, specs)
     for spec in specs:
-        if spec.dtype.kind != "f":
+        if spec.dtype.kind not in "fiub":
             raise ParityInputError(
-                f"ONNX input {spec.describe()} is not floating point; bnexport check generates "
-                "float inputs only — pass --inputs FILE.npz with your own"
+                f"ONNX input {spec.describe()} is neither a number nor a bool; bnexport check "
+                "cannot generate it — pass --inputs FILE.npz with your own"
             )
     shapes = resolve_sample_shapes(specs, input_shape)
     dtypes = {s.name: s.dtype for s in specs}

@@ -8,6 +8,8 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -233,3 +235,97 @@ def test_cuda_provider_passes_on_a_correct_export(onnx_path: Path, checkpoint: P
     res = check(onnx_path, "--against", checkpoint, "--providers", "cpu,cuda")
     assert res.exit_code == 0, res.output
     assert "ort-cuda " in res.output and "ort-cuda-tf32" in res.output
+
+
+# --------------------------------------------------------------------------------------------
+# The weights fingerprint, and several inputs through `check`
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, image, features):
+            a = self.bn(self.conv(image)).mean((2, 3))
+            return {"score": a + self.fc(features), "aux": a}
+
+
+    def seeded():
+        torch.manual_seed(0)
+        return TwoInputs()
+
+
+    def unseeded():
+        return TwoInputs()
+    """
+)
+SHAPES = ["--input-shape", "3,8,8", "--input-shape", "6"]
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "bnx_factories.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _export(factory: str, path: Path) -> None:
+    res = runner.invoke(
+        app, ["onnx", "--model", f"bnx_factories:{factory}", *SHAPES, "-o", str(path), "--no-check"]
+    )
+    assert res.exit_code == 0, res.output
+
+
+def _one_error_line(res: object) -> str:
+    lines = [line for line in res.stderr.splitlines() if line.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output  # type: ignore[attr-defined]
+    return lines[0]
+
+
+def test_an_unseeded_factory_is_refused_naming_the_weights(factories: Path) -> None:
+    onnx_file = factories / "m.onnx"
+    _export("unseeded", onnx_file)
+    res = check(onnx_file, "--model", "bnx_factories:unseeded", *SHAPES, *QUICK)
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res)
+    assert line.startswith("bnexport: error: this ONNX was exported from weights ")
+    assert "the reference has " in line
+    assert "the factory bnx_factories:unseeded returns different weights on each call" in line
+    assert line.endswith(": seed it")
+    assert "PASS" not in res.output and "FAIL" not in res.output
+
+
+def test_another_seeded_model_is_refused_and_the_same_one_passes(factories: Path) -> None:
+    onnx_file = factories / "m.onnx"
+    _export("seeded", onnx_file)
+    res = check(onnx_file, "--model", "bnx_factories:unseeded", *SHAPES, *QUICK)
+    assert res.exit_code == 2 and "this ONNX was exported from weights" in _one_error_line(res)
+    fed, j = factories / "fed.npz", factories / "r.json"
+    args = ["--model", "bnx_factories:seeded", *SHAPES, "--providers", "cpu", *QUICK]
+    res = check(onnx_file, *args, "--save-inputs", fed, "--json", j)
+    assert res.exit_code == 0, res.output
+    assert "records no weights_sha256" not in res.output
+    data = json.loads(j.read_text())
+    assert [i["name"] for i in data["model"]["inputs"]] == ["image", "features"]
+    props = {p.key: p.value for p in onnx.load(onnx_file).metadata_props}
+    assert data["reference"]["weights_sha256"] == props["weights_sha256"]
+    with np.load(fed) as npz:
+        assert {"image", "features"} <= set(npz.files)
+    again = check(onnx_file, *args, "--inputs", fed)
+    assert again.exit_code == 0, again.output
+
+
+def test_an_onnx_without_a_fingerprint_is_checked_and_says_so(
+    onnx_path: Path, checkpoint: Path
+) -> None:
+    res = check(onnx_path, "--against", checkpoint, "--providers", "cpu", *QUICK)
+    assert res.exit_code == 0, res.output
+    assert "note: the ONNX model records no weights_sha256" in res.output

@@ -83,9 +83,10 @@ def _props(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(path).metadata_props}
 
 
-def _ort(path: Path, x: np.ndarray) -> np.ndarray:
+def _ort(path: Path, x: np.ndarray, names: tuple[str, str] = ("input", "logits")) -> np.ndarray:
+    """Run on onnxruntime, feeding and fetching by name (the seed Net's by default)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input": x})[0]
+    return session.run([names[1]], {names[0]: x})[0]
 
 
 def _assert_matches(got: np.ndarray, ref: torch.Tensor) -> None:
@@ -215,7 +216,7 @@ def test_user_model_chain_folds_away(user_models: str, tmp_path: Path) -> None:
         y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + 1e-5)
         y = (y * bn.weight[:, None, None] + bn.bias[:, None, None]) / 2.0 + 0.5
         ref = torch.relu(y).mean((2, 3)) @ model.head.weight.double().T + model.head.bias.double()
-    _assert_matches(_ort(out, x.numpy()), ref)
+    _assert_matches(_ort(out, x.numpy(), ("x", "output")), ref)  # forward(self, x) → output
 
 
 def test_strict_refuses_a_left_batchnorm_and_writes_nothing(
@@ -292,3 +293,171 @@ def test_console_shows_no_exporter_noise(ckpt, tmp_path: Path) -> None:
     for noise in ("torch.onnx", "Warning", "warn", "✅", "torchvision"):
         assert noise not in run.stdout
     assert run.stdout.startswith("Model: net.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# Several inputs, a dict output, integer inputs, --output-names
+
+TWO_INPUTS = '''
+import torch
+from torch import nn
+
+
+class TwoInputs(nn.Module):
+    """A conv-BN branch on an image and a Linear-BN1d branch on a feature vector; a dict out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc, self.bn1d = nn.Linear(8, 16), nn.BatchNorm1d(16)
+        self.head = nn.Linear(24, 10)
+        for bn in (self.bn, self.bn1d):
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.5, 0.5)
+            nn.init.uniform_(bn.running_var, 0.5, 2.0)
+            nn.init.normal_(bn.running_mean, 0.0, 0.3)
+
+    def forward(self, image, features):
+        a = torch.relu(self.bn(self.conv(image))).mean((2, 3))
+        b = torch.relu(self.bn1d(self.fc(features)))
+        embedding = torch.cat([a, b], 1)
+        return {"logits": self.head(embedding), "embedding": embedding}
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.bn = nn.Embedding(10, 6), nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+    def forward(self, ids):
+        return self.bn(self.fc(self.embed(ids).mean(1)))
+
+
+def build():
+    torch.manual_seed(0)
+    return TwoInputs().eval()
+
+
+def tokens():
+    torch.manual_seed(1)
+    return Tokens().eval()
+'''
+TWO_SHAPES = ["--input-shape", "3,16,16", "--input-shape", "8"]
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory: pytest.TempPathFactory):
+    """A module with the two-input model, importable as `bnx_cli_two_inputs`."""
+    root = tmp_path_factory.mktemp("two")
+    (root / "bnx_cli_two_inputs.py").write_text(TWO_INPUTS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        yield "bnx_cli_two_inputs"
+
+
+def test_two_inputs_and_a_dict_output_end_to_end(two_inputs: str, tmp_path: Path) -> None:
+    from importlib import import_module
+
+    from bnexport.fingerprint import weights_sha256
+
+    out = tmp_path / "two.onnx"
+    args = ["onnx", "--model", f"{two_inputs}:build", *TWO_SHAPES, "-o", str(out)]
+    result = runner.invoke(app, [*args, "--strict"])
+    assert result.exit_code == 0, result.output
+    assert "inputs image [N,3,16,16], features [N,8]" in result.stdout
+    assert "image, features [batch, …] → logits, embedding [batch, …]" in result.stdout
+    assert "PASS" in result.stdout and "FAIL" not in result.stdout
+    proto = onnx.load(out)
+    assert [v.name for v in proto.graph.input] == ["image", "features"]
+    assert [v.name for v in proto.graph.output] == ["logits", "embedding"]
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert "BatchNormalization" not in _ops(out)
+    model = import_module(two_inputs).build()
+    assert _props(out)["weights_sha256"] == weights_sha256(model)
+    gen = torch.Generator().manual_seed(3)
+    image, features = torch.randn(7, 3, 16, 16, generator=gen), torch.randn(7, 8, generator=gen)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(
+        ["embedding", "logits"], {"image": image.numpy(), "features": features.numpy()}
+    )
+    with torch.no_grad():
+        want = model(image, features)
+    _assert_matches(got[0], want["embedding"])
+    _assert_matches(got[1], want["logits"])
+
+
+def test_output_names_rename_the_outputs(two_inputs: str, tmp_path: Path) -> None:
+    out = tmp_path / "named.onnx"
+    args = ["onnx", "--model", f"{two_inputs}:build", *TWO_SHAPES, "-o", str(out), "--no-check"]
+    result = runner.invoke(app, [*args, "--output-names", "scores,emb"])
+    assert result.exit_code == 0, result.output
+    assert [v.name for v in onnx.load(out).graph.output] == ["scores", "emb"]
+    result = runner.invoke(app, [*args, "--output-names", "scores"])
+    assert result.exit_code == 2
+    assert "2 output(s) but 1 output names" in _error_line(result)
+    assert not out.exists() or [v.name for v in onnx.load(out).graph.output] == ["scores", "emb"]
+
+
+def test_integer_inputs_export_and_check(two_inputs: str, tmp_path: Path) -> None:
+    out = tmp_path / "tokens.onnx"
+    args = ["onnx", "--model", f"{two_inputs}:tokens", "--input-shape", "5:int64", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (ids,) = onnx.load(out).graph.input
+    assert ids.name == "ids" and ids.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert "PASS" in result.stdout
+
+
+@pytest.mark.parametrize("shapes", [["--input-shape", "3,16,16"], [*TWO_SHAPES, *TWO_SHAPES[:2]]])
+def test_a_wrong_number_of_input_shapes_names_the_forward(
+    two_inputs: str, shapes: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "x.onnx"
+    result = runner.invoke(app, ["onnx", "--model", f"{two_inputs}:build", *shapes, "-o", str(out)])
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert "forward(image, features) takes 2 input(s)" in line
+    assert "one --input-shape per input" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["fold", "bench"])
+def test_fold_takes_two_inputs_and_bench_refuses_them(
+    command: str, two_inputs: str, tmp_path: Path
+) -> None:
+    args = [command, "--model", f"{two_inputs}:build", *TWO_SHAPES]
+    if command == "fold":
+        result = runner.invoke(app, [*args, "-o", str(tmp_path / "two.pt2")])
+        assert result.exit_code == 0, result.output
+        assert "Parity: PASS" in result.stdout
+        assert "logits" in result.stdout and "embedding" in result.stdout
+    else:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert "one float32 input" in _error_line(result)
+
+
+@pytest.mark.parametrize("fused", [0, 1, 3])
+def test_the_second_stage_is_reported_only_when_it_fused(fused: int, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from bnexport.cli.onnx import render_export
+    from bnexport.export import ExportResult
+
+    exported = ExportResult(
+        path=tmp_path / "m.onnx",
+        op_counts={"Conv": 1},
+        sha256="0" * 64,
+        opset=20,
+        num_nodes=1,
+        input_names=("x",),
+        output_names=("output",),
+        bn_fused_by_onnxscript=fused,
+    )
+    console = Console(record=True, width=200)
+    render_export(console, exported)
+    text = console.export_text()
+    line = f"onnxscript fused {fused} BatchNormalization node{'s' if fused > 1 else ''} bnexport's"
+    assert (line in text) == (fused > 0)
+    assert ("onnxscript fused" in text) == (fused > 0)

@@ -213,3 +213,95 @@ def test_cuda_catches_a_fault(onnx_path: Path, net: torch.nn.Module, tmp_path: P
         normalize=FASHION_MNIST_NORMALIZE,
     )
     assert not rep.passed and "ort-cuda" in rep.failing_runners
+
+
+# --------------------------------------------------------------------------------------------
+# Several inputs, dict outputs, and the weights fingerprint
+
+
+class _Mixer(torch.nn.Module):
+    """forward(a, ids) → {'score', 'aux'}; swapping or mis-keying anything changes the numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc = torch.nn.Linear(6, 3)
+        self.embed = torch.nn.Embedding(10, 3)
+
+    def forward(self, a: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.fc(a) - 2.0 * self.embed(ids).mean(1)
+        return {"score": h.sum(1, keepdim=True), "aux": torch.tanh(h)}
+
+
+class _MixerRenamed(_Mixer):
+    """The same computation, other parameter names and the dict's keys in the other order."""
+
+    def forward(self, p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        out = super().forward(p, q)
+        return {"aux": out["aux"], "score": out["score"]}
+
+
+@pytest.fixture(scope="module")
+def mixer_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bnexport.export import export_onnx
+    from bnexport.fingerprint import METADATA_KEY, weights_sha256
+
+    model = _Mixer().eval()
+    example = (torch.randn(2, 6), torch.randint(0, 10, (2, 4)))
+    path = tmp_path_factory.mktemp("mixer") / "mixer.onnx"
+    export_onnx(model, example, path, metadata={METADATA_KEY: weights_sha256(model)})
+    return path
+
+
+@pytest.mark.parametrize("reference", [_Mixer, _MixerRenamed], ids=["by-name", "by-position"])
+def test_several_inputs_and_dict_outputs_pass(mixer_onnx: Path, reference: type) -> None:
+    from bnexport.fingerprint import weights_sha256
+
+    model = reference().eval()
+    cfg = CheckConfig(providers=("cpu",), batch_sizes=(1, 7), inputs=FAST)
+    rep = check_parity(mixer_onnx, model, cfg)
+    assert rep.passed, [r.failure_message() for r in rep.failures]
+    assert [i["name"] for i in rep.model["inputs"]] == ["a", "ids"]
+    assert [i["dtype"] for i in rep.model["inputs"]] == ["float32", "int64"]
+    ort_all = next(r for r in rep.results if r.runner == "ort-cpu-all" and r.batch_size == 7)
+    assert [o.name for o in ort_all.outputs] == ["score", "aux"]
+    assert rep.reference["weights_sha256"] == weights_sha256(model)
+    assert rep.reference["inputs_by"] == ("name" if reference is _Mixer else "position")
+    assert not any("weights_sha256" in n for n in rep.notes)
+
+
+def test_a_reference_computing_something_else_fails(mixer_onnx: Path) -> None:
+    """Guard for the test above: same weights, one output 1 % off: a mismatch (exit 1), found."""
+    from bnexport.fingerprint import weights_sha256
+
+    class Swapped(_Mixer):
+        def forward(self, a: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+            out = super().forward(a, ids)
+            return {"score": out["score"] * 1.01, "aux": out["aux"]}
+
+    model = Swapped().eval()
+    assert weights_sha256(model) == weights_sha256(_Mixer())  # same weights, other computation
+    cfg = CheckConfig(providers=("cpu",), batch_sizes=(7,), inputs=FAST, folded=False)
+    rep = check_parity(mixer_onnx, model, cfg)
+    assert not rep.passed
+
+
+def test_other_weights_are_refused_before_any_run(mixer_onnx: Path) -> None:
+    from bnexport.errors import WeightsMismatchError
+
+    other = _Mixer().eval()
+    with torch.no_grad():
+        other.fc.bias[0] += 1.0
+    calls: list[str] = []
+    with pytest.raises(WeightsMismatchError, match="this ONNX was exported from weights"):
+        check_parity(
+            mixer_onnx,
+            other,
+            CheckConfig(providers=("cpu",), inputs=FAST),
+            progress=lambda stage, done, total: calls.append(stage),
+        )
+    assert calls == []
+
+
+def test_an_onnx_without_a_fingerprint_is_checked_with_a_note(report) -> None:  # type: ignore[no-untyped-def]
+    assert any("records no weights_sha256" in n for n in report.notes)

@@ -105,3 +105,49 @@ def test_symbolic_dims_need_an_input_shape() -> None:
     assert inputs.arrays()["x"].shape == (2, 3, 5, 5)
     with pytest.raises(ParityInputError, match="does not fit"):
         build_inputs(spec, InputConfig(), input_shape=(1, 5, 5))
+
+
+def test_integer_and_bool_inputs_are_generated_in_range() -> None:
+    from bnexport.parity.inputs import INT_INPUT_HIGH
+
+    specs = (
+        TensorSpec("image", (None, 3, 4, 4), np.dtype(np.float32)),
+        TensorSpec("ids", (None, 6), np.dtype(np.int64)),
+        TensorSpec("mask", (None, 6), np.dtype(np.bool_)),
+    )
+    inputs = build_inputs(specs, InputConfig(random_count=50), normalize=NORM)
+    arrays = inputs.arrays()
+    assert [a.dtype for a in arrays.values()] == [np.float32, np.int64, np.bool_]
+    ids = arrays["ids"]
+    assert ids.min() == 0 and ids.max() == INT_INPUT_HIGH - 1  # the whole range, nothing outside
+    sets = {s.name: s.arrays for s in inputs.sets}
+    assert (sets["zeros"]["ids"] == 0).all() and (sets["large+"]["ids"] == INT_INPUT_HIGH - 1).all()
+    assert (sets["large-"]["ids"] == 0).all() and sets["large+"]["mask"].all()
+    assert sets["large+"]["image"].min() == EDGE_LARGE  # floats keep their edge values
+    assert "bundled images not used" in inputs.notes[0]
+
+
+def test_several_inputs_save_and_load_exactly(tmp_path: Path) -> None:
+    specs = (
+        TensorSpec("image", (None, 2, 3), np.dtype(np.float32)),
+        TensorSpec("ids", (None, 4), np.dtype(np.int32)),
+    )
+    inputs = build_inputs(specs, InputConfig(random_count=5), normalize=None)
+    save_inputs(inputs, tmp_path / "fed.npz")
+    again = load_inputs(tmp_path / "fed.npz", specs)
+    for name in ("image", "ids"):
+        np.testing.assert_array_equal(again.arrays()[name], inputs.arrays()[name])
+    assert [s.name for s in again.sets] == [s.name for s in inputs.sets]
+
+
+def test_input_shapes_are_given_one_per_input() -> None:
+    specs = (
+        TensorSpec("a", (None, None), np.dtype(np.float32)),
+        TensorSpec("b", (None, 3), np.dtype(np.float32)),
+    )
+    inputs = build_inputs(specs, InputConfig(random_count=2), input_shape=[(7,), (3,)])
+    assert inputs.arrays()["a"].shape[1:] == (7,)
+    with pytest.raises(ParityInputError, match=r"2 input.*but 1 input shape"):
+        build_inputs(specs, InputConfig(), input_shape=(7,))
+    with pytest.raises(ParityInputError, match=r"does not fit .* \[N,4\]"):
+        build_inputs(specs, InputConfig(), input_shape=[(7,), (4,)])
