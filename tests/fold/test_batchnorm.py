@@ -245,7 +245,7 @@ def test_a_registered_reader_that_misdescribes_the_module_is_caught() -> None:
 
 
 def test_register_batchnorm_refuses_a_non_module() -> None:
-    with pytest.raises(TypeError, match="nn.Module subclass"):
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
         register_batchnorm(int, lambda m: None)  # type: ignore[arg-type]
 
 
