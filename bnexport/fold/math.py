@@ -31,6 +31,7 @@ overflowing values and flushes subnormals to zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -264,7 +265,9 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
     v = _f64(values)
     info = torch.finfo(dtype)
     out = v.to(dtype)  # one pass; the checks below read the (smaller) result
-    if not bool(torch.isfinite(out).all()):
+    magnitude = out.abs()
+    peak = float(magnitude.amax()) if out.numel() else 0.0  # a NaN propagates through amax
+    if not math.isfinite(peak):
         if not bool(torch.isfinite(v).all()):
             raise FoldError(
                 f"folding into {layer!r} gives a non-finite {what} at "
@@ -278,7 +281,6 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
             "after folding), or keep this layer in float32"
         )
     flushed = 0
-    magnitude = out.abs()
     if bool((magnitude < info.tiny).any()):  # zeros, or subnormals to flush
         tiny = (magnitude < info.tiny) & (out != 0)
         flushed = int(tiny.sum())
