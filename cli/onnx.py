@@ -6,6 +6,7 @@ report table and the model options are `bnexport fold`'s, the parity table is `b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -197,5 +198,19 @@ def render_export(out: Console, exported: Any) -> None:
             [[escape(op), n] for op, n in exported.op_counts.items()],
         )
     )
-    meta = ", ".join(f"{k}={v}" for k, v in exported.metadata.items())
+    meta = ", ".join(f"{k}={_short(v)}" for k, v in exported.metadata.items())
     out.print(f"metadata_props: {meta}", markup=False, highlight=False)
+
+
+def _short(value: str) -> str:
+    """A metadata value for the terminal: lists as their length, long hashes cut to 12 hex digits
+    (`--report-json` and the file itself hold them whole)."""
+    if value.startswith("[") and len(value) > 40:
+        try:
+            items = json.loads(value)
+        except ValueError:
+            return value
+        return f"[{len(items)} item{'' if len(items) == 1 else 's'}]"
+    if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"
+    return value

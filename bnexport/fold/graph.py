@@ -452,7 +452,9 @@ def data_users(node: fx.Node) -> list[fx.Node]:
 
 
 def _tensor_meta(node: Any) -> Any:
-    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    """The node's single-tensor metadata (None for a tuple output, a non-tensor or no meta)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta if hasattr(meta, "shape") else None
 
 
 class FoldContext:
