@@ -127,7 +127,8 @@ def self_check(
 
     Per output: ``E`` = the float64 fold's error against the float64 forward of ``reference``,
     ``N`` = ``reference``'s own error in its dtype, decided by ``rule`` (default
-    `NoiseTolerance()`) with ``ρ = eps64 / eps_dtype``. Returns the measurements; `FoldError` when the rule fails, saying what it means.
+    `NoiseTolerance()`) with ``ρ = eps64 / eps_dtype``. Returns the measurements; `FoldError`
+    when the rule fails, saying what it means.
     """
     import numpy as np
 
