@@ -7,6 +7,7 @@ exit codes: 0 pass, 1 mismatch (a result), 2 bad input or an unavailable request
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,11 +32,15 @@ class State:
     debug: bool = False
 
 
+PIPED_WIDTH = 200  # columns of plain output when piped (COLUMNS overrides)
+
+
 def console() -> Console:
-    """stdout console; plain (no colour, no box drawing, wide) when piped."""
+    """stdout console; plain (no colour, no box drawing; COLUMNS or 200 wide) when piped."""
     if sys.stdout.isatty():
         return Console()
-    return Console(no_color=True, width=200, soft_wrap=True, highlight=False)
+    width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
+    return Console(no_color=True, width=width, soft_wrap=True, highlight=False)
 
 
 def fail(message: str) -> typer.Exit:
@@ -141,3 +146,119 @@ def split_names(text: str | None, flag: str) -> tuple[str, ...] | None:
     if not all(names) or len(set(names)) != len(names):
         raise BnexportError(f"{flag} {text!r} must be distinct, non-empty, comma-separated names")
     return names
+
+
+# Parity options, shared by check and onnx (same names, same meaning; CheckConfig's fields).
+DEFAULT_OPT_LEVELS = "disabled,all"
+ToleranceOpt = Annotated[
+    str,
+    typer.Option(
+        "--tolerance",
+        help="noise: a runner passes when its error against the float64 truth is within "
+        "--noise-factor × PyTorch fp32's own error (docs/parity.md); fixed: --rtol/--atol against "
+        "PyTorch fp32.",
+    ),
+]
+NoiseFactorOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--noise-factor",
+        help="How many times fp32's own error a runner may err (--tolerance noise; default "
+        "measured in docs/parity.md).",
+        show_default=False,
+    ),
+]
+RtolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rtol",
+        help="With --tolerance fixed: relative tolerance, for every runner kind or KIND=VALUE "
+        "(kinds: cpu, torch, cuda, cuda-tf32). Repeatable.",
+        show_default=False,
+    ),
+]
+AtolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--atol",
+        help="With --tolerance fixed: absolute tolerance per unit of output scale: "
+        "atol = VALUE·max(1, max|ref|). VALUE or KIND=VALUE, repeatable.",
+        show_default=False,
+    ),
+]
+SamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples",
+        "--random",
+        min=0,
+        help="Seeded random samples to feed (besides edge cases). Default: 64, fewer for a model "
+        "whose forward is slow (the check is sized to a few seconds).",
+        show_default=False,
+    ),
+]
+BatchSizesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch-sizes",
+        help="onnxruntime batch sizes, comma-separated. Default: 1,7,64, or 1,7 for a slow model.",
+        show_default=False,
+    ),
+]
+OptLevelsOpt = Annotated[
+    str,
+    typer.Option(
+        "--opt-levels",
+        help="onnxruntime CPU graph optimization levels: disabled, basic, extended, all.",
+    ),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="One parity row per runner, batch size and output (worst element)."
+    ),
+]
+
+
+def split_values(text: str, flag: str) -> tuple[str, ...]:
+    """``"a, B"`` → ``("a", "b")``; at least one value."""
+    from bnexport.errors import ParityInputError
+
+    items = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    if not items:
+        raise ParityInputError(f"{flag} needs at least one value")
+    return items
+
+
+def split_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """``"1,7"`` → ``(1, 7)``; None stays None."""
+    from bnexport.errors import ParityInputError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(p) for p in split_values(text, flag))
+    except ValueError:
+        raise ParityInputError(f"{flag} {text!r} must be comma-separated integers") from None
+
+
+def tolerance_config(
+    tolerance: str, noise_factor: float | None, rtol: list[str] | None, atol: list[str] | None
+) -> dict[str, Any]:
+    """``CheckConfig`` keyword arguments for the tolerance options."""
+    from bnexport.parity.tolerance import NoiseTolerance, parse_tolerance_overrides
+
+    mode = tolerance.strip().lower()
+    out: dict[str, Any] = {
+        "tolerance_mode": mode,
+        "tolerances": parse_tolerance_overrides(rtol or (), atol or ()),
+    }
+    if noise_factor is not None:
+        if mode != "noise":
+            from bnexport.errors import ParityInputError
+
+            raise ParityInputError(
+                "--noise-factor sets the noise-relative rule: drop --tolerance fixed"
+            )
+        out["noise_tolerance"] = NoiseTolerance(factor=noise_factor)
+    return out

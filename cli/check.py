@@ -14,21 +14,31 @@ from typing import Annotated, Any
 import typer
 
 from bnexport.cli._common import (
+    DEFAULT_OPT_LEVELS,
     EXIT_MISMATCH,
     EXIT_OK,
+    AtolOpt,
+    BatchSizesOpt,
     InputShapeOpt,
     ModelOpt,
+    NoiseFactorOpt,
+    OptLevelsOpt,
+    RtolOpt,
+    SamplesOpt,
     TemperatureOpt,
+    ToleranceOpt,
+    VerboseOpt,
     console,
     handle_errors,
     load_model_source,
+    split_ints,
+    split_values,
     table,
+    tolerance_config,
 )
 
 DEFAULT_PROVIDERS = "auto"
-DEFAULT_OPT_LEVELS = "disabled,all"
-DEFAULT_BATCH_SIZES = "1,7,64"
-DEFAULT_RANDOM = 64
+DEFAULT_TOLERANCE = "noise"
 
 
 @handle_errors
@@ -59,16 +69,8 @@ def check_cli(
             "CUDA asked for and not running is exit 2, never a CPU pass.",
         ),
     ] = DEFAULT_PROVIDERS,
-    opt_levels: Annotated[
-        str,
-        typer.Option(
-            "--opt-levels",
-            help="onnxruntime CPU graph optimization levels: disabled, basic, extended, all.",
-        ),
-    ] = DEFAULT_OPT_LEVELS,
-    batch_sizes: Annotated[
-        str, typer.Option("--batch-sizes", help="Batch sizes.")
-    ] = DEFAULT_BATCH_SIZES,
+    opt_levels: OptLevelsOpt = DEFAULT_OPT_LEVELS,
+    batch_sizes: BatchSizesOpt = None,
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Also feed the IDX test images in DIR.", show_default=False),
@@ -99,41 +101,32 @@ def check_cli(
         ),
     ] = None,
     bundled: Annotated[
-        bool,
-        typer.Option("--bundled/--no-bundled", help="Feed the 1000 bundled Fashion-MNIST images."),
-    ] = True,
-    random_count: Annotated[
-        int, typer.Option("--random", min=0, help="Seeded standard-normal samples to feed.")
-    ] = DEFAULT_RANDOM,
+        bool | None,
+        typer.Option(
+            "--bundled/--no-bundled",
+            help="Feed the 1000 bundled Fashion-MNIST images (default: for the seed Net).",
+            show_default=False,
+        ),
+    ] = None,
+    samples: SamplesOpt = None,
     edge_cases: Annotated[
         bool,
         typer.Option("--edge-cases/--no-edge-cases", help="Feed zeros, constant images and ±1e4."),
     ] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
-    rtol: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--rtol",
-            help="Relative tolerance, for every runner kind or KIND=VALUE (kinds: cpu, torch, "
-            "cuda, cuda-tf32). Repeatable.",
-            show_default=False,
-        ),
-    ] = None,
-    atol: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--atol",
-            help="Absolute tolerance per unit of output scale: atol = VALUE·max(1, max|ref|). "
-            "VALUE or KIND=VALUE, repeatable.",
-            show_default=False,
-        ),
-    ] = None,
+    tolerance: ToleranceOpt = DEFAULT_TOLERANCE,
+    noise_factor: NoiseFactorOpt = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
     tf32_gate: Annotated[
         bool, typer.Option("--tf32-gate", help="Let the CUDA-with-TF32 runner fail the check too.")
     ] = False,
     ground_truth: Annotated[
         bool,
-        typer.Option("--fp64/--no-fp64", help="Run the float64 PyTorch ground truth (reported)."),
+        typer.Option(
+            "--fp64/--no-fp64",
+            help="Run the float64 PyTorch truth (needed by --tolerance noise).",
+        ),
     ] = True,
     folded: Annotated[
         bool, typer.Option("--folded/--no-folded", help="Also check the BN-folded PyTorch model.")
@@ -154,11 +147,11 @@ def check_cli(
             "--markdown", help="Write a Markdown summary (for a CI job page).", show_default=False
         ),
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Compare MODEL.onnx with its PyTorch model on onnxruntime (CPU, and CUDA when it runs)."""
     from bnexport.errors import ParityInputError
     from bnexport.parity import CheckConfig, InputConfig, check_parity
-    from bnexport.parity.tolerance import parse_tolerance_overrides
 
     if against is not None and checkpoint is not None:
         raise ParityInputError("give the checkpoint once: either CHECKPOINT or --against")
@@ -171,20 +164,20 @@ def check_cli(
         raise ParityInputError("--inputs replaces every generated input; drop --data")
 
     config = CheckConfig(
-        providers=_split(providers, "--providers"),
-        opt_levels=_split(opt_levels, "--opt-levels"),
-        batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+        providers=split_values(providers, "--providers"),
+        opt_levels=split_values(opt_levels, "--opt-levels"),
+        batch_sizes=split_ints(batch_sizes, "--batch-sizes"),
         inputs=InputConfig(
             bundled=bundled,
             data_dir=data,
             data_limit=data_limit,
             inputs_file=inputs,
-            random_count=random_count,
             seed=seed,
             edge_cases=edge_cases,
         ),
+        samples=samples,
         save_inputs=save_inputs,
-        tolerances=parse_tolerance_overrides(rtol or (), atol or ()),
+        **tolerance_config(tolerance, noise_factor, rtol, atol),
         tf32_gate=tf32_gate,
         ground_truth=ground_truth,
         folded=folded,
@@ -208,63 +201,75 @@ def check_cli(
         report.write_junit(junit_path)
     if markdown_path is not None:
         report.write_markdown(markdown_path)
-    render_report(report)
+    render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
 
 
-def _split(text: str, flag: str) -> tuple[str, ...]:
-    from bnexport.errors import ParityInputError
-
-    items = tuple(p.strip().lower() for p in text.split(",") if p.strip())
-    if not items:
-        raise ParityInputError(f"{flag} needs at least one value")
-    return items
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    from bnexport.errors import ParityInputError
-
-    try:
-        return tuple(int(p) for p in _split(text, flag))
-    except ValueError:
-        raise ParityInputError(f"{flag} {text!r} must be comma-separated integers") from None
-
-
-def render_report(report: Any) -> None:
-    """Print a `ParityReport`: the table, the tolerance rule, skipped runners, notes, verdict."""
+def render_report(report: Any, *, verbose: bool = False) -> None:
+    """Print a `ParityReport`: one row per runner (its worst batch size; every batch size and output
+    with ``verbose``), the rule, skipped runners, notes, and the verdict with each failure's worst
+    element."""
     from rich.markup import escape
 
-    from bnexport.parity.report import TABLE_COLUMNS, TOLERANCE_NOTE, result_rows
+    from bnexport.parity.report import (
+        TABLE_COLUMNS,
+        VERBOSE_COLUMNS,
+        failure_lines,
+        result_rows,
+        summary_rows,
+    )
 
     out = console()
-    rows = [[escape(c) for c in row] for r in report.results for row in result_rows(r)]
-    title = (
-        f"bnexport check {report.model['path']} against {report.reference['name']}: "
-        f"{report.inputs['samples']} samples, batch sizes "
-        f"{','.join(map(str, report.batch_sizes))}"
+    if verbose:
+        columns = VERBOSE_COLUMNS
+        rows = [row for r in report.results for row in result_rows(r, verbose=True)]
+    else:
+        columns, rows = TABLE_COLUMNS, summary_rows(report)
+    from pathlib import Path
+
+    floors = report.noise_floors()
+    floor = (
+        ", noise floor " + ", ".join(f"{n} {v:.2g}" for n, v in floors.items()) if floors else ""
     )
-    out.print(table(escape(title), TABLE_COLUMNS, rows))
-    lines = [TOLERANCE_NOTE]
-    lines += [f"skipped {s['runner']}: {s['reason']}" for s in report.skipped]
+    title = (
+        f"{Path(report.model['path']).name} vs {report.reference['name']}: "
+        f"{report.inputs['samples']} samples, batch {','.join(map(str, report.batch_sizes))}{floor}"
+    )
+    if verbose:
+        sets = ", ".join(f"{s['name']} {s['samples']}" for s in report.inputs.get("sets", []))
+        title += f" ({sets})"
+    out.print(table(escape(title), columns, [[escape(c) for c in row] for row in rows]))
+    lines = [report.rule_note]
+    skipped: dict[str, list[str]] = {}
+    for s in report.skipped:
+        skipped.setdefault(s["reason"], []).append(s["runner"])
+    lines += [
+        f"skipped {', '.join(names)}: {reason if verbose else reason.split(':')[0]}"
+        for reason, names in skipped.items()
+    ]
     lines += [f"note: {n}" for n in [*report.notes, *report.inputs.get("notes", [])]]
     if report.passed:
-        lines.append(f"PASS: every gating runner is within tolerance ({report.seconds:.2f} s)")
+        lines.append(f"PASS: every gating runner is within tolerance ({report.seconds:.1f} s)")
     else:
         lines.append(f"FAIL: {', '.join(report.failing_runners) or 'no gating runner ran'}")
-        lines += [f"  {r.failure_message()}" for r in report.failures]
+        lines += [f"  {line}" for line in failure_lines(report)]
     for line in lines:
         out.print(line, markup=False, highlight=False)
 
 
 @contextlib.contextmanager
 def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich progress bar on stderr for the parity check (none when stderr is not a terminal)."""
+    """Progress of the parity check on stderr: a rich bar on a terminal, else one line per stage."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     err = Console(stderr=True)
     if not err.is_terminal:
-        yield None
+
+        def line(stage_name: str, done: int, total: int) -> None:
+            typer.echo(f"parity [{done}/{total}] {stage_name}", err=True)
+
+        yield line
         return
     with Progress(
         TextColumn("Checking parity: {task.description}"),

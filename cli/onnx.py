@@ -15,20 +15,33 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnexport.cli._common import (
+    DEFAULT_OPT_LEVELS,
     EXIT_MISMATCH,
     EXIT_OK,
+    AtolOpt,
+    BatchSizesOpt,
     InputShapeOpt,
     ModelOpt,
+    NoiseFactorOpt,
+    OptLevelsOpt,
+    RtolOpt,
+    SamplesOpt,
     TemperatureOpt,
+    ToleranceOpt,
+    VerboseOpt,
     console,
     handle_errors,
     load_model_source,
+    split_ints,
     split_names,
+    split_values,
     table,
+    tolerance_config,
 )
 from bnexport.cli.check import parity_progress, render_report
 from bnexport.cli.fold import (
     CheckpointArg,
+    NoVerifyOpt,
     ReportJsonOpt,
     StrictOpt,
     refuse_unfolded,
@@ -83,6 +96,15 @@ def onnx_cli(
     ] = None,
     report_json: ReportJsonOpt = None,
     strict: StrictOpt = False,
+    no_verify: NoVerifyOpt = False,
+    tolerance: ToleranceOpt = "noise",
+    noise_factor: NoiseFactorOpt = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    samples: SamplesOpt = None,
+    batch_sizes: BatchSizesOpt = None,
+    opt_levels: OptLevelsOpt = DEFAULT_OPT_LEVELS,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Fold BatchNorm and temperature, export one self-contained ONNX file, check its parity.
 
@@ -107,7 +129,11 @@ def onnx_cli(
     config = None
     if not no_check:
         config = CheckConfig(
-            providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+            providers=split_values(providers, "--providers"),
+            opt_levels=split_values(opt_levels, "--opt-levels"),
+            batch_sizes=split_ints(batch_sizes, "--batch-sizes"),
+            samples=samples,
+            **tolerance_config(tolerance, noise_factor, rtol, atol),
             folded=not no_fold,
         )
         resolve_providers(config)  # CUDA asked for and not running: fail before any work
@@ -120,7 +146,7 @@ def onnx_cli(
         from bnexport.fold import fold_model
 
         with stage("Folding BatchNorm"):
-            folded = fold_model(source.model, source.example_inputs)
+            folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
     render_source(out, source)
     if folded is not None:
         render_fold_report(out, folded.report)
@@ -170,7 +196,7 @@ def onnx_cli(
     if parity is None:
         out.print("Parity check skipped (--no-check).")
         raise typer.Exit(EXIT_OK)
-    render_report(parity)  # `bnexport check`'s rendering: both commands print the same table
+    render_report(parity, verbose=verbose)  # `bnexport check`'s rendering: the same table
     raise typer.Exit(EXIT_OK if parity.passed else EXIT_MISMATCH)
 
 

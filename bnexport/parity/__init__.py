@@ -1,12 +1,16 @@
 """Parity checks: does the ONNX model compute what the PyTorch model computes?
 
-``check_parity(onnx_model, reference, config)`` is the one call. It runs the reference (the PyTorch
-model, unfolded, fp32, CPU) and every candidate runner — PyTorch float64 (ground truth: how much of
-any error is the reference's own) and folded, onnxruntime CPU at each graph optimization level,
-onnxruntime CUDA with ``use_tf32=0`` (and with TF32, reported) when a probe proves CUDA really
-runs — over the same inputs at each batch size, and compares each candidate with the reference
-per output (:mod:`bnexport.parity.compare`) under per-kind tolerances
+``check_parity(onnx_model, reference, config)`` is the one call. It runs the PyTorch model
+unfolded in float64 (the truth) and in fp32 on the CPU (the reference: its error against the truth
+is this model's noise floor), then every candidate runner — PyTorch folded, onnxruntime CPU at each
+graph optimization level, onnxruntime CUDA with ``use_tf32=0`` (and with TF32, reported) when a
+probe proves CUDA really runs — over the same inputs at each batch size, and compares each
+candidate per output (:mod:`bnexport.parity.compare`) under the noise-relative rule, or fixed
+per-kind tolerances against the reference with ``tolerance_mode="fixed"``
 (:mod:`bnexport.parity.tolerance`).
+
+The default sample count and batch sizes adapt to the model's cost (:func:`plan_inputs`): one
+forward is timed and the check sized to ``DEFAULT_TIME_BUDGET_S``.
 
 Models may have several inputs (fed by ONNX input name; the PyTorch models get them by name or in
 the forward's order) and several outputs (a dict's matched by key, others by order). Before any
@@ -52,9 +56,14 @@ from bnexport.parity.runners import (
     TorchRunner,
 )
 from bnexport.parity.tolerance import (
+    DEFAULT_TOLERANCE_MODE,
     DEFAULT_TOLERANCES,
+    KIND_PRECISION,
+    TOLERANCE_MODES,
+    NoiseTolerance,
     Tolerance,
     parse_tolerance_overrides,
+    relative_error,
     resolve_tolerances,
 )
 
@@ -62,6 +71,7 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "CheckConfig",
     "InputConfig",
+    "NoiseTolerance",
     "OnnxRuntimeRunner",
     "OutputComparison",
     "ParityInputs",
@@ -73,6 +83,7 @@ __all__ = [
     "compare_output",
     "load_inputs",
     "parse_tolerance_overrides",
+    "plan_inputs",
     "save_inputs",
 ]
 
@@ -80,6 +91,13 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 DEFAULT_PROVIDERS: tuple[str, ...] = ("auto",)
 DEFAULT_OPT_LEVELS: tuple[str, ...] = ("disabled", "all")
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
+#: Seconds of model forwards a default check aims at (``plan_inputs``): the random sample count
+#: and the batch sizes shrink for a model whose single forward is expensive.
+DEFAULT_TIME_BUDGET_S = 6.0
+#: Samples of the timed forward that sizes a default check (timed twice: the first warms up).
+PROBE_SAMPLES = 4
+#: Fewest random samples a default check feeds (besides the edge cases), however slow the model.
+MIN_RANDOM_SAMPLES = 2
 CUDA_OPT_LEVEL = "all"
 # PyTorch runs single-threaded during a check: the references are small, and OpenMP's spinning
 # threads collapse on a busy shared CPU (10-40x slower with 2 threads at load 10 on 2 cores).
@@ -104,9 +122,13 @@ class CheckConfig:
 
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     opt_levels: tuple[str, ...] = DEFAULT_OPT_LEVELS
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    batch_sizes: tuple[int, ...] | None = None  # None: adapt to the model's cost (plan_inputs)
     inputs: InputConfig = field(default_factory=InputConfig)
+    samples: int | None = None  # random samples; None: inputs.random_count, fewer for slow models
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S
     save_inputs: Path | None = None
+    tolerance_mode: str = DEFAULT_TOLERANCE_MODE
+    noise_tolerance: NoiseTolerance = field(default_factory=NoiseTolerance)
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     tf32_gate: bool = False
     ground_truth: bool = True
@@ -129,13 +151,35 @@ class CheckConfig:
             raise ParityInputError(
                 f"optimization levels {list(self.opt_levels)}: choose from {', '.join(OPT_LEVELS)}"
             )
-        if not self.batch_sizes or any(
-            not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.batch_sizes
+        if self.batch_sizes is not None and (
+            not self.batch_sizes
+            or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.batch_sizes)
         ):
             raise ParityInputError(
                 f"batch sizes {list(self.batch_sizes)} must be positive integers"
             )
+        if self.samples is not None and self.samples < 0:
+            raise ParityInputError(f"--samples {self.samples} must be >= 0")
+        if self.tolerance_mode not in TOLERANCE_MODES:
+            raise ParityInputError(
+                f"--tolerance {self.tolerance_mode!r}: choose {' or '.join(TOLERANCE_MODES)}"
+            )
+        if self.tolerance_mode == "noise" and not self.ground_truth:
+            raise ParityInputError(
+                "the noise-relative tolerance measures against the float64 truth: drop --no-fp64 "
+                "or use --tolerance fixed"
+            )
+        if self.tolerance_mode == "noise" and self.tolerances:
+            raise ParityInputError(
+                "--rtol/--atol set fixed tolerances: add --tolerance fixed to use them"
+            )
         resolve_tolerances(self.tolerances)  # validates the kinds
+
+    def tolerance_for(self, kind: str) -> Tolerance | NoiseTolerance:
+        """The tolerance that decides for a runner of ``kind``."""
+        if self.tolerance_mode == "noise":
+            return self.noise_tolerance
+        return resolve_tolerances(self.tolerances)[kind]
 
 
 def _model_bytes(onnx_model: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
@@ -394,19 +438,6 @@ def _check_parity(
                 f"ONNX input {spec.describe()} but the PyTorch model's parameters are {ref_dtype}; "
                 "export and check in the same precision"
             )
-    for spec in in_specs:
-        static = spec.shape[0] if spec.shape else None
-        if static is not None and any(b != static for b in config.batch_sizes):
-            raise ParityInputError(
-                f"ONNX input {spec.describe()} has a fixed batch of {static}, so batch sizes "
-                f"{list(config.batch_sizes)} cannot run; export with a dynamic batch dimension or "
-                f"use --batch-sizes {static}"
-            )
-
-    inputs = build_inputs(in_specs, config.inputs, normalize=normalize, input_shape=input_shape)
-    if config.save_inputs is not None:
-        save_inputs(inputs, config.save_inputs)
-
     in_names = [s.name for s in in_specs]
     out_names = [s.name for s in out_specs]
     ref_runner = TorchRunner(
@@ -414,10 +445,32 @@ def _check_parity(
         in_names,
         out_names,
         name=REFERENCE_NAME,
-        description="PyTorch fp32 on the CPU, unfolded (the reference)",
+        description="PyTorch fp32 on the CPU, unfolded (the reference; its error against the "
+        "float64 truth is the noise floor)",
     )
+    static_batch = next((s.shape[0] for s in in_specs if s.shape and s.shape[0]), None)
+    batch_sizes = config.batch_sizes
+    if static_batch is not None and batch_sizes is None:
+        batch_sizes = (static_batch,)
+    for spec in in_specs:
+        static = spec.shape[0] if spec.shape else None
+        if static is not None and any(b != static for b in batch_sizes or ()):
+            raise ParityInputError(
+                f"ONNX input {spec.describe()} has a fixed batch of {static}, so batch sizes "
+                f"{list(batch_sizes or ())} cannot run; export with a dynamic batch dimension or "
+                f"use --batch-sizes {static}"
+            )
+
+    inputs, batch_sizes, plan = _plan_and_build(
+        ref_runner, in_specs, config, batch_sizes, normalize, input_shape, n_ort=len(ort_runners)
+    )
+    notes += plan
+    if config.save_inputs is not None:
+        save_inputs(inputs, config.save_inputs)
+
     candidates: list[Runner] = []
     gt_runner: TorchRunner | None = None
+    noise_mode = config.tolerance_mode == "noise"
     if config.ground_truth:
         try:
             gt_runner = TorchRunner(
@@ -428,13 +481,18 @@ def _check_parity(
                 dtype="float64",
                 kind="torch",
                 gating=False,
-                description="PyTorch float64 on the CPU, unfolded (ground truth: the reference's "
-                "own error; reported, not gating)",
+                description="PyTorch float64 on the CPU, unfolded (the truth)",
             )
-            candidates.append(gt_runner)
+            if not noise_mode:
+                candidates.append(gt_runner)
         except BnexportError:
             raise
         except Exception as exc:  # a model that cannot be deep-copied or cast to float64
+            if noise_mode:
+                raise ParityInputError(
+                    f"the noise-relative check needs a float64 copy of the model, which fails "
+                    f"({type(exc).__name__}: {exc}); use --tolerance fixed"
+                ) from None
             skipped.append({"runner": "torch-fp64", "reason": f"cannot make a float64 copy: {exc}"})
     if config.folded:
         folded_module, why = (
@@ -462,9 +520,14 @@ def _check_parity(
     # PyTorch runs once, at the largest batch size: its batching is not what is being checked, and
     # every onnxruntime batch size is compared with the same reference outputs (so a candidate that
     # mixes samples across a batch is caught too).
-    ref_batch = max(config.batch_sizes)
+    ref_batch = max(batch_sizes)
     torch_candidates = [r for r in candidates if isinstance(r, TorchRunner)]
-    total = 1 + len(torch_candidates) + len(ort_runners) * len(config.batch_sizes)
+    total = (
+        1
+        + 2 * (gt_runner is not None and noise_mode)
+        + len(torch_candidates)
+        + len(ort_runners) * len(batch_sizes)
+    )
     done = 0
 
     def step(stage: str) -> None:
@@ -473,23 +536,27 @@ def _check_parity(
         if progress:
             progress(stage, done, total)
 
-    try:
-        ref_out = _run_all(ref_runner, inputs, ref_batch)
-    except BnexportError:
-        raise
-    except Exception as exc:
-        raise ParityInputError(
-            f"the PyTorch reference fails on the inputs (batch {ref_batch}): "
-            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        ) from None
+    ref_out = _run_reference(ref_runner, inputs, ref_batch)
     _check_outputs(ref_out, out_specs)
     step(f"{REFERENCE_NAME} batch {ref_batch}")
 
     gt_out: dict[str, np.ndarray] | None = None
+    noise: dict[str, float] = {}
+    if gt_runner is not None and noise_mode:
+        gt_out = _run_reference(gt_runner, inputs, ref_batch)
+        step(f"{gt_runner.name} batch {ref_batch}")
+        # The noise floor is PyTorch fp32's error over two of its own execution paths: the largest
+        # batch and batch 1 run different kernels, and on ill-conditioned inputs their errors
+        # differ several-fold (docs/parity.md).
+        draws = [ref_out]
+        if ref_batch != 1:
+            draws.append(_run_reference(ref_runner, inputs, 1))
+            step(f"{REFERENCE_NAME} batch 1")
+        noise = {n: max(relative_error(d[n], gt_out[n]).value for d in draws) for n in out_names}
     results: list[RunnerResult] = []
-    plan = [(r, ref_batch) for r in torch_candidates]
-    plan += [(r, b) for b in config.batch_sizes for r in ort_runners]
-    for runner, batch in plan:
+    plan_runs = [(r, ref_batch) for r in torch_candidates]
+    plan_runs += [(r, b) for b in batch_sizes for r in ort_runners]
+    for runner, batch in plan_runs:
         t0 = time.perf_counter()
         try:
             out = _run_all(runner, inputs, batch)
@@ -508,13 +575,23 @@ def _check_parity(
             batches=-(-inputs.size // batch),
             samples=inputs.size,
             seconds=time.perf_counter() - t0,
-            tolerance=tolerances[runner.kind],
+            tolerance=config.tolerance_for(runner.kind),
             error=error,
         )
         if error is None:
+            truth = gt_out if runner is not gt_runner else None
             for name in out_names:
                 result.outputs.append(
-                    _compare(runner, name, out[name], ref_out[name], result.tolerance, inputs)
+                    _compare(
+                        runner,
+                        name,
+                        out[name],
+                        ref_out[name],
+                        result.tolerance,
+                        inputs,
+                        truth=None if truth is None else truth[name],
+                        noise=noise.get(name),
+                    )
                 )
                 if gt_out is not None and runner is not gt_runner:
                     result.ground_truth_max_abs_err[name] = _max_abs_err(out[name], gt_out[name])
@@ -533,17 +610,20 @@ def _check_parity(
             "outputs": [s.to_dict() for s in out_specs],
         },
         reference={
+            **ref_runner.info(),
+            "runner": ref_runner.name,
             "name": reference_name or type(reference).__name__,
             "weights_sha256": weights,
-            **ref_runner.info(),
         },
         runners=[r.info() for r in candidates],
         skipped=skipped,
         results=results,
         inputs=inputs.summary()
         | {"saved_to": str(config.save_inputs) if config.save_inputs else None},
-        batch_sizes=list(config.batch_sizes),
+        batch_sizes=list(batch_sizes),
         tolerances=tolerances,
+        tolerance_mode=config.tolerance_mode,
+        noise_tolerance=config.noise_tolerance,
         versions=_versions(),
         device=_device(use_cuda),
         cuda_probe=probe,
@@ -557,8 +637,11 @@ def _compare(
     name: str,
     cand: np.ndarray,
     ref: np.ndarray,
-    tol: Tolerance,
+    tol: Tolerance | NoiseTolerance,
     inputs: ParityInputs,
+    *,
+    truth: np.ndarray | None,
+    noise: float | None = None,
 ) -> OutputComparison:
     if cand.shape != ref.shape:
         raise ParityInputError(
@@ -571,7 +654,130 @@ def _compare(
             f"output {name!r}: {runner.name} gives {cand.dtype}, the PyTorch reference "
             f"{ref.dtype}; export and check in the same precision"
         )
-    return compare_output(name, cand, ref, tol, locate=inputs.locate)
+    return compare_output(
+        name,
+        cand,
+        ref,
+        tol,
+        truth=truth,
+        noise=noise,
+        precision=KIND_PRECISION.get(runner.kind, 1.0),
+        locate=inputs.locate,
+    )
+
+
+def _run_reference(runner: TorchRunner, inputs: ParityInputs, batch: int) -> dict[str, np.ndarray]:
+    """Run a PyTorch reference (fp32 or the float64 truth); its failure is bad input."""
+    try:
+        return _run_all(runner, inputs, batch)
+    except BnexportError:
+        raise
+    except Exception as exc:
+        raise ParityInputError(
+            f"the PyTorch model ({runner.name}) fails on the inputs (batch {batch}): "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
+
+
+def plan_inputs(
+    seconds_per_sample: float,
+    fixed_samples: int,
+    *,
+    random_count: int,
+    runs_per_sample: float,
+    budget_s: float = DEFAULT_TIME_BUDGET_S,
+) -> tuple[int, bool]:
+    """``(random samples, cheap)`` for a model whose fp32 forward takes ``seconds_per_sample``.
+
+    A check costs about ``seconds_per_sample · runs_per_sample`` per sample fed (fp32, float64 ≈ 2,
+    folded, each onnxruntime level × batch size). The ``fixed_samples`` (edge cases, images) are
+    always fed; random samples fill the rest of ``budget_s``, between ``MIN_RANDOM_SAMPLES`` and
+    ``random_count``. ``cheap``: everything fits with the default batch sizes.
+    """
+    per_sample = max(seconds_per_sample, 1e-9) * runs_per_sample
+    room = int(budget_s / per_sample) - fixed_samples
+    random = max(min(random_count, room), min(MIN_RANDOM_SAMPLES, random_count))
+    return random, (fixed_samples + random_count) * per_sample <= budget_s
+
+
+def _plan_and_build(
+    ref_runner: TorchRunner,
+    in_specs: Sequence[TensorSpec],
+    config: CheckConfig,
+    batch_sizes: tuple[int, ...] | None,
+    normalize: Any,
+    input_shape: Any,
+    *,
+    n_ort: int,
+) -> tuple[ParityInputs, tuple[int, ...], list[str]]:
+    """The inputs and batch sizes to run: the configured ones, or sized to the model's cost."""
+    from dataclasses import replace
+
+    wanted = config.inputs.random_count if config.samples is None else config.samples
+    inputs_cfg = replace(config.inputs, random_count=wanted)
+    if (config.samples is not None or inputs_cfg.inputs_file is not None) and batch_sizes:
+        inputs = build_inputs(in_specs, inputs_cfg, normalize=normalize, input_shape=input_shape)
+        return inputs, batch_sizes, []
+    probe_cfg = replace(
+        inputs_cfg, random_count=PROBE_SAMPLES, edge_cases=False, bundled=False, data_dir=None
+    )
+    if inputs_cfg.inputs_file is not None:
+        probe_cfg = inputs_cfg
+    probe = build_inputs(in_specs, probe_cfg, normalize=normalize, input_shape=input_shape)
+    one = {k: v[:PROBE_SAMPLES] for k, v in probe.arrays().items()}
+    n_probe = next(iter(one.values())).shape[0]
+    timings = []
+    for _ in range(2):  # the first call warms up
+        t0 = time.perf_counter()
+        try:
+            ref_runner.infer(one)
+        except BnexportError:
+            raise
+        except Exception as exc:
+            raise ParityInputError(
+                f"the PyTorch reference fails on the inputs: {type(exc).__name__}: "
+                f"{' '.join(str(exc).split())}"
+            ) from None
+        timings.append(time.perf_counter() - t0)
+    per_sample = timings[-1] / max(n_probe, 1)
+    fixed = (
+        build_inputs(
+            in_specs,
+            replace(inputs_cfg, random_count=0),
+            normalize=normalize,
+            input_shape=input_shape,
+        ).size
+        if inputs_cfg.inputs_file is None
+        else probe.size
+    )
+    n_batches = len(batch_sizes or DEFAULT_BATCH_SIZES)
+    runs = 5.0 + n_ort * n_batches  # fp32 twice, float64 (≈ 2), folded; onnxruntime
+    random, cheap = plan_inputs(
+        per_sample,
+        fixed,
+        random_count=wanted if config.samples is None else config.samples,
+        runs_per_sample=runs,
+        budget_s=config.time_budget_s,
+    )
+    notes: list[str] = []
+    if config.samples is not None or inputs_cfg.inputs_file is not None:
+        random = wanted
+    elif random < wanted:
+        notes.append(
+            f"{random} random samples (not {wanted}): one forward takes {per_sample * 1e3:.0f} ms, "
+            f"sized to a {config.time_budget_s:g} s budget; --samples N overrides"
+        )
+    if batch_sizes is None:
+        batch_sizes = DEFAULT_BATCH_SIZES if cheap else DEFAULT_BATCH_SIZES[:2]
+    if inputs_cfg.inputs_file is not None:
+        return probe, batch_sizes, notes
+    inputs = build_inputs(
+        in_specs,
+        replace(inputs_cfg, random_count=random),
+        normalize=normalize,
+        input_shape=input_shape,
+    )
+    return inputs, batch_sizes, notes
 
 
 def _max_abs_err(cand: np.ndarray, truth: np.ndarray) -> float:

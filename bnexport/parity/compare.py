@@ -1,6 +1,10 @@
-"""Compare one candidate output with the reference: statistics that explain a pass or a failure.
+"""Compare one candidate output with the truth and the reference: statistics that explain a result.
 
-For each output (first axis = batch) :func:`compare_output` reports the absolute error statistics,
+The pass/fail decision is the tolerance's own (:meth:`NoiseTolerance.passes` on the error against
+the float64 truth and fp32's noise floor, or :meth:`Tolerance.passes` element-wise against the fp32
+reference); this module only measures. For each output (first axis = batch)
+:func:`compare_output` reports the noise-relative error (``E``, ``N``, their ratio, the limit) when
+a truth is given, the absolute error statistics against the reference,
 the worst sample's error relative to that sample's ``max|ref|``, cosine similarity, argmax
 agreement, NaN/Inf counts, the smallest tolerances that would have passed, a log10 histogram of
 ``|a − r|``, and the worst element (the largest ``|a − r| / allowed``) by sample and output index.
@@ -14,7 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.parity.tolerance import Tolerance, sample_scale
+from bnexport.parity.tolerance import (
+    NoiseTolerance,
+    Tolerance,
+    relative_error,
+    sample_scale,
+)
 
 # Histogram of |a − r|: exact zeros, then decades 1e-9 … 1e1, then the rest and the non-finite.
 HISTOGRAM_DECADES: tuple[int, ...] = tuple(range(-9, 2))
@@ -29,7 +38,7 @@ class WorstElement:
     candidate: float
     reference: float
     abs_err: float
-    allowed: float  # atol + rtol·|r| at this element
+    allowed: float  # the largest error that passes at this element
     input_set: str = ""  # which input set the sample came from ("bundled", "random", …)
     set_index: int = -1  # the sample's index inside that set
 
@@ -63,7 +72,7 @@ class OutputComparison:
     shape: tuple[int, ...]
     dtype: str
     passed: bool
-    tolerance: Tolerance
+    tolerance: Tolerance | NoiseTolerance
     violations: int  # elements outside the tolerance
     elements: int
     max_abs_err: float
@@ -82,6 +91,26 @@ class OutputComparison:
     min_rtol: float  # smallest rtol that passes at this atol
     histogram: dict[str, int] = field(default_factory=dict)
     worst: WorstElement | None = None
+    # Against the float64 truth (None without one): E, N, F = max(N, ulps·eps), factor·ρ·F.
+    error: float | None = None
+    noise: float | None = None
+    floor: float | None = None
+    limit: float | None = None
+    classifier: bool = False  # [N, C>1] output: argmax agreement means something
+
+    @property
+    def noise_ratio(self) -> float | None:
+        """``E / F``: the error as a multiple of the noise floor."""
+        if self.error is None or not self.floor:
+            return None
+        return self.error / self.floor
+
+    @property
+    def margin(self) -> float:
+        """How close to failing: error / limit (noise rule) or the worst element's err/allowed."""
+        if isinstance(self.tolerance, NoiseTolerance) and self.limit:
+            return (self.error or 0.0) / self.limit
+        return self.worst.ratio() if self.worst else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -90,6 +119,8 @@ class OutputComparison:
         d["shape"] = list(self.shape)
         d["tolerance"] = self.tolerance.to_dict()
         d["worst"] = self.worst.to_dict() if self.worst else None
+        ratio = self.noise_ratio
+        d["noise_ratio"] = None if ratio is None else _finite_or_str(ratio)
         return d
 
 
@@ -148,12 +179,20 @@ def compare_output(
     name: str,
     candidate: np.ndarray,
     reference: np.ndarray,
-    tolerance: Tolerance,
+    tolerance: Tolerance | NoiseTolerance,
     *,
+    truth: np.ndarray | None = None,
+    noise: float | None = None,
+    precision: float = 1.0,
     locate: Any = None,
 ) -> OutputComparison:
-    """Compare ``candidate`` with ``reference`` (same shape; first axis = samples).
+    """Compare ``candidate`` with ``truth`` and ``reference`` (same shape; first axis = samples).
 
+    With a :class:`NoiseTolerance` (needs ``truth``, the float64 forward): ``E`` is the
+    candidate's error against the truth, ``N`` the reference's (or ``noise``, measured over
+    several runs of the reference), and the tolerance decides; ``precision`` is the candidate's
+    ``ρ``. With a :class:`Tolerance`: element-wise against the
+    reference (``E``/``N`` still reported when a truth is given).
     ``locate(sample) -> (input_set, index_in_set)`` names where the worst sample came from.
     Smallest passing tolerances, per element with ``e = |a − r|`` and ``s`` the sample's
     ``max(1, max|ref|)``: ``min_atol_scale = max((e − rtol·|r|)⁺ / s)``,
@@ -175,15 +214,20 @@ def compare_output(
     abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)  # NaN vs a number: infinitely wrong
     finite_err = bool(np.all(np.isfinite(abs_err)))
 
+    if isinstance(tolerance, NoiseTolerance) and truth is None:
+        raise ValueError("the noise-relative tolerance needs the float64 truth")
+    # Fixed-tolerance statistics (against the reference) use the default fixed tolerance's rtol
+    # when the noise rule decides: "would pass with --tolerance fixed --atol X" at that rtol.
+    fixed = tolerance if isinstance(tolerance, Tolerance) else Tolerance(0.0, 0.0)
     scale = np.broadcast_to(np.maximum(1.0, sample_scale(ref)), ref.shape)
     abs_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
-    atol = tolerance.atol_scale * scale
-    allowed = atol + tolerance.rtol * abs_ref
-    ok = abs_err <= allowed
+    atol = fixed.atol_scale * scale
+    allowed = atol + fixed.rtol * abs_ref
+    ok = fixed.passes(cand, ref)
     violations = int(ok.size - np.count_nonzero(ok))
 
     if finite_err:
-        min_atol_scale = float(np.max(np.maximum(abs_err - tolerance.rtol * abs_ref, 0.0) / scale))
+        min_atol_scale = float(np.max(np.maximum(abs_err - fixed.rtol * abs_ref, 0.0) / scale))
         over = np.maximum(abs_err - atol, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             need = np.where(over > 0, over / abs_ref, 0.0)
@@ -203,11 +247,41 @@ def compare_output(
     n = ref.shape[0] if ref.ndim >= 1 else 1
     sample_cos = row_cosines(cand_c.reshape(n, -1), ref_c.reshape(n, -1))
     argmax: float | None = None
+    classifier = ref.ndim == 2 and ref.shape[-1] > 1
+    against = ref if truth is None else np.asarray(truth, dtype=np.float64)
     if ref.ndim >= 2 and ref.shape[-1] > 1 and ref.size:
-        argmax = float(np.mean(np.argmax(cand, axis=-1) == np.argmax(ref, axis=-1)))
+        argmax = float(np.mean(np.argmax(cand, axis=-1) == np.argmax(against, axis=-1)))
 
+    error = floor = limit = None
+    passed = violations == 0
     worst: WorstElement | None = None
-    if abs_err.size:
+    if truth is not None:
+        tru = np.asarray(truth, dtype=np.float64)
+        if tru.shape != ref.shape:
+            raise ValueError(f"output {name!r}: truth shape {tru.shape} vs {ref.shape}")
+        eps = _eps(candidate)
+        e = relative_error(cand, tru)
+        error = e.value
+        noise = relative_error(ref, tru).value if noise is None else noise
+        rule = tolerance if isinstance(tolerance, NoiseTolerance) else NoiseTolerance()
+        floor, limit = rule.floor(noise, eps), rule.limit(noise, eps, precision)
+        if isinstance(tolerance, NoiseTolerance):
+            passed = tolerance.passes(error, noise, eps, precision)
+            if tru.size:
+                pos = (e.sample, *e.index) if tru.ndim else ()
+                set_name, set_index = locate(e.sample) if locate is not None else ("", -1)
+                worst = WorstElement(
+                    sample=e.sample,
+                    index=e.index,
+                    candidate=float(cand[pos]),
+                    reference=float(tru[pos]),
+                    abs_err=e.value * e.scale,
+                    allowed=limit * e.scale,
+                    input_set=set_name,
+                    set_index=int(set_index),
+                )
+
+    if worst is None and abs_err.size:
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
         flat = int(np.argmax(ratio))
@@ -229,7 +303,7 @@ def compare_output(
         name=name,
         shape=tuple(int(d) for d in ref.shape),
         dtype=str(np.asarray(candidate).dtype),
-        passed=violations == 0,
+        passed=passed,
         tolerance=tolerance,
         violations=violations,
         elements=int(ref.size),
@@ -249,4 +323,15 @@ def compare_output(
         min_rtol=min_rtol,
         histogram=error_histogram(abs_err),
         worst=worst,
+        error=error,
+        noise=noise,
+        floor=floor,
+        limit=limit,
+        classifier=classifier,
     )
+
+
+def _eps(array: np.ndarray) -> float:
+    """Machine epsilon of a floating array's dtype (float32's for anything else)."""
+    dtype = np.asarray(array).dtype
+    return float(np.finfo(dtype if dtype.kind == "f" else np.float32).eps)

@@ -138,9 +138,14 @@ class ParityInputs:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """Which inputs to feed. ``inputs_file`` replaces every generated set."""
+    """Which inputs to feed. ``inputs_file`` replaces every generated set.
 
-    bundled: bool = True
+    ``bundled``: None feeds the bundled images when they fit (a single 28×28 input with a known
+    normalization: the seed Net), True asks for them (a note says why not when they don't fit),
+    False never feeds them.
+    """
+
+    bundled: bool | None = None
     data_dir: Path | None = None
     data_limit: int | None = None
     inputs_file: Path | None = None
@@ -331,11 +336,11 @@ def build_inputs(
         sets.append(
             _rename(idx_images(Path(config.data_dir), normalize, config.data_limit), specs[0])
         )
-    if config.bundled:
-        if image_why:
-            notes.append(f"bundled images not used: {image_why}")
-        else:
+    if config.bundled is not False:
+        if not image_why:
             sets.append(_rename(bundled_images(normalize), specs[0]))
+        elif config.bundled:
+            notes.append(f"bundled images not used: {image_why}")
     if config.random_count > 0:
         sets.append(random_inputs(shapes, dtypes, config.random_count, config.seed))
     if config.edge_cases:

@@ -1,5 +1,6 @@
-"""The parity report: one result per runner and batch size, rendered as a dict (JSON), JUnit XML and
-Markdown. ``passed`` is True only when every gating runner passed and at least one ran."""
+"""The parity report: one result per runner and batch size, rendered as a dict (JSON), JUnit XML,
+Markdown and a table of one row per runner (its worst batch size; :func:`summary_rows`).
+``passed`` is True only when every gating runner passed and at least one ran."""
 
 from __future__ import annotations
 
@@ -10,25 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnexport.parity.compare import OutputComparison, _finite_or_str
-from bnexport.parity.tolerance import Tolerance
+from bnexport.parity.tolerance import NoiseTolerance, Tolerance
 
-REPORT_FORMAT = "bnexport.parity/1"
-TOLERANCE_NOTE = (
-    "An element passes when |a − r| <= atol·max(1, max|ref|) + rtol·|r| (max|ref| per sample); "
-    "rel err = max|a − r| / max|ref| of the worst sample; worst element = #sample set[index] "
-    "out[index]."
+REPORT_FORMAT = "bnexport.parity/2"
+NOISE_NOTE = (
+    "error: worst sample's max|a−t|/max|t| against the float64 truth t; floor: PyTorch fp32's\n"
+    "error (its noise); pass: error/floor <= limit; fixed atol: smallest passing --atol at rtol 0"
 )
-TABLE_COLUMNS = (
-    "runner",
-    "batch",
-    "max abs err",
-    "rel err",
-    "cosine",
-    "argmax",
-    "rtol / atol",
-    "result",
-    "worst element",
+FIXED_NOTE = (
+    "An element passes when |a − r| <= atol·max(1, max|ref|) + rtol·|r| against PyTorch fp32 "
+    "(max|ref| per sample); error: worst sample's max|a − r| / max|r|."
 )
+TABLE_COLUMNS = ("runner", "result", "error", "error/floor", "limit", "fixed atol", "argmax")
+VERBOSE_COLUMNS = ("runner", "batch", "output", *TABLE_COLUMNS[1:], "worst element")
 
 
 @dataclass
@@ -42,7 +37,7 @@ class RunnerResult:
     batches: int
     samples: int
     seconds: float
-    tolerance: Tolerance
+    tolerance: Tolerance | NoiseTolerance
     outputs: list[OutputComparison] = field(default_factory=list)
     ground_truth_max_abs_err: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the runner crashed: a failure with this message
@@ -58,10 +53,18 @@ class RunnerResult:
         return word if self.gating else f"{word.lower() if self.passed else word} (info)"
 
     def worst_output(self) -> OutputComparison | None:
-        """The output furthest outside its tolerance (by the worst element's err/allowed)."""
+        """The output closest to (or furthest past) its limit."""
         if not self.outputs:
             return None
-        return max(self.outputs, key=lambda o: o.worst.ratio() if o.worst else 0.0)
+        return max(self.outputs, key=lambda o: (not o.passed, o.margin))
+
+    @property
+    def margin(self) -> float:
+        """Error / limit of the worst output (above 1 fails); inf when the runner crashed."""
+        if self.error:
+            return math.inf
+        worst = self.worst_output()
+        return worst.margin if worst else 0.0
 
     def failure_message(self) -> str:
         """One paragraph: what failed, by how much, where, and what tolerance would have passed."""
@@ -70,6 +73,9 @@ class RunnerResult:
         parts = []
         for o in self.outputs:
             if o.passed:
+                continue
+            if isinstance(o.tolerance, NoiseTolerance):
+                parts.append(_noise_failure(self, o))
                 continue
             text = (
                 f"{self.runner} batch {self.batch_size}: output {o.name!r} has {o.violations} of "
@@ -127,6 +133,30 @@ class ParityReport:
     cuda_probe: dict[str, Any] | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    tolerance_mode: str = "noise"
+    noise_tolerance: NoiseTolerance = field(default_factory=NoiseTolerance)
+
+    @property
+    def rule_note(self) -> str:
+        return NOISE_NOTE if self.tolerance_mode == "noise" else FIXED_NOTE
+
+    def noise_floors(self) -> dict[str, float]:
+        """Per output, the noise floor F the check measured (fp32 vs the float64 truth)."""
+        floors: dict[str, float] = {}
+        for r in self.results:
+            for o in r.outputs:
+                if o.floor is not None and o.dtype == "float32":
+                    floors.setdefault(o.name, o.floor)
+        return floors
+
+    def worst_per_runner(self) -> list[RunnerResult]:
+        """One result per runner, in order: its worst batch size (a failure first)."""
+        by_runner: dict[str, RunnerResult] = {}
+        for r in self.results:
+            seen = by_runner.get(r.runner)
+            if seen is None or (not r.passed, r.margin) > (not seen.passed, seen.margin):
+                by_runner[r.runner] = r
+        return list(by_runner.values())
 
     @property
     def failures(self) -> list[RunnerResult]:
@@ -147,6 +177,9 @@ class ParityReport:
             "runners": self.runners,
             "skipped": self.skipped,
             "batch_sizes": self.batch_sizes,
+            "tolerance_mode": self.tolerance_mode,
+            "noise_tolerance": self.noise_tolerance.to_dict(),
+            "noise_floors": self.noise_floors(),
             "tolerances": {k: v.to_dict() for k, v in self.tolerances.items()},
             "inputs": self.inputs,
             "results": [r.to_dict() for r in self.results],
@@ -232,13 +265,13 @@ class ParityReport:
             f" ({sets}),"
             f" batch sizes {', '.join(map(str, self.batch_sizes))}; {self.seconds:.2f} s.",
             "",
-            "| " + " | ".join(TABLE_COLUMNS) + " |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+            "| " + " | ".join(VERBOSE_COLUMNS) + " |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in self.results:
-            for row in result_rows(r):
+            for row in result_rows(r, verbose=True):
                 lines.append("| " + " | ".join(_md(c) for c in row) + " |")
-        lines += ["", TOLERANCE_NOTE]
+        lines += ["", self.rule_note]
         if self.failures:
             lines += ["", "### Failures", ""]
             lines += [f"- {r.failure_message()}" for r in self.failures]
@@ -267,43 +300,72 @@ class ParityReport:
         _write_text(path, self.to_markdown())
 
 
-def result_rows(r: RunnerResult) -> list[list[str]]:
-    """Table rows for one result: runner, batch, max abs err, rel err, cosine, argmax,
-    tolerance, result, worst element (one row per output; the runner name once)."""
+def result_rows(r: RunnerResult, *, verbose: bool = False) -> list[list[str]]:
+    """Table rows for one result: ``TABLE_COLUMNS`` for its worst output (a crash: dashes), or
+    with ``verbose`` one ``VERBOSE_COLUMNS`` row per output (batch, output name, worst element)."""
     if r.error:
-        return [
-            [
-                r.runner,
-                str(r.batch_size),
-                "-",
-                "-",
-                "-",
-                "-",
-                r.tolerance.short(),
-                r.status,
-                r.error,
-            ]
-        ]
+        cells = [r.runner, r.status, "error", "-", _limit(r.tolerance, r.kind), "-", "-"]
+        if verbose:
+            return [[r.runner, str(r.batch_size), "-", *cells[1:], r.error]]
+        return [cells]
+    outputs = r.outputs if verbose else [o for o in [r.worst_output()] if o is not None]
     rows = []
-    many = len(r.outputs) > 1
-    for i, o in enumerate(r.outputs):
-        name = r.runner if i == 0 else ""
-        if many:
-            name = f"{name} {o.name}".strip() if i == 0 else f"  {o.name}"
-        rows.append(
-            [
-                name,
-                str(r.batch_size),
-                f"{o.max_abs_err:.3g}",
-                f"{o.rel_err:.3g}",
-                _fmt_cos(o.cosine),
-                "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}",
-                o.tolerance.short(),
-                r.status if not many else ("pass" if o.passed else "FAIL"),
-                o.worst.describe() if o.worst else "-",
-            ]
-        )
+    for o in outputs:
+        ratio = o.noise_ratio
+        cells = [
+            (o.passed and r.status) or ("FAIL" if r.gating else "FAIL (info)"),
+            _fmt(o.error if o.error is not None else o.rel_err, 2),
+            "-" if ratio is None else f"{_fmt(ratio, 2)}×",
+            _limit(o.tolerance, r.kind),
+            _fmt(o.min_atol_scale, 2),
+            "-" if o.argmax_agreement is None or not o.classifier else _pct(o.argmax_agreement),
+        ]
+        if verbose:
+            worst = o.worst.describe() if o.worst else "-"
+            rows.append([r.runner, str(r.batch_size), o.name, *cells, worst])
+        else:
+            rows.append([r.runner, *cells])
     return rows
+
+
+def summary_rows(report: ParityReport) -> list[list[str]]:
+    """``TABLE_COLUMNS`` rows: one per runner, its worst batch size and output."""
+    return [row for r in report.worst_per_runner() for row in result_rows(r)]
+
+
+def failure_lines(report: ParityReport) -> list[str]:
+    """Under the table: each failing gating runner's worst batch size, explained."""
+    return [r.failure_message() for r in report.worst_per_runner() if r.gating and not r.passed]
+
+
+def _limit(tol: Tolerance | NoiseTolerance, kind: str) -> str:
+    if isinstance(tol, NoiseTolerance):
+        from bnexport.parity.tolerance import KIND_PRECISION
+
+        return f"{tol.factor * KIND_PRECISION.get(kind, 1.0):g}×"
+    return tol.short()
+
+
+def _pct(x: float) -> str:
+    return "100%" if x == 1.0 else f"{x:.1%}"
+
+
+def _noise_failure(r: RunnerResult, o: OutputComparison) -> str:
+    """A noise-rule failure: the error, the floor, the limit, what it means, and where."""
+    text = (
+        f"{r.runner} batch {r.batch_size}: output {o.name!r} errs {_fmt(o.error or 0.0)} of its "
+        f"scale against the float64 truth, {_fmt(o.noise_ratio or 0.0)}× the noise floor "
+        f"{_fmt(o.floor or 0.0)} (PyTorch fp32's own error); the limit is "
+        f"{_limit(o.tolerance, r.kind)}, so this is not rounding: the model computes something else"
+    )
+    if o.nan_candidate or o.inf_candidate:
+        text += f"; {o.nan_candidate} NaN / {o.inf_candidate} Inf in its output"
+    if o.argmax_agreement is not None and o.classifier:
+        text += f"; argmax agrees on {_pct(o.argmax_agreement)}"
+    text += f"; would pass --tolerance fixed --rtol 0 --atol {_fmt(o.min_atol_scale)}"
+    if o.worst:
+        text += f"; worst: {o.worst.describe()}"
+    return text
 
 
 def _result_line(r: RunnerResult) -> str:
@@ -317,8 +379,8 @@ def _result_line(r: RunnerResult) -> str:
     )
 
 
-def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.3g}")
+def _fmt(x: float, digits: int = 3) -> str:
+    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.{digits}g}")
 
 
 def _fmt_cos(x: float) -> str:

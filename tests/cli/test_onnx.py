@@ -461,3 +461,39 @@ def test_the_second_stage_is_reported_only_when_it_fused(fused: int, tmp_path: P
     line = f"onnxscript fused {fused} BatchNormalization node{'s' if fused > 1 else ''} bnexport's"
     assert (line in text) == (fused > 0)
     assert ("onnxscript fused" in text) == (fused > 0)
+
+
+def test_onnx_takes_the_checks_parity_options(tmp_path: Path) -> None:
+    """--samples, --batch-sizes, --opt-levels, --tolerance/--rtol/--atol mean what they mean for
+    `bnexport check`; --no-verify skips the fold self-check and says so."""
+    root = Path(__file__).resolve().parents[2]
+    out, rep = tmp_path / "n.onnx", tmp_path / "r.json"
+    args = ["onnx", str(root / "models" / "net.pt"), "-o", str(out), "--report-json", str(rep)]
+    res = runner.invoke(
+        app,
+        [
+            *args,
+            "--providers",
+            "cpu",
+            "--samples",
+            "3",
+            "--batch-sizes",
+            "1,5",
+            "--opt-levels",
+            "basic",
+            "--tolerance",
+            "fixed",
+            "--rtol",
+            "1e-3",
+            "--atol",
+            "1e-4",
+            "--no-verify",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    parity = json.loads(rep.read_text())["parity"]
+    assert parity["batch_sizes"] == [1, 5] and parity["tolerance_mode"] == "fixed"
+    assert {r["runner"] for r in parity["results"]} >= {"ort-cpu-basic"}
+    assert next(s for s in parity["inputs"]["sets"] if s["name"] == "random")["samples"] == 3
+    assert parity["tolerances"]["cpu"] == {"rtol": 1e-3, "atol_scale": 1e-4}
+    assert "self-check was skipped" in res.stdout

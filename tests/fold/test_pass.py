@@ -651,7 +651,7 @@ def test_report_renders_and_serializes() -> None:
     assert text.splitlines()[0] == "Fold report: 3 folded, 1 left (of 4 BatchNorms)"
     assert "folded  bn_in (BatchNorm2d) before conv_a (Conv2d)" in text
     assert "left    bn_c (BatchNorm2d): track_running_stats=False" in text
-    assert "verified in float64" in text
+    assert "self-check: folded in float64" in text
     data = json.loads(json.dumps(report.to_dict()))
     assert (data["batchnorms"], data["folded"], data["left"]) == (4, 3, 1)
     assert data["entries"][3]["reason_code"] == "untracked_stats"

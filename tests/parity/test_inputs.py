@@ -87,10 +87,22 @@ def test_bad_inputs_files_are_clear_errors(tmp_path: Path, arrays: dict, message
         load_inputs(path, IMAGE)
 
 
-def test_non_image_models_get_random_and_edge_inputs_and_a_note() -> None:
+def test_non_image_models_get_random_and_edge_inputs_and_no_note() -> None:
+    """A --model source gets seeded random inputs and edge cases, silently; asking for the
+    bundled images explicitly says why they are not used."""
     spec = (TensorSpec("x", (None, 3, 8, 8), np.dtype(np.float32)),)
     inputs = build_inputs(spec, InputConfig(random_count=4), normalize=None)
-    assert inputs.sets[0].name == "random" and "bundled images not used" in inputs.notes[0]
+    assert inputs.sets[0].name == "random" and inputs.notes == []
+    assert [s.name for s in inputs.sets][1:] == [
+        "zeros",
+        "ones",
+        "minus-ones",
+        "large+",
+        "large-",
+        "large±",
+    ]
+    asked = build_inputs(spec, InputConfig(random_count=4, bundled=True), normalize=None)
+    assert "bundled images not used" in asked.notes[0]
     with pytest.raises(ParityInputError, match="cannot feed IDX images"):
         build_inputs(spec, InputConfig(data_dir=Path("/nonexistent")))
 
@@ -124,7 +136,7 @@ def test_integer_and_bool_inputs_are_generated_in_range() -> None:
     assert (sets["zeros"]["ids"] == 0).all() and (sets["large+"]["ids"] == INT_INPUT_HIGH - 1).all()
     assert (sets["large-"]["ids"] == 0).all() and sets["large+"]["mask"].all()
     assert sets["large+"]["image"].min() == EDGE_LARGE  # floats keep their edge values
-    assert "bundled images not used" in inputs.notes[0]
+    assert inputs.notes == []
 
 
 def test_several_inputs_save_and_load_exactly(tmp_path: Path) -> None:

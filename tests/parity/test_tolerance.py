@@ -8,8 +8,10 @@ import pytest
 from bnexport.errors import ParityInputError
 from bnexport.parity.tolerance import (
     DEFAULT_TOLERANCES,
+    NoiseTolerance,
     Tolerance,
     parse_tolerance_overrides,
+    relative_error,
     resolve_tolerances,
 )
 
@@ -72,3 +74,52 @@ def test_overrides_for_all_kinds_and_one_kind() -> None:
 def test_bad_overrides_are_clear_errors(rtol: list[str], atol: list[str], message: str) -> None:
     with pytest.raises(ParityInputError, match=message):
         parse_tolerance_overrides(rtol, atol)
+
+
+# The noise-relative rule: one implementation (NoiseTolerance.passes), used by check, onnx and the
+# fold self-check.
+
+
+def test_noise_rule_boundary_equal_passes_next_float_fails() -> None:
+    rule = NoiseTolerance(factor=4.0, floor_ulps=4.0)
+    eps = float(np.finfo(np.float32).eps)
+    noise = 3e-6  # above the 4-ulp floor
+    limit = rule.limit(noise, eps)
+    assert limit == 4.0 * noise
+    assert rule.passes(limit, noise, eps)
+    assert not rule.passes(np.nextafter(limit, np.inf), noise, eps)
+    assert not rule.passes(float("nan"), noise, eps)
+
+
+def test_noise_rule_floor_and_precision() -> None:
+    """fp32 exact on every sample (N = 0): the floor is floor_ulps·eps; ρ rescales the limit."""
+    rule = NoiseTolerance(factor=4.0, floor_ulps=4.0)
+    eps = float(np.finfo(np.float32).eps)
+    assert rule.floor(0.0, eps) == 4.0 * eps
+    assert rule.passes(16.0 * eps, 0.0, eps) and not rule.passes(17.0 * eps, 0.0, eps)
+    rho = float(np.finfo(np.float64).eps) / eps
+    assert rule.limit(1e-6, eps, rho) == 4.0 * 1e-6 * rho
+
+
+def test_relative_error_is_per_sample_and_worst_over_samples() -> None:
+    truth = np.array([[100.0, -50.0], [1.0, 0.5], [0.0, 0.0]])
+    cand = truth + np.array([[1.0, 0.0], [0.0, 0.02], [0.0, 0.0]])
+    e = relative_error(cand, truth)
+    # sample 0: 1/100; sample 1: 0.02/1 (worse, though smaller in absolute terms)
+    assert e.value == pytest.approx(0.02) and (e.sample, e.index, e.scale) == (1, (1,), 1.0)
+    # an all-zero sample is scaled by the output's largest magnitude
+    zero = relative_error(truth + np.array([[0, 0], [0, 0], [1.0, 0]]), truth)
+    assert zero.value == pytest.approx(0.01) and zero.sample == 2
+
+
+def test_relative_error_nan_is_infinite_unless_both_nan() -> None:
+    truth = np.array([[1.0, np.nan]])
+    assert relative_error(np.array([[1.0, np.nan]]), truth).value == 0.0
+    assert relative_error(np.array([[np.nan, np.nan]]), truth).value == float("inf")
+
+
+def test_fixed_rule_boundary_equal_passes_next_float_fails() -> None:
+    tol = Tolerance(rtol=0.0, atol_scale=0.25)
+    ref = np.array([[2.0, 1.0]])  # allowed: 0.25 · max(1, 2) = 0.5, exact in binary
+    assert tol.passes(np.array([[2.5, 1.0]]), ref).all()
+    assert not tol.passes(np.array([[np.nextafter(2.5, 3.0), 1.0]]), ref)[0, 0]

@@ -1,0 +1,414 @@
+"""Measure the separation the noise-relative parity rule relies on: correct exports vs faults.
+
+For the seed Net (``models/net.pt``) and the real models of ``tests/real/zoo.py`` (``--models``):
+
+* inputs as `bnexport check` feeds them (bundled images for the Net; seeded random samples and the
+  edge cases for the others; ``--random`` samples);
+* the truth: the float64 forward of the unfolded model; the noise floor ``F``: PyTorch fp32's error
+  against it (`bnexport.parity.tolerance.relative_error`, floored at ``NOISE_FLOOR_ULPS`` ulps);
+* **correct exports**, as `bnexport onnx` makes them (``fold_model`` + ``export_onnx``): the folded
+  PyTorch module and onnxruntime CPU at every optimization level, at batch 1 and batch ``--batch``;
+  each as ``E / F`` (a multiple of the noise floor);
+* the **fold self-check**: a float64 copy folded in float64 against the truth, as
+  ``E / (2⁻²⁹ · F)`` (the rule's ``ρ`` for float64);
+* **faults** (``--faults`` models), on onnxruntime CPU ``all``, each as ``E / F``: one conv output
+  channel scaled, and one conv bias nudged, so that their effect is ``--fault-target`` × F
+  (calibrated: the effect of a 1e-2 change, measured, scaled linearly, then measured again); the
+  fold done without eps; one conv kernel transposed; one weight set to NaN; the temperature
+  dropped (models that have one: the Net, handmade/two_input_net).
+
+Prints a markdown table (model, F, worst correct export and where, self-check, each fault) on
+stdout and writes every number to ``--json``; progress on stderr.
+
+Usage::
+
+    .venv/bin/python scripts/parity_separation.py [--models net torchvision/resnet18 …]
+        [--faults net torchvision/resnet18 …] [--json parity_separation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from real.zoo import REAL_MODELS  # noqa: E402  (the zoo lives with its tests)
+
+import bnexport.fold.math as fold_math  # noqa: E402
+from bnexport.export import export_onnx  # noqa: E402
+from bnexport.fold import fold_model  # noqa: E402
+from bnexport.ort import OPT_LEVELS, SessionConfig, make_session  # noqa: E402
+from bnexport.parity.inputs import InputConfig, TensorSpec, build_inputs  # noqa: E402
+from bnexport.parity.runners import name_outputs  # noqa: E402
+from bnexport.parity.tolerance import NOISE_FLOOR_ULPS, relative_error  # noqa: E402
+from bnexport.source import load_source  # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+RHO64 = float(np.finfo(np.float64).eps) / EPS32
+NET = "net"
+DEFAULT_MODELS = (
+    NET,
+    "torchvision/resnet50",
+    "torchvision/mobilenet_v2",
+    "torchvision/efficientnet_b0",
+    "torchvision/googlenet",
+    "torchvision/shufflenet_v2_x1_0",
+    "torchvision/mnasnet0_5",
+    "torchvision/regnet_y_400mf",
+    "torchvision/inception_v3",
+    "timm/efficientnet_b0",
+    "timm/resnetv2_50",
+    "timm/rexnet_100",
+    "handmade/two_input_net",
+)
+DEFAULT_FAULTS = (
+    NET,
+    "torchvision/resnet18",
+    "torchvision/mobilenet_v2",
+    "torchvision/shufflenet_v2_x1_0",
+    "handmade/two_input_net",
+)
+CALIBRATION_STEP = 1e-2  # the relative change whose measured effect calibrates a fault
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Case:
+    """A model, its example inputs, ONNX names and the inputs `bnexport check` would feed."""
+
+    def __init__(self, name: str, n_random: int) -> None:
+        self.name = name
+        if name == NET:
+            src = load_source(ROOT / "models" / "net.pt")
+            self.model, self.example = src.model, tuple(src.example_inputs)
+            self.in_names, self.out_names = list(src.input_names), list(src.output_names or [])
+            self.normalize = src.normalize
+            self.temperature = src.temperature
+        else:
+            self.model, self.example = REAL_MODELS[name]()
+            self.in_names, self.out_names = [], []
+            self.normalize = None
+            self.temperature = getattr(self.model, "temperature", None)
+        self.model.eval()
+        self.n_random = n_random
+
+    def export(self, module: torch.nn.Module, path: Path) -> bytes:
+        res = export_onnx(
+            module,
+            self.example,
+            path,
+            input_names=self.in_names or None,
+            output_names=self.out_names or None,
+            fuse_batchnorm=True,
+        )
+        self.in_names, self.out_names = list(res.input_names), list(res.output_names)
+        return path.read_bytes()
+
+    def feed(self, data: bytes) -> dict[str, np.ndarray]:
+        sess = make_session(data, SessionConfig(provider="cpu", intra_op_num_threads=1))
+        specs = [TensorSpec.from_ort(n) for n in sess.get_inputs()]
+        shapes = [tuple(x.shape[1:]) for x in self.example]
+        cfg = InputConfig(bundled=self.name == NET, random_count=self.n_random)
+        return build_inputs(specs, cfg, normalize=self.normalize, input_shape=shapes).arrays()
+
+
+def torch_forward(
+    model: torch.nn.Module,
+    feed: dict[str, np.ndarray],
+    names: Sequence[str],
+    dtype: torch.dtype,
+    batch: int = 32,
+) -> dict[str, np.ndarray]:
+    xs = [
+        torch.from_numpy(feed[n].copy()).to(dtype)
+        if feed[n].dtype.kind == "f"
+        else torch.from_numpy(feed[n].copy())
+        for n in feed
+    ]
+    outs: dict[str, list[np.ndarray]] = {}
+    n = xs[0].shape[0]
+    with torch.inference_mode():
+        for start in range(0, n, batch):
+            got = name_outputs(model(*(x[start : start + batch] for x in xs)), names, "torch")
+            for k, v in got.items():
+                outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def ort_forward(
+    data: bytes, feed: dict[str, np.ndarray], level: str = "all", batch: int = 32
+) -> dict[str, np.ndarray]:
+    sess = make_session(
+        data, SessionConfig(provider="cpu", graph_optimization_level=level, intra_op_num_threads=1)
+    )
+    names = [o.name for o in sess.get_outputs()]
+    n = next(iter(feed.values())).shape[0]
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for start in range(0, n, batch):
+        got = sess.run(None, {k: v[start : start + batch] for k, v in feed.items()})
+        for k, v in zip(names, got, strict=True):
+            outs[k].append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def ratio(
+    cand: dict[str, np.ndarray], truth: dict[str, np.ndarray], floor: dict[str, float]
+) -> float:
+    """The worst output's ``E / F``."""
+    return max(relative_error(cand[k], truth[k]).value / floor[k] for k in truth)
+
+
+@contextlib.contextmanager
+def fold_without_eps() -> Iterator[None]:
+    original = fold_math.bn_affine
+
+    def no_eps(mean, var, eps, weight=None, bias=None):  # type: ignore[no-untyped-def]
+        return original(mean, var, 0.0, weight, bias)
+
+    fold_math.bn_affine = no_eps  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fold_math.bn_affine = original  # type: ignore[assignment]
+
+
+class HandFoldedNet(torch.nn.Module):
+    """The seed Net folded by hand in float64 with a given eps: ``s = T·γ/√(σ²+eps)``,
+    ``W' = W·s``, ``b' = T·β − μ·s``; conv → ReLU → fc."""
+
+    def __init__(self, net: torch.nn.Module, eps: float) -> None:
+        super().__init__()
+        sd = {k: v.double() for k, v in net.state_dict().items()}
+        t = net.bn1.temperature
+        s = t * sd["bn1.bn.weight"] / torch.sqrt(sd["bn1.bn.running_var"] + eps)
+        self.conv = torch.nn.Conv2d(1, 32, 3, padding=1, bias=True)
+        self.fc = torch.nn.Linear(32 * 28 * 28, 10, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_((sd["conv1.weight"] * s.view(-1, 1, 1, 1)).float())
+            self.conv.bias.copy_((t * sd["bn1.bn.bias"] - sd["bn1.bn.running_mean"] * s).float())
+            self.fc.weight.copy_(sd["fc1.weight"].float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def conv_initializers(data: bytes) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
+    """The model, its conv weight initializers (4-D, in graph order), and weight → bias name."""
+    proto = onnx.load_model_from_string(data)
+    inits = {i.name: i for i in proto.graph.initializer}
+    weights: list[str] = []
+    bias: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input[1] in inits and node.input[1] not in weights:
+            weights.append(node.input[1])
+            if len(node.input) > 2 and node.input[2] in inits:
+                bias[node.input[1]] = node.input[2]
+    return proto, weights, bias
+
+
+def edited(proto: onnx.ModelProto, name: str, edit: Callable[[np.ndarray], np.ndarray]) -> bytes:
+    p = copy.deepcopy(proto)
+    for init in p.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), name))
+    return p.SerializeToString()
+
+
+def calibrated(measure: Callable[[float], float], target: float) -> tuple[float, float]:
+    """``(δ, E/F at δ)`` with δ scaled so that the fault's effect is about ``target`` × F."""
+    first = measure(CALIBRATION_STEP)
+    delta = CALIBRATION_STEP * target / max(first, 1e-300)
+    return delta, measure(delta)
+
+
+def faults(
+    case: Case,
+    data: bytes,
+    feed: dict[str, np.ndarray],
+    truth: dict[str, np.ndarray],
+    floor: dict[str, float],
+    target: float,
+    tmp: Path,
+) -> dict[str, float]:
+    proto, weights, biases = conv_initializers(data)
+    mid = weights[len(weights) // 2]
+    out: dict[str, float] = {}
+
+    def channel(delta: float) -> float:
+        def edit(w: np.ndarray) -> np.ndarray:
+            w[0] *= np.float32(1 + delta)
+            return w
+
+        return ratio(ort_forward(edited(proto, mid, edit), feed), truth, floor)
+
+    out["channel_delta"], out["channel"] = calibrated(channel, target)
+    with_bias = [w for w in weights if w in biases]
+    bname = biases[with_bias[len(with_bias) // 2]]
+
+    def nudge(delta: float) -> float:
+        def edit(b: np.ndarray) -> np.ndarray:
+            b[0] += np.float32(delta * max(1.0, float(np.abs(b).max())))
+            return b
+
+        return ratio(ort_forward(edited(proto, bname, edit), feed), truth, floor)
+
+    out["bias_delta"], out["bias"] = calibrated(nudge, target)
+    spatial = [w for w in weights if numpy_helper.to_array(_init(proto, w)).shape[-1] > 1]
+    kname = spatial[len(spatial) // 2]
+    out["transposed"] = ratio(
+        ort_forward(edited(proto, kname, lambda w: np.ascontiguousarray(w.swapaxes(-1, -2))), feed),
+        truth,
+        floor,
+    )
+
+    def nan(w: np.ndarray) -> np.ndarray:
+        w.reshape(-1)[0] = np.nan
+        return w
+
+    out["nan"] = ratio(ort_forward(edited(proto, mid, nan), feed), truth, floor)
+    if case.name == NET:  # its BN is matched by what it computes: fold it by hand with eps = 0
+        no_eps: torch.nn.Module = HandFoldedNet(case.model, eps=0.0)
+    else:
+        with fold_without_eps():
+            no_eps = fold_model(case.model, case.example, verify=False).module
+    out["no_eps"] = ratio(ort_forward(case.export(no_eps, tmp / "noeps.onnx"), feed), truth, floor)
+    if case.temperature is not None and case.temperature != 1.0:
+        cold = copy.deepcopy(case.model)
+        _set_temperature(cold, 1.0)
+        folded = fold_model(cold, case.example, verify=False).module
+        out["no_temperature"] = ratio(
+            ort_forward(case.export(folded, tmp / "cold.onnx"), feed), truth, floor
+        )
+    return out
+
+
+def _init(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(i for i in proto.graph.initializer if i.name == name)
+
+
+def _set_temperature(model: torch.nn.Module, value: float) -> None:
+    for m in model.modules():
+        if hasattr(m, "temperature") and isinstance(m.temperature, float | int):
+            m.temperature = value
+        elif hasattr(m, "temperature") and isinstance(m.temperature, torch.Tensor):
+            with torch.no_grad():
+                m.temperature.fill_(value)
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    case = Case(name, args.random)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        folded = fold_model(case.model, case.example, verify=False).module
+        data = case.export(folded, tmp / "model.onnx")
+        feed = case.feed(data)
+        names = case.out_names
+        truth = torch_forward(copy.deepcopy(case.model).double(), feed, names, torch.float64)
+        # The noise floor: PyTorch fp32's error over two of its execution paths (batch 1 and batch
+        # 32 pick different kernels), as `bnexport check` measures it.
+        ref = torch_forward(case.model, feed, names, torch.float32)
+        ref1 = torch_forward(case.model, feed, names, torch.float32, batch=1)
+        noise = {
+            k: max(relative_error(ref[k], truth[k]).value, relative_error(ref1[k], truth[k]).value)
+            for k in names
+        }
+        floor = {k: max(noise[k], NOISE_FLOOR_ULPS * EPS32) for k in names}
+        row: dict[str, Any] = {
+            "model": name,
+            "samples": int(next(iter(feed.values())).shape[0]),
+            "noise": noise,
+            "correct": {},
+        }
+        row["correct"]["torch-folded"] = ratio(
+            torch_forward(folded, feed, names, torch.float32), truth, floor
+        )
+        for level in OPT_LEVELS:
+            for batch in (1, args.batch):
+                row["correct"][f"ort-{level}-b{batch}"] = ratio(
+                    ort_forward(data, feed, level, batch), truth, floor
+                )
+        work64 = copy.deepcopy(case.model).double()
+        ex64 = tuple(x.double() if x.is_floating_point() else x for x in case.example)
+        folded64 = fold_model(work64, ex64, verify=False).module
+        got64 = torch_forward(folded64, feed, names, torch.float64)
+        row["self_check"] = ratio(got64, truth, {k: RHO64 * f for k, f in floor.items()})
+        if name in args.faults:
+            row["faults"] = faults(case, data, feed, truth, floor, args.fault_target, tmp)
+    row["seconds"] = time.perf_counter() - t0
+    worst = max(row["correct"], key=row["correct"].get)
+    log(
+        f"{name}: F {max(floor.values()):.3g}, "
+        f"worst correct {row['correct'][worst]:.3g} ({worst}), "
+        f"self-check {row['self_check']:.3g}, faults {row.get('faults', {})} "
+        f"({row['seconds']:.0f} s)"
+    )
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    kinds = ("channel", "bias", "no_eps", "transposed", "nan", "no_temperature")
+    head = (
+        "| model | samples | noise floor N | worst correct E/F | where | fold self-check E/(ρF) | "
+        + " | ".join(kinds)
+        + " | mildest fault |"
+    )
+    lines = [head, "|" + " --- |" * (6 + len(kinds) + 1)]
+    for r in rows:
+        worst = max(r["correct"], key=r["correct"].get)
+        f = r.get("faults", {})
+        cells = [f"{f[k]:.3g}" if k in f else "-" for k in kinds]
+        mild = min((f[k] for k in kinds if k in f), default=None)
+        lines.append(
+            f"| {r['model']} | {r['samples']} | {max(r['noise'].values()):.3g} | "
+            f"{r['correct'][worst]:.3g} | {worst} | {r['self_check']:.3g} | "
+            + " | ".join(cells)
+            + f" | {'-' if mild is None else f'{mild:.3g}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS))
+    parser.add_argument("--faults", nargs="*", default=list(DEFAULT_FAULTS))
+    parser.add_argument("--random", type=int, default=16, help="random samples per model")
+    parser.add_argument("--batch", type=int, default=8, help="the larger onnxruntime batch")
+    parser.add_argument("--fault-target", type=float, default=8.0, help="fault effect, × F")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    models = list(dict.fromkeys([*args.models, *[f for f in args.faults if f in args.models]]))
+    models += [f for f in args.faults if f not in models]
+    rows = []
+    for name in models:
+        log(f"{name} …")
+        try:
+            rows.append(measure(name, args))
+        except Exception as exc:  # record and go on
+            log(f"{name}: FAILED {type(exc).__name__}: {exc}")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    print(f"\ntorch {torch.__version__}; {args.random} random samples + edge cases per model")
+
+
+if __name__ == "__main__":
+    main()
