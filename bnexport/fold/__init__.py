@@ -20,7 +20,7 @@ error.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,10 +92,13 @@ def _lowest_precision(module: nn.Module) -> torch.dtype:
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
-def run_float64(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
+def run_float64(
+    module: nn.Module, inputs: Sequence[Any], overrides: Mapping[str, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """``module``'s output tensors with every floating parameter and buffer in float64 (as
     ``deepcopy(module).double()`` would give, without copying the module: a fold's check on a
-    large model is then two forwards, not two deep copies)."""
+    large model is then two forwards, not two deep copies); ``overrides`` replace parameters by
+    path (the fold's exact float64 values)."""
     state = {
         name: t.detach().double() if t.is_floating_point() else t
         for name, t in [
@@ -103,6 +106,9 @@ def run_float64(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
             *module.named_buffers(remove_duplicate=False),
         ]
     }
+    for name, value in (overrides or {}).items():
+        if name in state:
+            state[name] = value.double()
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -121,12 +127,20 @@ def _outputs(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
 
 
 def self_check(
-    reference: nn.Module, folded64: nn.Module, inputs: Sequence[Any], rule: Any = None
+    reference: nn.Module,
+    folded: nn.Module,
+    inputs: Sequence[Any],
+    rule: Any = None,
+    *,
+    exact: Mapping[str, torch.Tensor] | None = None,
+    draw: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Check ``folded64`` (folded in float64) against ``reference`` (unfolded, in its own dtype).
+    """Check ``folded`` against ``reference`` (unfolded, in its own dtype), both run in float64,
+    ``folded`` with its folded parameters' ``exact`` float64 values (no rounding to fp32).
 
     Per output: ``E`` = the float64 fold's error against the float64 forward of ``reference``,
-    ``N`` = ``reference``'s own error in its dtype, decided by ``rule`` (default
+    ``N`` = ``reference``'s own error in its dtype (``draw``: its outputs on ``inputs``, if
+    already computed), decided by ``rule`` (default
     `NoiseTolerance()`) with ``ρ = eps64 / eps_dtype``. Returns the measurements; `FoldError`
     when the rule fails, saying what it means.
     """
@@ -142,7 +156,7 @@ def self_check(
         x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
     )
     truth = run_float64(reference, xs64)
-    got = run_float64(folded64, xs64)
+    got = run_float64(folded, xs64, exact)
     if len(truth) != len(got) or any(t.shape != g.shape for t, g in zip(truth, got, strict=False)):
         raise FoldError(
             "the folded module's outputs differ in number or shape from the original's; this is "
@@ -150,7 +164,7 @@ def self_check(
         )
     # One draw of the model's own rounding: per-sample runs would be another, but not for models
     # whose eval output depends on the batch (BatchNorm without running statistics).
-    draws = [_outputs(reference, inputs)]
+    draws = [list(draw) if draw is not None else _outputs(reference, inputs)]
     worst: dict[str, Any] | None = None
     for k, (t, g) in enumerate(zip(truth, got, strict=True)):
         if not t.is_floating_point():
@@ -219,39 +233,38 @@ def _self_check_message(result: dict[str, Any], deterministic: bool) -> str:
     )
 
 
-def _fold_exact(
-    model: nn.Module, inputs: Sequence[Any], leaf_modules: Sequence[type[nn.Module]]
-) -> fx.GraphModule:
-    """``model`` folded as a float64 copy (no rounding of the folded weights)."""
-    work = copy.deepcopy(model).eval().double()
-    xs = tuple(
-        x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
-    )
-    gm, _entries, _chains, _removed = _fold_copy(work, xs, leaf_modules)
-    return gm
+@dataclass
+class _Folded:
+    gm: fx.GraphModule
+    entries: list[FoldEntry]
+    chains: list[ChainEntry]
+    removed: int  # eval identities removed
+    exact: dict[str, torch.Tensor]  # folded parameters in float64, by path
+    reference_outputs: list[torch.Tensor]  # the unfolded model's outputs on the example inputs
 
 
 def _fold_copy(
     work: nn.Module, inputs: Sequence[Any], leaf_modules: Sequence[type[nn.Module]]
-) -> tuple[fx.GraphModule, list[FoldEntry], list[ChainEntry], int]:
-    """Trace ``work`` (a copy, eval mode), propagate shapes, fold: ``(gm, entries, chains,
-    eval identities removed)``."""
+) -> _Folded:
+    """Trace ``work`` (a copy, eval mode), propagate shapes (that forward's outputs are kept for
+    the self-check), fold."""
     traced = trace(work, leaf_modules)
     gm = traced.gm
     removed = remove_eval_identities(gm)
     gm.recompile()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*_clone(inputs))
+            out = ShapeProp(gm).propagate(*_clone(inputs))
     except Exception as exc:
         raise FoldError(
             f"the example inputs ({_shapes(inputs)}) don't run through {type(work).__name__} "
             f"({type(exc).__name__}: {exc}); fix: pass inputs shaped like the model's real input, "
             "with a batch dimension (e.g. torch.randn(2, C, H, W))"
         ) from exc
-    entries, chains = fold_graph(gm, untraceable=traced.untraceable)
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    entries, chains, exact = fold_graph(gm, untraceable=traced.untraceable)
     gm.eval()
-    return gm, entries, chains, removed
+    return _Folded(gm, entries, chains, removed, exact, outputs)
 
 
 def fold_model(
@@ -277,7 +290,8 @@ def fold_model(
     inputs = _as_tuple(example_inputs)
     was_training = any(m.training for m in model.modules())
     work = copy.deepcopy(model).eval()
-    gm, entries, chains, removed = _fold_copy(work, inputs, leaf_modules)
+    fold = _fold_copy(work, inputs, leaf_modules)
+    gm, entries, chains, removed = fold.gm, fold.entries, fold.chains, fold.removed
     report = FoldReport(entries=entries, chains=chains)
     if was_training:
         report.notes.append(TRAIN_MODE_NOTE)
@@ -286,8 +300,9 @@ def fold_model(
             f"removed {removed} op(s) that are the identity in eval mode (Dropout, Identity)"
         )
     if verify:
-        exact = _fold_exact(model, inputs, leaf_modules) if entries or chains else gm
-        report.verification = self_check(work, exact, inputs)
+        report.verification = self_check(
+            work, gm, inputs, exact=fold.exact, draw=fold.reference_outputs
+        )
     else:
         report.notes.append(NO_VERIFY_NOTE)
     if strict and report.left:

@@ -463,6 +463,24 @@ class FoldContext:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.removed_attrs: set[str] = set()
+        #: The folded parameters in float64, before their one cast (``path.weight`` → tensor):
+        #: later folds into the same layer start from them, and the self-check runs with them.
+        self.exact: dict[str, torch.Tensor] = {}
+
+    def params64(self, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias of the layer ``node`` calls, exact (float64) if already folded."""
+        layer: Any = self.module(node)
+        path = str(node.target)
+        return (
+            self.exact.get(f"{path}.weight", layer.weight),
+            self.exact.get(f"{path}.bias", layer.bias),
+        )
+
+    def record(self, node: fx.Node, folded: fm.Folded) -> None:
+        """Keep the float64 parameters of the layer ``node`` now calls (after `install`)."""
+        path = str(node.target)
+        self.exact[f"{path}.weight"] = folded.weight
+        self.exact[f"{path}.bias"] = folded.bias
 
     # lookups
     def module(self, node: Any) -> nn.Module | None:

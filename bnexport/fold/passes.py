@@ -286,11 +286,12 @@ def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
         if refusal is not None:
             entries.append(ChainEntry(name, type(layer).__name__, chain, "left", refusal.reason))
             continue
-        folded = fm.fold_after(
-            kind, layer.weight, layer.bias, site.scale, site.shift, int(getattr(layer, "groups", 1))
-        )
+        weight, bias = ctx.params64(node)
+        groups = int(getattr(layer, "groups", 1))
+        folded = fm.fold_after(kind, weight, bias, site.scale, site.shift, groups)
         w, b = cast_folded(folded, layer, name)
         created = ctx.install(node, new_layer(layer, w.tensor, b.tensor))
+        ctx.record(node, folded)
         site.end.replace_all_uses_with(node)
         ctx.remove_site(site, keep_node=True)
         notes = list(site.notes)
@@ -308,9 +309,10 @@ def fold_graph(
     gm: fx.GraphModule,
     rules: Sequence[Rule] = PATTERNS,
     untraceable: Mapping[str, str] | None = None,
-) -> tuple[list[FoldEntry], list[ChainEntry]]:
+) -> tuple[list[FoldEntry], list[ChainEntry], dict[str, torch.Tensor]]:
     """Fold every BatchNorm in ``gm`` (shape-propagated) in place; one entry per BatchNorm call,
-    plus one per layer whose constant scale/shift chain (without BatchNorm) was folded.
+    plus one per layer whose constant scale/shift chain (without BatchNorm) was folded, and the
+    folded parameters in float64 by path (`FoldContext.exact`).
 
     Chains after layers fold first (``conv → ×c → BN`` then folds as ``conv → BN``); BNs are then
     visited in graph order, so ``BN → conv → BN`` folds both (before, then after).
@@ -327,4 +329,4 @@ def fold_graph(
         elif node.op == "call_module":
             entries.extend(_inside_leaf(node, ctx, untraceable or {}))
     ctx.finish()
-    return entries, chains
+    return entries, chains, ctx.exact

@@ -114,7 +114,7 @@ class Pattern(Rule):
     def check(self, m: Match, ctx: FoldContext) -> Refusal | None: ...
 
     @abstractmethod
-    def fold(self, m: Match) -> fm.Folded:
+    def fold(self, m: Match, ctx: FoldContext) -> fm.Folded:
         """The folded parameters in float64."""
 
     @abstractmethod
@@ -125,8 +125,10 @@ class Pattern(Rule):
         """Fold: float64 math, one checked cast, a new module for this call, node edits, report
         entry."""
         layer, site = m.layer, m.site
-        w, b = cast_folded(self.fold(m), layer, m.layer_name)
+        folded = self.fold(m, ctx)
+        w, b = cast_folded(folded, layer, m.layer_name)
         created = ctx.install(m.layer_node, new_layer(layer, w.tensor, b.tensor))
+        ctx.record(m.layer_node, folded)
         self.reroute(m, ctx)
         ctx.remove_site(site)
         notes = list(site.notes)
@@ -222,11 +224,10 @@ class FoldAfter(Pattern):
             )
         return self._common_check(m, ctx, m.layer_node, _out_channels(m.layer))
 
-    def fold(self, m: Match) -> fm.Folded:
+    def fold(self, m: Match, ctx: FoldContext) -> fm.Folded:
         s = m.site
-        return fm.fold_after(
-            self.kind, m.layer.weight, m.layer.bias, s.scale, s.shift, _groups(m.layer)
-        )
+        weight, bias = ctx.params64(m.layer_node)
+        return fm.fold_after(self.kind, weight, bias, s.scale, s.shift, _groups(m.layer))
 
     def reroute(self, m: Match, ctx: FoldContext) -> None:
         m.site.end.replace_all_uses_with(m.layer_node)
@@ -282,11 +283,10 @@ class FoldBefore(Pattern):
         refusal = self._common_check(m, ctx, site.input, _in_channels(m.layer))
         return refusal or self.exactness(m)
 
-    def fold(self, m: Match) -> fm.Folded:
+    def fold(self, m: Match, ctx: FoldContext) -> fm.Folded:
         s = m.site
-        return fm.fold_before(
-            self.kind, m.layer.weight, m.layer.bias, s.scale, s.shift, _groups(m.layer)
-        )
+        weight, bias = ctx.params64(m.layer_node)
+        return fm.fold_before(self.kind, weight, bias, s.scale, s.shift, _groups(m.layer))
 
     def reroute(self, m: Match, ctx: FoldContext) -> None:
         bn_input = m.site.input
@@ -440,9 +440,11 @@ class ConcatThenBN(Rule):
             s, t = site.scale[offset : offset + width], site.shift[offset : offset + width]
             offset += width
             name = str(part.target)
-            folded = fm.fold_after(kind, layer.weight, layer.bias, s, t, _groups(layer))
+            weight, bias = ctx.params64(part)
+            folded = fm.fold_after(kind, weight, bias, s, t, _groups(layer))
             w, b = cast_folded(folded, layer, name)
             created = ctx.install(part, new_layer(layer, w.tensor, b.tensor))
+            ctx.record(part, folded)
             flushed += w.subnormals_flushed + b.subnormals_flushed
             if created:
                 notes.append(f"{name} is shared: only this call uses the folded copy {created}")
