@@ -23,9 +23,10 @@ $(VENV)/.dev: $(VENV)/.cpu
 demo: $(VENV)/.cpu
 	$(BIN)/bnexport onnx models/net.pt -o $(OUT)/net.onnx
 
-## test: the whole test suite
+## test: the whole test suite, real torchvision/timm models included, on 2 worker processes
+## (one torch thread each: two processes with a thread per core would oversubscribe the CPUs)
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 ## lint: ruff
 lint: $(VENV)/.dev

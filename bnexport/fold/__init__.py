@@ -6,15 +6,16 @@ shapes with the example inputs, applies the patterns of `bnexport.fold.patterns`
 *nodes* (a shared module is never mutated), checks the fold (:func:`self_check`), and returns
 ``FoldResult(module, report)``. Math: `bnexport.fold.math`.
 
-**Self-check.** Folding is exact algebra, so a float64 copy of the model folded in float64 must
-agree with the unfolded model in float64 to float64 rounding. How much rounding a model amplifies
+**Self-check.** Folding is exact algebra, so the folded graph, run in float64 with the fold's own
+float64 parameters (kept before their one cast), must agree with the unfolded model in float64 to
+float64 rounding. How much rounding a model amplifies
 is measured, not assumed: the unfolded model's own error in its dtype (fp32) against float64 is
 ``N``, so float64 rounding accounts for about ``N · eps64/eps32``. The check is the parity rule
 (`bnexport.parity.tolerance.NoiseTolerance`) with ``ρ = eps64/eps_model``: an ill-conditioned but
 correct fold passes (its ``N`` is large), a fold without ``eps``, along the wrong axis or without
-the bias fails by many orders of magnitude. The float64 fold is checked, not the module returned:
-that one's weights are rounded to the layer's dtype, which a float64 comparison would count as
-error.
+the bias fails by many orders of magnitude. The returned module's weights are rounded to the
+layer's dtype, which a float64 comparison would count as error: hence the float64 parameters. The
+check costs two float64 forwards; the fp32 draw of ``N`` is the shape-propagation forward's.
 """
 
 from __future__ import annotations
@@ -93,14 +94,27 @@ def _lowest_precision(module: nn.Module) -> torch.dtype:
 
 
 def run_float64(
-    module: nn.Module, inputs: Sequence[Any], overrides: Mapping[str, torch.Tensor] | None = None
+    module: nn.Module,
+    inputs: Sequence[Any],
+    overrides: Mapping[str, torch.Tensor] | None = None,
+    memo: dict[int, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``module``'s output tensors with every floating parameter and buffer in float64 (as
     ``deepcopy(module).double()`` would give, without copying the module: a fold's check on a
     large model is then two forwards, not two deep copies); ``overrides`` replace parameters by
-    path (the fold's exact float64 values)."""
+    path (the fold's exact float64 values); ``memo`` (tensor id → float64 copy) lets a second
+    call reuse the copies of the tensors both modules share (the unfolded layers)."""
+    memo = {} if memo is None else memo
+
+    def as64(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        if id(t) not in memo:
+            memo[id(t)] = t.detach().double()
+        return memo[id(t)]
+
     state = {
-        name: t.detach().double() if t.is_floating_point() else t
+        name: as64(t)
         for name, t in [
             *module.named_parameters(remove_duplicate=False),
             *module.named_buffers(remove_duplicate=False),
@@ -155,8 +169,9 @@ def self_check(
     xs64 = tuple(
         x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
     )
-    truth = run_float64(reference, xs64)
-    got = run_float64(folded, xs64, exact)
+    memo: dict[int, torch.Tensor] = {}  # the unfolded layers both share are converted once
+    truth = run_float64(reference, xs64, memo=memo)
+    got = run_float64(folded, xs64, exact, memo=memo)
     if len(truth) != len(got) or any(t.shape != g.shape for t, g in zip(truth, got, strict=False)):
         raise FoldError(
             "the folded module's outputs differ in number or shape from the original's; this is "

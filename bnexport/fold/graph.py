@@ -466,6 +466,17 @@ class FoldContext:
         #: The folded parameters in float64, before their one cast (``path.weight`` → tensor):
         #: later folds into the same layer start from them, and the self-check runs with them.
         self.exact: dict[str, torch.Tensor] = {}
+        self._path_counts: dict[int, int] | None = None
+
+    def _paths_to(self, module: nn.Module) -> int:
+        """How many module paths reach ``module`` (a module registered twice is shared). The
+        count for the modules of the traced graph is taken once: folding only adds new modules
+        (one path each) or replaces a module at its own path."""
+        if self._path_counts is None:
+            self._path_counts = {}
+            for _, m in self.gm.named_modules(remove_duplicate=False):
+                self._path_counts[id(m)] = self._path_counts.get(id(m), 0) + 1
+        return self._path_counts.get(id(module), 1)
 
     def params64(self, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias of the layer ``node`` calls, exact (float64) if already folded."""
@@ -728,11 +739,10 @@ class FoldContext:
         """
         target = str(node.target)
         old = self.gm.get_submodule(target)
-        paths = [p for p, m in self.gm.named_modules(remove_duplicate=False) if m is old]
         nodes = self.gm.graph.nodes
         shared = (
             len(self.calls(target)) > 1
-            or len(paths) > 1
+            or self._paths_to(old) > 1
             or any(
                 n.op == "get_attr"
                 and (n.target == target or str(n.target).startswith(target + "."))

@@ -48,6 +48,20 @@ def layer_kind(module: nn.Module | None) -> fm.LayerKind | None:
     return None
 
 
+def custom_layer(cls: type | None) -> str | None:
+    """The torch layer class that ``cls`` subclasses while replacing its forward (timm's
+    ``Conv2dSame``, a weight-standardized conv…), else None: such a layer is never folded into."""
+    if not isinstance(cls, type):
+        return None
+    for base, kind in _LAYER_BASES:
+        if issubclass(cls, base):
+            own_conv = kind != "linear" and getattr(cls, "_conv_forward", None) is not getattr(
+                base, "_conv_forward", None
+            )
+            return base.__name__ if cls.forward is not base.forward or own_conv else None
+    return None
+
+
 def new_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     """A copy of ``layer`` with new weight and bias Parameters (the original is never touched)."""
     device = layer.weight.device

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bnexport.fold import math as fm
 from bnexport.fold.batchnorm import FUNCTIONAL_BATCHNORMS, is_batchnorm_class, is_batchnorm_like
 from bnexport.fold.graph import BNSite, FoldContext, arith_op
-from bnexport.fold.layers import layer_kind, new_layer
+from bnexport.fold.layers import custom_layer, layer_kind, new_layer
 from bnexport.fold.patterns import (
     PATTERNS,
     Refusal,
@@ -98,6 +98,36 @@ def _output_side(site: BNSite, ctx: FoldContext) -> Refusal | None:
     return None
 
 
+def _module_of(node: object, ctx: FoldContext) -> tuple[str, type | None]:
+    """Path and class of the module ``node`` calls, or whose forward made the call (torch.fx's
+    module stack)."""
+    if not isinstance(node, fx.Node):
+        return "", None
+    if node.op == "call_module":
+        return str(node.target), type(ctx.module(node))
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return "", None
+    path, cls = stack[-1]
+    return str(path), cls if isinstance(cls, type) else None
+
+
+def _custom_neighbour(site: BNSite, ctx: FoldContext) -> Refusal | None:
+    """A layer subclass with its own forward right before or after the BN."""
+    neighbours = [site.input, *(u for u in site.end.users if u.args and u.args[0] is site.end)]
+    for node in neighbours:
+        path, cls = _module_of(node, ctx)
+        base = custom_layer(cls)
+        if base is not None and cls is not None:
+            return Refusal(
+                "custom_layer",
+                f"{path} ({cls.__name__}) is a {base} subclass with its own forward (e.g. "
+                "padding computed at run time, a transformed weight): bnexport folds only into "
+                "layers whose forward is torch's own",
+            )
+    return None
+
+
 def diagnose(site: BNSite, ctx: FoldContext, tried: Sequence[Direction] = ()) -> list[Refusal]:
     """Why no rule folded the BN, for each side no rule already explained (``tried``): an op
     between the BN and a layer, or no layer at all."""
@@ -106,6 +136,9 @@ def diagnose(site: BNSite, ctx: FoldContext, tried: Sequence[Direction] = ()) ->
         for direction, side in (("after", _input_side), ("before", _output_side))
         if direction not in tried and (r := side(site, ctx)) is not None
     ]
+    custom = _custom_neighbour(site, ctx)
+    if custom is not None:
+        found.insert(0, custom)
     if found or tried:
         return found
     users = ", ".join(ctx.describe(u) for u in site.end.users) or "nothing"

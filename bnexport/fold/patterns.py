@@ -20,7 +20,7 @@ from torch import nn
 
 from bnexport.fold import math as fm
 from bnexport.fold.graph import BNSite, FoldContext, data_users
-from bnexport.fold.layers import layer_hook_reason, layer_kind, new_layer
+from bnexport.fold.layers import custom_layer, layer_hook_reason, layer_kind, new_layer
 from bnexport.fold.report import Direction, FoldEntry
 
 
@@ -381,7 +381,8 @@ class ConcatThenBN(Rule):
         rank = len(ctx.shape(src) or ())
         if not isinstance(parts, list | tuple) or dim not in (1, 1 - rank):
             return None
-        if not any(layer_kind(ctx.module(p)) is not None for p in parts):
+        modules = [ctx.module(p) for p in parts]
+        if not any(layer_kind(m) or custom_layer(type(m)) for m in modules if m is not None):
             return None
         return ConcatMatch(site, src, list(parts))
 
@@ -403,6 +404,13 @@ class ConcatThenBN(Rule):
                 f"part {k} of the concat (channels {offset}…{offset + width - 1} of {site.name})"
             )
             offset += width
+            base = custom_layer(type(layer)) if layer is not None else None
+            if base is not None:
+                return Refusal(
+                    "custom_layer",
+                    f"{where} comes from {ctx.describe(part)}, a {base} subclass with its own "
+                    "forward: bnexport folds only into layers whose forward is torch's own",
+                )
             if layer_kind(layer) is None:
                 return Refusal(
                     "no_adjacent_layer",

@@ -284,3 +284,30 @@ def test_constant_chains_after_layers_fold_without_any_batchnorm() -> None:
     assert arith_nodes(result.module) == []
     y = f_layer(model.conv, x.double()) * model.gain.double() + 0.25
     close(result.module(x), f_layer(model.fc, torch.relu(y).flatten(1)) / 1.7)
+
+
+class PadSameConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (timm's Conv2dSame pads at run time)."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride)
+
+
+class CustomConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = PadSameConv(2, 3, 3)
+        self.bn = randomize_bn(nn.BatchNorm2d(3), 3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_bn_after_a_conv_subclass_with_its_own_forward_is_left_naming_it() -> None:
+    model = CustomConvBN().eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.entries
+    assert (entry.status, entry.reason_code) == ("left", "custom_layer")
+    assert entry.reason.startswith("conv (PadSameConv) is a Conv2d subclass with its own forward")
+    close(result.module(x), model.double()(x.double()))

@@ -179,7 +179,16 @@ TORCHVISION = (
     "vgg11_bn",
 )
 #: timm models (``timm.create_model(name, pretrained=False)``).
-TIMM = ("resnet18d", "efficientnet_b0", "regnetx_002", "rexnet_100", "ghostnet_100", "resnetv2_50")
+TIMM = (
+    "resnet18d",
+    "efficientnet_b0",
+    "regnetx_002",
+    "rexnet_100",
+    "ghostnet_100",
+    "resnetv2_50",
+    "mixnet_s",  # mixed kernels: split → convs → cat → BN
+    "tf_mixnet_s",  # the same with run-time "same" padding (Conv2dSame): some BNs can't fold
+)
 
 
 def _specs() -> dict[str, _Spec]:
