@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bnexport.fold import math as fm
 from bnexport.fold.batchnorm import FUNCTIONAL_BATCHNORMS, is_batchnorm_class, is_batchnorm_like
-from bnexport.fold.graph import BNSite, FoldContext, arith_op
+from bnexport.fold.graph import BNSite, FoldContext, arith_op, const_of
 from bnexport.fold.layers import custom_layer, layer_kind, new_layer
 from bnexport.fold.patterns import (
     PATTERNS,
@@ -191,7 +191,9 @@ def _owner(node: fx.Node) -> tuple[str, str]:
 
 def bn_names(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
     """Report name and type of every BatchNorm call: its module path (the module owning a
-    functional call's statistics), plus ``(call k of n)`` when one module makes several calls."""
+    functional call's statistics), plus ``(call k of n)`` when one module makes several calls.
+    A ``batch_norm`` of a constant (timm's ``ScaledStdConv2d`` standardizes its weight that way)
+    is part of computing a weight, not a BatchNorm of activations: it is not listed."""
     calls: dict[str, list[tuple[fx.Node, str]]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
@@ -199,6 +201,8 @@ def bn_names(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
             if is_batchnorm_like(module):
                 calls.setdefault(str(n.target), []).append((n, type(module).__name__))
         elif n.op == "call_function" and n.target in FUNCTIONAL_BATCHNORMS:
+            if n.args and const_of(n.args[0], gm) is not None:
+                continue  # it normalizes a constant (weight standardization), not activations
             path, cls = _owner(n)
             calls.setdefault(path or f"{gm.__class__.__name__}.forward", []).append((n, cls))
     names: dict[fx.Node, tuple[str, str]] = {}

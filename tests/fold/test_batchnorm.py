@@ -311,3 +311,19 @@ def test_a_bn_after_a_conv_subclass_with_its_own_forward_is_left_naming_it() -> 
     assert (entry.status, entry.reason_code) == ("left", "custom_layer")
     assert entry.reason.startswith("conv (PadSameConv) is a Conv2d subclass with its own forward")
     close(result.module(x), model.double()(x.double()))
+
+
+class ScaledStdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d: weight standardization through F.batch_norm on the weight."""
+
+    def forward(self, x):
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias)
+
+
+def test_a_batch_norm_of_a_weight_is_not_reported_as_a_batchnorm() -> None:
+    model = nn.Sequential(ScaledStdConv(2, 3, 3), nn.ReLU()).eval()
+    result = fold_model(model, torch.randn(2, 2, 5, 5))
+    assert result.report.entries == []
