@@ -467,6 +467,7 @@ class FoldContext:
         #: later folds into the same layer start from them, and the self-check runs with them.
         self.exact: dict[str, torch.Tensor] = {}
         self._path_counts: dict[int, int] | None = None
+        self._modules: dict[str, nn.Module] = {}  # call_module target → module (kept by install)
 
     def _paths_to(self, module: nn.Module) -> int:
         """How many module paths reach ``module`` (a module registered twice is shared). The
@@ -496,7 +497,10 @@ class FoldContext:
     # lookups
     def module(self, node: Any) -> nn.Module | None:
         if isinstance(node, fx.Node) and node.op == "call_module":
-            return self.gm.get_submodule(str(node.target))
+            target = str(node.target)
+            if target not in self._modules:
+                self._modules[target] = self.gm.get_submodule(target)
+            return self._modules[target]
         return None
 
     def shape(self, node: Any) -> tuple[int, ...] | None:
@@ -506,9 +510,6 @@ class FoldContext:
     def dtype(self, node: Any) -> torch.dtype | None:
         meta = _tensor_meta(node)
         return meta.dtype if meta is not None else None
-
-    def calls(self, target: str) -> list[fx.Node]:
-        return [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target]
 
     def describe(self, node: Any) -> str:
         """``relu (ReLU)``, ``add (call_function add)``, ``output`` — for reasons in the report."""
@@ -739,20 +740,18 @@ class FoldContext:
         """
         target = str(node.target)
         old = self.gm.get_submodule(target)
-        nodes = self.gm.graph.nodes
-        shared = (
-            len(self.calls(target)) > 1
-            or self._paths_to(old) > 1
-            or any(
-                n.op == "get_attr"
-                and (n.target == target or str(n.target).startswith(target + "."))
-                for n in nodes
-            )
-            or any(n.op == "call_module" and target.startswith(str(n.target) + ".") for n in nodes)
-        )
-        if not shared:
+        calls, reached = 0, False  # other calls; a get_attr into it, or a called module around it
+        for n in self.gm.graph.nodes:
+            t = str(n.target)
+            if n.op == "call_module":
+                calls += t == target
+                reached = reached or target.startswith(t + ".")
+            elif n.op == "get_attr":
+                reached = reached or t == target or t.startswith(target + ".")
+        if calls <= 1 and not reached and self._paths_to(old) <= 1:
             parent, _, leaf = target.rpartition(".")
             setattr(self.gm.get_submodule(parent), leaf, new_module)
+            self._modules[target] = new_module
             return None
         base = f"{target}_folded"
         name, k = base, 1
@@ -760,6 +759,7 @@ class FoldContext:
             k += 1
             name = f"{base}{k}"
         self.gm.add_submodule(name, new_module)
+        self._modules[name] = new_module
         node.target = name
         return name
 
