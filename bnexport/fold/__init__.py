@@ -8,14 +8,15 @@ shapes with the example inputs, applies the patterns of `bnexport.fold.patterns`
 
 **Self-check.** Folding is exact algebra, so the folded graph, run in float64 with the fold's own
 float64 parameters (kept before their one cast), must agree with the unfolded model in float64 to
-float64 rounding. How much rounding a model amplifies
-is measured, not assumed: the unfolded model's own error in its dtype (fp32) against float64 is
-``N``, so float64 rounding accounts for about ``N · eps64/eps32``. The check is the parity rule
-(`bnexport.parity.tolerance.NoiseTolerance`) with ``ρ = eps64/eps_model``: an ill-conditioned but
+float64 rounding. How much rounding a model amplifies is measured, not assumed: the unfolded
+model's own error in its dtype (fp32) against float64 is ``N``, so float64 rounding accounts for
+about ``N · eps64/eps32``. The check is the parity rule (`bnexport.parity.tolerance.NoiseTolerance`)
+with ``ρ = eps64/eps_model``: an ill-conditioned but
 correct fold passes (its ``N`` is large), a fold without ``eps``, along the wrong axis or without
 the bias fails by many orders of magnitude. The returned module's weights are rounded to the
 layer's dtype, which a float64 comparison would count as error: hence the float64 parameters. The
-check costs two float64 forwards; the fp32 draw of ``N`` is the shape-propagation forward's.
+check costs two float64 forwards of one sample; the fp32 draw of ``N`` is the shape-propagation
+forward's.
 """
 
 from __future__ import annotations
