@@ -268,8 +268,12 @@ def export_onnx(
     )
 
 
-def forward_parameters(model: Any) -> tuple[tuple[str, ...], int] | None:
-    """``(names, required)`` of `model.forward`'s positional parameters; None for ``*args``."""
+Parameters = list[inspect.Parameter]
+
+
+def forward_signature(model: Any) -> tuple[Parameters, Parameters] | None:
+    """``(all parameters, positional ones)`` of `model.forward`; None for ``*args`` or a forward
+    without a signature."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -280,6 +284,15 @@ def forward_parameters(model: Any) -> tuple[tuple[str, ...], int] | None:
     positional = [
         p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
     ]
+    return params, positional
+
+
+def forward_parameters(model: Any) -> tuple[tuple[str, ...], int] | None:
+    """``(names, required)`` of `model.forward`'s positional parameters; None for ``*args``."""
+    signature = forward_signature(model)
+    if signature is None:
+        return None
+    _, positional = signature
     required = sum(p.default is inspect.Parameter.empty for p in positional)
     return tuple(p.name for p in positional), required
 

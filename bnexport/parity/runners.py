@@ -157,16 +157,13 @@ def match_inputs(onnx_names: Sequence[str], model: Any) -> bool:
     By keyword when every ONNX input name is a parameter of ``model.forward``; else by position,
     which needs as many ONNX inputs as ``forward`` takes (its required ones at least).
     """
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    from bnexport.export import forward_signature
+
+    signature = forward_signature(model)
+    if signature is None:
         return False
+    params, positional = signature
     kinds = inspect.Parameter
-    if any(p.kind == kinds.VAR_POSITIONAL for p in params):
-        return False
-    positional = [
-        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
-    ]
     keyword_ok = {
         p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
     }
