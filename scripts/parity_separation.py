@@ -46,7 +46,9 @@ from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "parity"))
 
+from parity_helpers import HandFolded  # noqa: E402  (the hand-folded Net of the parity tests)
 from real.zoo import REAL_MODELS  # noqa: E402  (the zoo lives with its tests)
 
 import bnexport.fold.math as fold_math  # noqa: E402
@@ -189,26 +191,6 @@ def fold_without_eps() -> Iterator[None]:
         fold_math.bn_affine = original  # type: ignore[assignment]
 
 
-class HandFoldedNet(torch.nn.Module):
-    """The seed Net folded by hand in float64 with a given eps: ``s = T·γ/√(σ²+eps)``,
-    ``W' = W·s``, ``b' = T·β − μ·s``; conv → ReLU → fc."""
-
-    def __init__(self, net: torch.nn.Module, eps: float) -> None:
-        super().__init__()
-        sd = {k: v.double() for k, v in net.state_dict().items()}
-        t = net.bn1.temperature
-        s = t * sd["bn1.bn.weight"] / torch.sqrt(sd["bn1.bn.running_var"] + eps)
-        self.conv = torch.nn.Conv2d(1, 32, 3, padding=1, bias=True)
-        self.fc = torch.nn.Linear(32 * 28 * 28, 10, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_((sd["conv1.weight"] * s.view(-1, 1, 1, 1)).float())
-            self.conv.bias.copy_((t * sd["bn1.bn.bias"] - sd["bn1.bn.running_mean"] * s).float())
-            self.fc.weight.copy_(sd["fc1.weight"].float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
 def conv_initializers(data: bytes) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
     """The model, its conv weight initializers (4-D, in graph order), and weight → bias name."""
     proto = onnx.load_model_from_string(data)
@@ -284,7 +266,7 @@ def faults(
 
     out["nan"] = ratio(ort_forward(edited(proto, mid, nan), feed), truth, floor)
     if case.name == NET:  # its BN is matched by what it computes: fold it by hand with eps = 0
-        no_eps: torch.nn.Module = HandFoldedNet(case.model, eps=0.0)
+        no_eps: torch.nn.Module = HandFolded(case.model, eps=0.0)
     else:
         with fold_without_eps():
             no_eps = fold_model(case.model, case.example, verify=False).module

@@ -51,13 +51,14 @@ def net_f64(state: dict[str, torch.Tensor], x: np.ndarray, temperature: float) -
 
 class HandFolded(torch.nn.Module):
     """Conv (with bias) → ReLU → fc: the Net with BN and temperature folded in float64 by hand:
-    ``s = T·γ/√(σ²+ε)``, ``W' = W·s``, ``b' = T·β − μ·s``."""
+    ``s = T·γ/√(σ²+ε)``, ``W' = W·s``, ``b' = T·β − μ·s`` (``eps``: the ε used, 1e-5 is the
+    Net's own; scripts/parity_separation.py folds with 0 for its no-eps fault)."""
 
-    def __init__(self, net: Net) -> None:
+    def __init__(self, net: Net, eps: float = 1e-5) -> None:
         super().__init__()
         sd = {k: v.double() for k, v in net.state_dict().items()}
         t = net.bn1.temperature
-        s = t * sd["bn1.bn.weight"] / torch.sqrt(sd["bn1.bn.running_var"] + 1e-5)
+        s = t * sd["bn1.bn.weight"] / torch.sqrt(sd["bn1.bn.running_var"] + eps)
         self.conv = torch.nn.Conv2d(1, 32, 3, padding=1, bias=True)
         self.fc = torch.nn.Linear(32 * 28 * 28, 10, bias=False)
         with torch.no_grad():
