@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
@@ -97,6 +98,33 @@ def _lowest_precision(module: nn.Module) -> torch.dtype:
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
+#: A Linear weight at least this large stays in its dtype in `run_float64`: converting it whole
+#: means allocating (and paging in) 8 bytes per element, which on a large head (vgg's 0.4 GB
+#: classifier) costs several times the forward itself; it is converted a block of rows at a time.
+LARGE_WEIGHT = 1 << 22
+_BLOCK = 1 << 19  # elements per converted block (4 MB in float64)
+
+
+class _BlockwiseFloat64Linear(torch.overrides.TorchFunctionMode):
+    """``F.linear`` of a float64 input with a weight in another dtype, in exact float64: the
+    weight is converted a block of output rows at a time into a small reused buffer."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, weight = args[:2]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if x.dtype != torch.float64 or weight.dtype == torch.float64:
+            return func(*args, **kwargs)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        rows = max(1, _BLOCK // max(1, weight.shape[1]))
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows].double()
+            torch.matmul(x, block.T, out=out[..., start : start + rows])
+        return out if bias is None else out.add_(bias.double())
+
+
 def run_float64(
     module: nn.Module,
     inputs: Sequence[Any],
@@ -107,18 +135,26 @@ def run_float64(
     ``deepcopy(module).double()`` would give, without copying the module: a fold's check on a
     large model is then two forwards, not two deep copies); ``overrides`` replace parameters by
     path (the fold's exact float64 values); ``memo`` (tensor id → float64 copy) lets a second
-    call reuse the copies of the tensors both modules share (the unfolded layers)."""
+    call reuse the copies of the tensors both modules share (the unfolded layers). Linear
+    weights of `LARGE_WEIGHT` elements or more are converted block by block as they are used."""
     memo = {} if memo is None else memo
+    large = {
+        f"{path}.weight" if path else "weight"
+        for path, m in module.named_modules(remove_duplicate=False)
+        if isinstance(m, nn.Linear)
+        and type(m).forward is nn.Linear.forward
+        and m.weight.numel() >= LARGE_WEIGHT
+    }
 
-    def as64(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
+    def as64(name: str, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or name in large:
             return t
         if id(t) not in memo:
             memo[id(t)] = t.detach().double()
         return memo[id(t)]
 
     state = {
-        name: as64(t)
+        name: as64(name, t)
         for name, t in [
             *module.named_parameters(remove_duplicate=False),
             *module.named_buffers(remove_duplicate=False),
@@ -130,7 +166,7 @@ def run_float64(
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _BlockwiseFloat64Linear():
             out = torch.func.functional_call(module, state, _clone(inputs))
     finally:
         for m, training in modes:

@@ -114,3 +114,25 @@ def test_a_random_model_is_not_called_a_bnexport_bug() -> None:
         fold_model(Noisy(), X)
     msg = str(info.value)
     assert "not deterministic" in msg and "bnexport bug" not in msg and "--no-verify" in msg
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_linear_weights_are_converted_blockwise_to_the_same_float64_result(
+    monkeypatch: pytest.MonkeyPatch, bias: bool
+) -> None:
+    """A Linear weight above `LARGE_WEIGHT` stays fp32 in the state and is converted a block of
+    rows at a time; the output is torch's own float64 forward, to float64 rounding."""
+    import copy
+
+    import bnexport.fold as fold
+
+    monkeypatch.setattr(fold, "LARGE_WEIGHT", 64)
+    monkeypatch.setattr(fold, "_BLOCK", 40)  # 2 rows of 20 per block, an uneven last block
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 33, bias=bias), nn.ReLU(), nn.Linear(33, 5)).eval()
+    x = torch.randn(4, 20)
+    expected = copy.deepcopy(model).double()(x.double())
+    (got,) = fold.run_float64(model, (x.double(),))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+    assert model[0].weight.dtype == torch.float32  # the model is untouched
