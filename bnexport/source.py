@@ -7,10 +7,11 @@ fold, export, check and bench treat a user's model like the shipped one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,8 @@ def load_source(
     """Load the seed `Net` from `checkpoint`, or the model `model_spec` builds (with weights).
 
     `model_spec` is ``package.module:factory`` (like uvicorn's app strings): `factory` is a callable
-    returning an `nn.Module` (or a module instance). The current directory is importable.
+    returning an `nn.Module` (or a module instance). The working directory is importable, after the
+    installed packages (`resolve_model`).
     `input_specs`: one per positional input of the model's forward, in order.
     """
     specs = tuple(input_specs) if input_specs else None
@@ -275,37 +277,80 @@ def _input_names(
 
 
 def resolve_model(spec: str) -> Any:
-    """Import ``package.module:attr[.attr]`` and return the `nn.Module` it is or builds."""
+    """Import ``package.module:attr[.attr]`` and return the `nn.Module` it is or builds.
+
+    The working directory is importable during the import and the factory call only, and after
+    the installed packages, so a stray ``onnxscript.py`` there cannot shadow a dependency.
+    Exceptions raised by the user's code become `ModelSpecError` naming them (the original is
+    the cause, shown with ``--debug``).
+    """
     from torch import nn
 
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path:
         raise ModelSpecError(f"--model {spec!r} must look like package.module:factory")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(f"--model {spec}: cannot import {module_name!r}: {exc}") from None
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ModelSpecError(
-                f"--model {spec}: {module_name} has no attribute {attr_path!r}"
-            ) from None
-    if not isinstance(obj, nn.Module):
-        if not callable(obj):
-            raise ModelSpecError(f"--model {spec}: {attr_path} is neither a module nor a factory")
-        try:
-            obj = obj()
-        except Exception as exc:
-            raise ModelSpecError(
-                f"--model {spec}: the factory raised {type(exc).__name__}: {exc}"
-            ) from None
+    with working_dir_importable():
+        obj: Any = _import_user_module(spec, module_name)
+        origin = getattr(obj, "__file__", None) or module_name
+        for part in attr_path.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise ModelSpecError(
+                    f"--model {spec}: {module_name} ({origin}) has no attribute {attr_path!r}"
+                ) from None
+        if not isinstance(obj, nn.Module):
+            obj = _call_factory(spec, attr_path, obj)
     if not isinstance(obj, nn.Module):
         raise ModelSpecError(
             f"--model {spec}: the factory returned {type(obj).__name__}, not a torch.nn.Module"
         )
     return obj
+
+
+@contextlib.contextmanager
+def working_dir_importable() -> Iterator[None]:
+    """Make the working directory importable, last on ``sys.path``; restore ``sys.path`` after."""
+    saved = list(sys.path)
+    sys.path.append(os.getcwd())
+    importlib.invalidate_caches()  # files written since the interpreter started are found
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _import_user_module(spec: str, module_name: str) -> Any:
+    """Import the ``--model`` module; a missing module and an error in its code are told apart."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise _user_code_error(spec, f"error importing {module_name}:", exc) from exc
+        raise ModelSpecError(
+            f"--model {spec}: cannot import {module_name!r}: no module {exc.name!r} among the "
+            f"installed packages or in the working directory {os.getcwd()}; run bnexport from "
+            "the folder that holds it, or install it"
+        ) from None
+    except (Exception, SystemExit) as exc:  # the user's module failed while running
+        raise _user_code_error(spec, f"error importing {module_name}:", exc) from exc
+
+
+def _call_factory(spec: str, attr_path: str, factory: Any) -> Any:
+    """Call the ``--model`` factory; an exception it raises is reported as the user's."""
+    if not callable(factory):
+        raise ModelSpecError(f"--model {spec}: {attr_path} is neither a module nor a factory")
+    try:
+        return factory()
+    except (Exception, SystemExit) as exc:
+        raise _user_code_error(spec, f"the factory {attr_path}() raised", exc) from exc
+
+
+def _user_code_error(spec: str, what: str, exc: BaseException) -> ModelSpecError:
+    """``what`` and one line naming the user's exception; ``--debug`` shows its traceback (the cause)."""
+    detail = " ".join(str(exc).split())
+    return ModelSpecError(
+        f"--model {spec}: {what} {type(exc).__name__}"
+        + (f": {detail}" if detail else "")
+        + " (in your code; rerun with --debug for its traceback)"
+    )

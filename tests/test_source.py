@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +15,13 @@ from bnexport.checkpoint import save_checkpoint
 from bnexport.data import Normalize
 from bnexport.errors import ModelSpecError
 from bnexport.nets import Net
-from bnexport.source import InputSpec, load_source, parse_input_shape, parse_input_spec
+from bnexport.source import (
+    InputSpec,
+    load_source,
+    parse_input_shape,
+    parse_input_spec,
+    resolve_model,
+)
 
 USER_MODULE = textwrap.dedent(
     """
@@ -122,7 +131,7 @@ def test_user_state_dict_is_loaded(user_dir: Path) -> None:
         ("nocolon", "must look like package.module:factory"),
         ("no_such_module_xyz:build", "cannot import"),
         ("user_models_for_test:nope", "has no attribute"),
-        ("user_models_for_test:broken", "factory raised RuntimeError: no weights here"),
+        ("user_models_for_test:broken", r"factory broken\(\) raised RuntimeError: no weights here"),
         ("user_models_for_test:not_a_model", "not a torch.nn.Module"),
     ],
 )
@@ -204,3 +213,82 @@ def test_a_factory_without_weights_can_be_rebuilt(user_dir: Path) -> None:
         user_dir / "w.pt", model_spec="user_models_for_test:unseeded", input_specs=spec
     )
     assert loaded.rebuild is None  # weights from a file: the same on every load
+
+
+FACTORY = textwrap.dedent(
+    """
+    import torch.nn as nn
+    import dep_probe
+
+    def make():
+        m = nn.Linear(4, 2)
+        m.dep = dep_probe.WHERE
+        return m
+    """
+)
+
+
+@pytest.fixture
+def cwd_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory holding ``mynets_probe.py`` and a stray ``dep_probe.py``; an
+    "installed" ``dep_probe`` on ``sys.path``. Neither module is imported yet."""
+    work, site = tmp_path / "work", tmp_path / "site"
+    work.mkdir()
+    site.mkdir()
+    (work / "mynets_probe.py").write_text(FACTORY)
+    (work / "dep_probe.py").write_text("WHERE = 'working directory'\n")
+    (site / "dep_probe.py").write_text("WHERE = 'installed'\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.chdir(work)
+    for name in ("mynets_probe", "dep_probe"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return work
+
+
+def test_the_working_directory_is_importable_only_during_the_import(cwd_only: Path) -> None:
+    before = list(sys.path)
+    model = resolve_model("mynets_probe:make")
+    assert isinstance(model, torch.nn.Linear)
+    assert sys.path == before
+
+
+def test_the_working_directory_cannot_shadow_installed_modules(cwd_only: Path) -> None:
+    assert resolve_model("mynets_probe:make").dep == "installed"
+
+
+def test_a_stray_onnxscript_in_the_working_directory_is_not_imported(tmp_path: Path) -> None:
+    """The real case: torch's exporter imports onnxscript after the model is loaded."""
+    factory = "import torch.nn as nn\n\ndef make():\n    return nn.Linear(4, 2)\n"
+    (tmp_path / "mynets_probe.py").write_text(factory)
+    (tmp_path / "onnxscript.py").write_text("raise ImportError('the stray onnxscript.py')\n")
+    code = (
+        "import sys; from bnexport.source import resolve_model; before = list(sys.path); "
+        "resolve_model('mynets_probe:make'); import onnxscript; "
+        "print(sys.path == before, onnxscript.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    same_path, origin = out.stdout.split()
+    assert same_path == "True" and Path(origin).parent.parent != tmp_path
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("raise ValueError('bad config')", "error importing mynets_probe: ValueError: bad config"),
+        ("import no_such_dep_xyz", "error importing mynets_probe: ModuleNotFoundError: No module"),
+        ("def make(:", "error importing mynets_probe: SyntaxError"),
+        ("import sys\nsys.exit(3)", "error importing mynets_probe: SystemExit: 3"),
+    ],
+)
+def test_errors_in_the_users_module_are_reported_as_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str
+) -> None:
+    (tmp_path / "mynets_probe.py").write_text(source + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mynets_probe", raising=False)
+    with pytest.raises(ModelSpecError, match=re.escape(message)) as info:
+        resolve_model("mynets_probe:make")
+    assert "--debug" in str(info.value) and info.value.__cause__ is not None
