@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,10 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns that a plain pickle's protocol may be unsupported; the error says more
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = " ".join(str(exc).split())
         if "unsupported global" in detail.lower():
@@ -108,11 +112,13 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
                 "bnexport never executes; re-save it as a plain state_dict "
                 "(torch.save(model.state_dict(), path))"
             ) from exc
-        raise CheckpointError(f"cannot read {path}: corrupt checkpoint ({detail[:200]})") from exc
+        raise CheckpointError(
+            f"cannot read {path}: corrupt checkpoint ({_unpickler_cause(detail)})"
+        ) from exc
     except Exception as exc:  # zip errors, truncated files, EOF, wrong magic number
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(
-            f"cannot read {path}: not a readable torch.save file ({detail[:200]})"
+            f"cannot read {path}: not a readable torch.save file ({detail})"
         ) from exc
 
 
@@ -276,6 +282,16 @@ def _normalize_from(value: Any, path: Path) -> Normalize:
         return Normalize.from_dict(value)
     except (TypeError, ValueError, KeyError, DataError) as exc:
         raise CheckpointError(f"{path}: bad normalize config {value!r}: {exc}") from None
+
+
+def _unpickler_cause(detail: str) -> str:
+    """The cause in torch's weights-only error, without its advice to load with
+    ``weights_only=False`` (which would run the file's pickled code)."""
+    marker = "WeightsUnpickler error:"
+    if marker not in detail:
+        return detail
+    cause = detail.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
+    return cause.strip() or "unreadable pickle"
 
 
 def _unsupported_global(detail: str) -> str:

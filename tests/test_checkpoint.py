@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,26 @@ def test_corrupt_files_are_refused(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [
+        (b"not a checkpoint at all", "(Unsupported operand 110)"),  # a pickle stream torch refuses
+        (pickle.dumps({"w": 1.0})[:-3], "(Unsupported operand 149)"),  # a truncated plain pickle
+    ],
+)
+def test_a_corrupt_file_names_the_cause_and_never_advises_unsafe_loading(
+    tmp_path: Path, content: bytes, cause: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message == f"cannot read {path}: corrupt checkpoint {cause}"
+    assert "weights_only" not in message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 def test_missing_file(tmp_path: Path) -> None:
