@@ -14,7 +14,7 @@ import ctypes
 import functools
 import importlib.metadata
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -142,16 +142,24 @@ def session_options(config: SessionConfig) -> onnxruntime.SessionOptions:
 
 
 def make_session(
-    path_or_bytes: str | os.PathLike[str] | bytes, config: SessionConfig | None = None
+    path_or_bytes: str | os.PathLike[str] | bytes,
+    config: SessionConfig | None = None,
+    *,
+    model_config: bool = False,
 ) -> onnxruntime.InferenceSession:
     """Create an ``InferenceSession`` exactly as ``config`` asks, or raise.
 
     CUDA sessions are checked after creation: ``get_providers()[0]`` must be
     ``CUDAExecutionProvider`` — otherwise ``ProviderUnavailableError`` with the probe's reason.
+    ``model_config=True`` honours the model's ``ort_config`` (what ``bnexport tune`` writes): the
+    keys onnxruntime reads from it (`bnexport.ort_config.CARRIED_KEYS`) override ``config``'s;
+    the rest of ``config`` stays (onnxruntime's own opt-in would reset it to its defaults).
     """
     import onnxruntime as ort
 
     config = config or SessionConfig()
+    if model_config:
+        config = _with_model_config(path_or_bytes, config)
     # Process-wide: ORT 1.31 warns on the default logger ("No registered plugin EP device found")
     # for every CUDA session; the session's own level does not cover it.
     ort.set_default_logger_severity(config.log_severity_level)
@@ -192,6 +200,29 @@ def make_session(
             f"(providers {got}); refusing a silent fallback"
         )
     return sess
+
+
+def _with_model_config(
+    path_or_bytes: str | os.PathLike[str] | bytes, config: SessionConfig
+) -> SessionConfig:
+    """``config`` with the carried keys of the model's ``ort_config`` (unchanged without one)."""
+    import onnx
+
+    from bnexport.ort_config import SESSION_OPTIONS_KEY, OrtSettings, read_ort_config
+
+    if isinstance(path_or_bytes, bytes):
+        model, where = onnx.load_from_string(path_or_bytes), "the given bytes"
+    else:
+        if not Path(path_or_bytes).is_file():
+            raise ExportError(f"ONNX model {path_or_bytes} not found; check the path")
+        model = onnx.load(str(path_or_bytes), load_external_data=False)
+        where = str(path_or_bytes)
+    data = read_ort_config(model, where)
+    options = (data or {}).get(SESSION_OPTIONS_KEY)
+    if not isinstance(options, dict):
+        return config
+    settings = OrtSettings.from_session_options_json(options, where)
+    return replace(config, **{k: getattr(settings, k) for k in options if hasattr(settings, k)})
 
 
 def _tiny_model_bytes() -> bytes:

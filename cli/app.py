@@ -46,6 +46,7 @@ def _register() -> None:
     from bnexport.cli.fold import fold_cli
     from bnexport.cli.onnx import onnx_cli
     from bnexport.cli.train import train_cli
+    from bnexport.cli.tune import tune_cli
 
     for name, func in (
         ("train", train_cli),
@@ -53,6 +54,7 @@ def _register() -> None:
         ("onnx", onnx_cli),
         ("check", check_cli),
         ("bench", bench_cli),
+        ("tune", tune_cli),
     ):
         app.command(name)(func)
 

@@ -1,0 +1,304 @@
+"""onnxruntime settings carried inside an ONNX file: the ``ort_config`` metadata entry.
+
+onnxruntime reads a JSON object from the model's ``metadata_props`` entry ``ort_config`` when the
+environment variable ``ORT_LOAD_CONFIG_FROM_MODEL=1`` is set while a session is created
+(``FinalizeSessionOptions`` in ``onnxruntime/core/session/inference_session.cc``). Its
+``session_options`` object may hold exactly these keys, all integers
+(``JsonConfigParser::ParseSessionOptionsFromModelProto`` in
+``onnxruntime/core/session/inference_session_utils.cc``; the same five strings are in the 1.32
+binary bnexport pins)::
+
+    intra_op_num_threads      >= 0 (0: onnxruntime picks one per physical core)
+    inter_op_num_threads      >= 0 (used only in parallel execution mode)
+    execution_mode            0 sequential, 1 parallel
+    graph_optimization_level  0 disabled, 1 basic, 2 extended, 99 all
+    enable_profiling          0/1 (not a speed setting; bnexport never writes it)
+
+Any other key is ignored ("Ignoring unsupported session option in ORT config"). And the options
+built from the model *replace* the caller's: onnxruntime starts from a default ``SessionOptions``
+and applies the model's keys, so everything else — memory arena and pattern, spinning, prepacking,
+every ``session.*`` config entry, the log level — is onnxruntime's default, whatever the caller
+set. Provider choice and provider options are never read from the model. The Python package's
+``read_config_from_model=1`` keyword is not enough on its own (1.32 still reads the environment
+variable in C++); :func:`open_with_model_config` sets the variable for the duration of one session
+creation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bnexport.errors import BnexportError
+from bnexport.ort import OPT_LEVELS, PROVIDER_NAMES, ExecutionMode, OptLevel
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+ORT_CONFIG_KEY = "ort_config"
+SESSION_OPTIONS_KEY = "session_options"
+LOAD_CONFIG_ENV = "ORT_LOAD_CONFIG_FROM_MODEL"
+#: Where onnxruntime's parser lives, for messages and docs.
+PARSER_SOURCE = (
+    "onnxruntime/core/session/inference_session_utils.cc "
+    "(JsonConfigParser::ParseSessionOptionsFromModelProto)"
+)
+#: The session-option keys onnxruntime reads from ``ort_config`` that change speed.
+CARRIED_KEYS: tuple[str, ...] = (
+    "intra_op_num_threads",
+    "inter_op_num_threads",
+    "execution_mode",
+    "graph_optimization_level",
+)
+#: Read by onnxruntime too, but a diagnostic: never written, refused as a tuning setting.
+IGNORED_CARRIED_KEYS: tuple[str, ...] = ("enable_profiling",)
+#: onnxruntime's integer codes (``GraphOptimizationLevel``, ``ExecutionMode`` in its C API).
+OPT_LEVEL_CODES: dict[str, int] = {"disabled": 0, "basic": 1, "extended": 2, "all": 99}
+EXECUTION_MODE_CODES: dict[str, int] = {"sequential": 0, "parallel": 1}
+
+#: How to set, by hand, settings that ``ort_config`` cannot carry (Python API).
+BY_HAND: dict[str, str] = {
+    "enable_mem_arena": "so.enable_cpu_mem_arena = ...",
+    "enable_cpu_mem_arena": "so.enable_cpu_mem_arena = ...",
+    "enable_mem_pattern": "so.enable_mem_pattern = ...",
+    "allow_spinning": 'so.add_session_config_entry("session.intra_op.allow_spinning", "0")',
+    "log_severity_level": "so.log_severity_level = ...",
+    "provider": 'onnxruntime.InferenceSession(path, so, providers=["CUDAExecutionProvider", ...])',
+}
+
+_ENV_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """The session options an ``ort_config`` carries (onnxruntime's defaults when unset)."""
+
+    intra_op_num_threads: int = 0
+    inter_op_num_threads: int = 0
+    execution_mode: ExecutionMode = "sequential"
+    graph_optimization_level: OptLevel = "all"
+
+    def __post_init__(self) -> None:
+        for key in ("intra_op_num_threads", "inter_op_num_threads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BnexportError(f"{key} must be an integer >= 0, got {value!r}")
+        if self.execution_mode not in EXECUTION_MODE_CODES:
+            raise BnexportError(
+                f"execution_mode {self.execution_mode!r}: choose sequential or parallel"
+            )
+        if self.graph_optimization_level not in OPT_LEVEL_CODES:
+            raise BnexportError(
+                f"graph_optimization_level {self.graph_optimization_level!r}: choose one of "
+                f"{list(OPT_LEVELS)}"
+            )
+
+    def changes(self) -> dict[str, Any]:
+        """The keys that differ from onnxruntime's defaults."""
+        default = OrtSettings()
+        return {k: v for k, v in asdict(self).items() if getattr(default, k) != v}
+
+    def label(self) -> str:
+        """``defaults`` or the changed keys, e.g. ``threads=1, level=extended``."""
+        short = {
+            "intra_op_num_threads": "threads",
+            "inter_op_num_threads": "inter-op threads",
+            "execution_mode": "mode",
+            "graph_optimization_level": "level",
+        }
+        changed = self.changes()
+        return ", ".join(f"{short[k]}={v}" for k, v in changed.items()) or "defaults"
+
+    def session_options_json(self) -> dict[str, int]:
+        """The ``session_options`` object onnxruntime parses (integers, every carried key)."""
+        return {
+            "intra_op_num_threads": self.intra_op_num_threads,
+            "inter_op_num_threads": self.inter_op_num_threads,
+            "execution_mode": EXECUTION_MODE_CODES[self.execution_mode],
+            "graph_optimization_level": OPT_LEVEL_CODES[self.graph_optimization_level],
+        }
+
+    @classmethod
+    def from_session_options_json(cls, data: Mapping[str, Any], where: str) -> OrtSettings:
+        """Parse an ``ort_config``'s ``session_options`` the way onnxruntime does (integers)."""
+        levels = {v: k for k, v in OPT_LEVEL_CODES.items()}
+        modes = {v: k for k, v in EXECUTION_MODE_CODES.items()}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in CARRIED_KEYS:
+                continue  # onnxruntime ignores it too (or it is enable_profiling)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise BnexportError(
+                    f"{where}: ort_config session option {key}={value!r} must be an integer "
+                    "(onnxruntime refuses the model otherwise)"
+                )
+            if key == "graph_optimization_level":
+                if value not in levels:
+                    raise BnexportError(
+                        f"{where}: graph_optimization_level {value} is not one onnxruntime "
+                        f"reads from ort_config ({sorted(levels)})"
+                    )
+                kwargs[key] = levels[value]
+            elif key == "execution_mode":
+                if value not in modes:
+                    raise BnexportError(f"{where}: execution_mode {value} must be 0 or 1")
+                kwargs[key] = modes[value]
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def session_options(self, log_severity_level: int | None = None) -> onnxruntime.SessionOptions:
+        """What onnxruntime builds from this ``ort_config``: defaults plus these keys."""
+        import onnxruntime as ort
+
+        from bnexport.ort import _ORT_OPT_LEVEL_ATTR
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_num_threads
+        so.inter_op_num_threads = self.inter_op_num_threads
+        so.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL
+            if self.execution_mode == "parallel"
+            else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        so.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _ORT_OPT_LEVEL_ATTR[self.graph_optimization_level]
+        )
+        if log_severity_level is not None:
+            so.log_severity_level = log_severity_level
+        return so
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def effective_settings(session: onnxruntime.InferenceSession) -> OrtSettings:
+    """The carried keys as a live session really uses them (``get_session_options()``)."""
+    import onnxruntime as ort
+
+    so = session.get_session_options()
+    attrs = {getattr(ort.GraphOptimizationLevel, v): k for k, v in _level_attrs().items()}
+    level = attrs.get(so.graph_optimization_level)
+    if level is None:
+        raise BnexportError(f"session uses graph optimization level {so.graph_optimization_level}")
+    parallel = so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    return OrtSettings(
+        intra_op_num_threads=int(so.intra_op_num_threads),
+        inter_op_num_threads=int(so.inter_op_num_threads),
+        execution_mode="parallel" if parallel else "sequential",
+        graph_optimization_level=level,  # type: ignore[arg-type]
+    )
+
+
+def _level_attrs() -> dict[str, str]:
+    from bnexport.ort import _ORT_OPT_LEVEL_ATTR
+
+    return _ORT_OPT_LEVEL_ATTR
+
+
+def check_carriable(key: str) -> str:
+    """``key`` if ``ort_config`` can carry it; otherwise `BnexportError` naming the by-hand way."""
+    if key in CARRIED_KEYS:
+        return key
+    if key in IGNORED_CARRIED_KEYS:
+        raise BnexportError(
+            f"{key} is a diagnostic, not a speed setting: bnexport tune never writes it"
+        )
+    if key.startswith("session."):
+        how = f'so.add_session_config_entry("{key}", VALUE)'
+    elif key.startswith(("cuda.", "cpu.")) or key in ("use_tf32", "cudnn_conv_algo_search"):
+        option = key.split(".", 1)[-1]
+        how = (
+            f'providers=[("CUDAExecutionProvider", {{"{option}": VALUE}})] in '
+            "onnxruntime.InferenceSession (provider options are never read from the model)"
+        )
+    else:
+        how = BY_HAND.get(key, f"set {key} on onnxruntime.SessionOptions")
+    raise BnexportError(
+        f"onnxruntime does not read {key!r} from a model's ort_config (it reads only "
+        f"{', '.join(CARRIED_KEYS)}; {PARSER_SOURCE}), so a tuned file cannot carry it, and with "
+        f"{LOAD_CONFIG_ENV}=1 onnxruntime replaces the caller's other options by its defaults. "
+        f"Set it by hand instead — {how} — and leave {LOAD_CONFIG_ENV} unset"
+    )
+
+
+def read_ort_config(model: onnx.ModelProto, where: str) -> dict[str, Any] | None:
+    """The parsed ``ort_config`` entry of ``model`` (None when absent); bad JSON is an error."""
+    for prop in model.metadata_props:
+        if prop.key == ORT_CONFIG_KEY:
+            try:
+                data = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise BnexportError(
+                    f"{where}: its ort_config metadata is not JSON ({exc}); onnxruntime refuses "
+                    f"such a model when {LOAD_CONFIG_ENV}=1"
+                ) from None
+            if not isinstance(data, dict):
+                raise BnexportError(f"{where}: its ort_config metadata is not a JSON object")
+            return data
+    return None
+
+
+def model_settings(path: str | os.PathLike[str]) -> OrtSettings | None:
+    """The settings a file's ``ort_config`` carries (None: no ``ort_config`` or none in it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    data = read_ort_config(model, str(path))
+    if data is None or not isinstance(data.get(SESSION_OPTIONS_KEY), dict):
+        return None
+    return OrtSettings.from_session_options_json(data[SESSION_OPTIONS_KEY], str(path))
+
+
+@contextlib.contextmanager
+def _load_config_env() -> Iterator[None]:
+    """``ORT_LOAD_CONFIG_FROM_MODEL=1`` while the block runs (serialised across threads)."""
+    with _ENV_LOCK:
+        old = os.environ.get(LOAD_CONFIG_ENV)
+        os.environ[LOAD_CONFIG_ENV] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(LOAD_CONFIG_ENV, None)
+            else:
+                os.environ[LOAD_CONFIG_ENV] = old
+
+
+def open_with_model_config(
+    path: str | os.PathLike[str], providers: Sequence[Any] | None = None
+) -> onnxruntime.InferenceSession:
+    """A plain onnxruntime session that reads the file's ``ort_config``, as a deployer opts in.
+
+    Exactly what ``ORT_LOAD_CONFIG_FROM_MODEL=1 python -c 'InferenceSession(path)'`` gives:
+    onnxruntime's default options plus the file's carried keys; nothing else bnexport sets.
+    ``providers`` as onnxruntime takes them (default: the CPU provider).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise BnexportError(f"ONNX model {path} not found; check the path")
+    with _load_config_env():
+        return ort.InferenceSession(str(path), providers=list(providers or [PROVIDER_NAMES["cpu"]]))
+
+
+def with_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``metadata_props`` has ``entries`` set (others kept, in order)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [(p.key, p.value) for p in out.metadata_props if p.key not in entries]
+    del out.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
+        prop = out.metadata_props.add()
+        prop.key, prop.value = key, value
+    return out

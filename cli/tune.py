@@ -1,0 +1,232 @@
+"""`bnexport tune`: measure the onnxruntime settings a file should carry, write them into a copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bnexport.cli._common import EXIT_MISMATCH, console, handle_errors, table
+
+# Keep equal to bnexport.tune's defaults (not imported here: that would load numpy at --help).
+DEFAULT_BATCH_SIZE = 1
+DEFAULT_BUDGET_S = 90.0
+DEFAULT_SCREEN_REPEATS = 9
+DEFAULT_CONFIRM_REPEATS = 31
+DEFAULT_FINALISTS = 3
+DEFAULT_MIN_TIME_S = 0.02
+DEFAULT_WARMUP_S = 0.2
+DEFAULT_COOLDOWN_S = 0.05
+
+
+@handle_errors
+def tune_cli(
+    model: Annotated[
+        Path, typer.Argument(help="The ONNX file to tune (any ONNX model).", show_default=False)
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write the tuned copy.", show_default=False),
+    ],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="The batch size to tune for.")
+    ] = DEFAULT_BATCH_SIZE,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Most intra-op threads the deployment may use (default: every available CPU).",
+        ),
+    ] = None,
+    providers: Annotated[
+        str,
+        typer.Option(
+            "--providers",
+            help="cpu, or cuda (when it really runs; the provider itself is not carried: the "
+            "deployer chooses it).",
+        ),
+    ] = "cpu",
+    fix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fix",
+            metavar="KEY=VALUE",
+            help="Keep a carried setting fixed during the search (intra_op_num_threads, "
+            "inter_op_num_threads, execution_mode, graph_optimization_level). Repeatable. A "
+            "setting onnxruntime does not read from the file is refused, with how to set it by "
+            "hand.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        float,
+        typer.Option(
+            "--budget",
+            min=0.1,
+            help="Seconds of timing (screen + confirm); repeats shrink to fit, down to a minimum.",
+        ),
+    ] = DEFAULT_BUDGET_S,
+    screen_repeats: Annotated[
+        int, typer.Option("--screen-repeats", min=1, help="Most rounds of the screening stage.")
+    ] = DEFAULT_SCREEN_REPEATS,
+    repeats: Annotated[
+        int,
+        typer.Option("--repeats", min=3, help="Most rounds of the confirming stage (the figures)."),
+    ] = DEFAULT_CONFIRM_REPEATS,
+    finalists: Annotated[
+        int, typer.Option("--finalists", min=1, help="Settings confirmed after screening.")
+    ] = DEFAULT_FINALISTS,
+    min_time: Annotated[
+        float,
+        typer.Option("--min-time", help="Seconds one timing lasts at least (many calls if fast)."),
+    ] = DEFAULT_MIN_TIME_S,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="Warm-up seconds per session and stage.")
+    ] = DEFAULT_WARMUP_S,
+    cooldown: Annotated[
+        float,
+        typer.Option("--cooldown", help="Idle seconds before each timing (spinning threads park)."),
+    ] = DEFAULT_COOLDOWN_S,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write every timing ratio, the decision and the record here."),
+    ] = None,
+) -> None:
+    """Find the fastest onnxruntime settings for a batch size and carry them in the file.
+
+    Searches what onnxruntime reads from a model's ort_config (intra-op threads, graph
+    optimization level, execution mode) with bench's interleaved, paired timing, writes the
+    fastest into a copy's ort_config (graph untouched) with a bnexport_tune record of the
+    measurement, after checking the copy's outputs against the input. Deployers opt in with
+    ORT_LOAD_CONFIG_FROM_MODEL=1.
+
+    Exit 0: written; 1: the tuned outputs differ (nothing written); 2: bad input.
+    """
+    from bnexport.errors import BnexportError
+    from bnexport.files import write_json
+    from bnexport.tune import TuneConfig, tune_model
+
+    if providers not in ("cpu", "cuda"):
+        raise BnexportError(f"--providers {providers!r}: choose cpu or cuda (one provider)")
+    if json_path is not None and json_path.resolve() in (model.resolve(), output.resolve()):
+        raise BnexportError(f"--json {json_path} would overwrite the model; choose another path")
+    config = TuneConfig(
+        batch_size=batch_size,
+        max_threads=threads,
+        provider=providers,
+        fixed=_parse_fix(fix or []),
+        budget_s=budget,
+        screen_repeats=screen_repeats,
+        confirm_repeats=repeats,
+        finalists=finalists,
+        min_time_s=min_time,
+        warmup_s=warmup,
+        cooldown_s=cooldown,
+    )
+    report = tune_model(model, output, config, progress=_StageLines())
+    if json_path is not None:
+        write_json(json_path, report.to_dict())
+    _render(report, json_path)
+    if not report.passed:
+        raise typer.Exit(EXIT_MISMATCH)
+
+
+def _parse_fix(values: list[str]) -> dict[str, str]:
+    from bnexport.errors import BnexportError
+
+    fixed: dict[str, str] = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise BnexportError(f"--fix {raw!r}: use KEY=VALUE, e.g. --fix intra_op_num_threads=1")
+        fixed[key.strip()] = value.strip()
+    return fixed
+
+
+class _StageLines:
+    """One line on stderr per stage (load, screen, confirm, parity, write)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, event: Any) -> None:
+        if event.stage in self.seen:
+            return
+        self.seen.add(event.stage)
+        typer.echo(f"tune: {event.stage}: {event.message}", err=True)
+
+
+def _render(report: Any, json_path: Path | None) -> None:
+    from rich.markup import escape
+
+    out = console()
+    env = report.environment
+    cfg = report.config
+    out.print(
+        f"{escape(report.model)}: batch {cfg.batch_size}, {cfg.provider}; {env['cpu_model']}, "
+        f"{env['cpus_available']} CPUs, onnxruntime {env['versions']['onnxruntime']}; load "
+        f"average {_load(env.get('load_average_before'))} → {_load(env.get('load_average_after'))}"
+    )
+    rows = [[r.settings.label(), _duration(r.median_s), _ratio(r.ratio)] for r in report.screen]
+    out.print(
+        table(
+            f"screen: {report.plan['screen_repeats']} rounds, in-process; × = paired speedup vs "
+            "onnxruntime defaults [p10–p90]",
+            ["setting", "median", "×"],
+            rows,
+        )
+    )
+    rows = [["control (defaults, carried)", "-", _ratio(report.control)]]
+    rows += [[r.settings.label(), _duration(r.median_s), _ratio(r.ratio)] for r in report.confirm]
+    out.print(
+        table(
+            f"confirm: {report.plan['confirm_repeats']} rounds, each file opened with "
+            "ORT_LOAD_CONFIG_FROM_MODEL=1 (every written key read back from the session)",
+            ["setting", "median", "×"],
+            rows,
+        )
+    )
+    d = report.decision
+    verdict = "faster beyond noise" if d.faster else "defaults kept"
+    out.print(f"picked: {escape(d.settings.label())} ({verdict}): {escape(d.reason)}")
+    for line in report.rejected:
+        out.print(f"rejected: {escape(line)}")
+    p = report.parity
+    if p is not None:
+        status = "pass" if p.passed else "FAIL"
+        out.print(
+            f"parity {status}: output {p.output!r}, error {p.error:.3g} ≤ limit {p.limit:.3g} "
+            f"(noise {p.noise:.3g}; {p.samples} samples; truth = {p.truth})"
+        )
+    if report.output is not None:
+        out.print(
+            f"wrote {escape(report.output)} (ort_config + bnexport_tune record; graph "
+            "unchanged). Opt in: ORT_LOAD_CONFIG_FROM_MODEL=1"
+        )
+        if cfg.provider == "cuda":
+            out.print(
+                "the provider is not carried: create the session with "
+                'providers=[("CUDAExecutionProvider", {"use_tf32": "0"})] by hand'
+            )
+    else:
+        out.print("nothing written: the tuned outputs differ from the input model's")
+    if json_path is not None:
+        out.print(f"wrote {escape(str(json_path))}")
+
+
+def _ratio(r: Any) -> str:
+    return f"{r.median:.3f}× [{r.p10:.3f}–{r.p90:.3f}]"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _load(values: list[float] | None) -> str:
+    return "?" if not values else "/".join(f"{v:.2f}" for v in values)
