@@ -29,29 +29,31 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "parity"))
 
 from parity_helpers import HandFolded  # noqa: E402  (the hand-folded Net of the parity tests)
+from real.faults import (  # noqa: E402  (the faults the fault tests inject)
+    ConvInitializers,
+    calibrated,
+    fold_without_eps,
+    set_temperature,
+)
 from real.zoo import REAL_MODELS  # noqa: E402  (the zoo lives with its tests)
 
-import bnexport.fold.math as fold_math  # noqa: E402
 from bnexport.export import export_onnx  # noqa: E402
 from bnexport.fold import fold_model  # noqa: E402
 from bnexport.ort import OPT_LEVELS, SessionConfig, make_session  # noqa: E402
@@ -85,7 +87,6 @@ DEFAULT_FAULTS = (
     "torchvision/shufflenet_v2_x1_0",
     "handmade/two_input_net",
 )
-CALIBRATION_STEP = 1e-2  # the relative change whose measured effect calibrates a fault
 
 
 def log(msg: str) -> None:
@@ -177,49 +178,6 @@ def ratio(
     return max(relative_error(cand[k], truth[k]).value / floor[k] for k in truth)
 
 
-@contextlib.contextmanager
-def fold_without_eps() -> Iterator[None]:
-    original = fold_math.bn_affine
-
-    def no_eps(mean, var, eps, weight=None, bias=None):  # type: ignore[no-untyped-def]
-        return original(mean, var, 0.0, weight, bias)
-
-    fold_math.bn_affine = no_eps  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        fold_math.bn_affine = original  # type: ignore[assignment]
-
-
-def conv_initializers(data: bytes) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
-    """The model, its conv weight initializers (4-D, in graph order), and weight → bias name."""
-    proto = onnx.load_model_from_string(data)
-    inits = {i.name: i for i in proto.graph.initializer}
-    weights: list[str] = []
-    bias: dict[str, str] = {}
-    for node in proto.graph.node:
-        if node.op_type == "Conv" and node.input[1] in inits and node.input[1] not in weights:
-            weights.append(node.input[1])
-            if len(node.input) > 2 and node.input[2] in inits:
-                bias[node.input[1]] = node.input[2]
-    return proto, weights, bias
-
-
-def edited(proto: onnx.ModelProto, name: str, edit: Callable[[np.ndarray], np.ndarray]) -> bytes:
-    p = copy.deepcopy(proto)
-    for init in p.graph.initializer:
-        if init.name == name:
-            init.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), name))
-    return p.SerializeToString()
-
-
-def calibrated(measure: Callable[[float], float], target: float) -> tuple[float, float]:
-    """``(δ, E/F at δ)`` with δ scaled so that the fault's effect is about ``target`` × F."""
-    first = measure(CALIBRATION_STEP)
-    delta = CALIBRATION_STEP * target / max(first, 1e-300)
-    return delta, measure(delta)
-
-
 def faults(
     case: Case,
     data: bytes,
@@ -229,69 +187,30 @@ def faults(
     target: float,
     tmp: Path,
 ) -> dict[str, float]:
-    proto, weights, biases = conv_initializers(data)
-    mid = weights[len(weights) // 2]
+    convs = ConvInitializers(data)
     out: dict[str, float] = {}
 
-    def channel(delta: float) -> float:
-        def edit(w: np.ndarray) -> np.ndarray:
-            w[0] *= np.float32(1 + delta)
-            return w
+    def effect(model: bytes) -> float:
+        return ratio(ort_forward(model, feed), truth, floor)
 
-        return ratio(ort_forward(edited(proto, mid, edit), feed), truth, floor)
-
-    out["channel_delta"], out["channel"] = calibrated(channel, target)
-    with_bias = [w for w in weights if w in biases]
-    bname = biases[with_bias[len(with_bias) // 2]]
-
-    def nudge(delta: float) -> float:
-        def edit(b: np.ndarray) -> np.ndarray:
-            b[0] += np.float32(delta * max(1.0, float(np.abs(b).max())))
-            return b
-
-        return ratio(ort_forward(edited(proto, bname, edit), feed), truth, floor)
-
-    out["bias_delta"], out["bias"] = calibrated(nudge, target)
-    spatial = [w for w in weights if numpy_helper.to_array(_init(proto, w)).shape[-1] > 1]
-    kname = spatial[len(spatial) // 2]
-    out["transposed"] = ratio(
-        ort_forward(edited(proto, kname, lambda w: np.ascontiguousarray(w.swapaxes(-1, -2))), feed),
-        truth,
-        floor,
+    out["channel_delta"], out["channel"] = calibrated(
+        lambda d: effect(convs.channel_scaled(d)), target
     )
-
-    def nan(w: np.ndarray) -> np.ndarray:
-        w.reshape(-1)[0] = np.nan
-        return w
-
-    out["nan"] = ratio(ort_forward(edited(proto, mid, nan), feed), truth, floor)
+    out["bias_delta"], out["bias"] = calibrated(lambda d: effect(convs.bias_nudged(d)), target)
+    out["transposed"] = effect(convs.transposed())
+    out["nan"] = effect(convs.nan())
     if case.name == NET:  # its BN is matched by what it computes: fold it by hand with eps = 0
         no_eps: torch.nn.Module = HandFolded(case.model, eps=0.0)
     else:
         with fold_without_eps():
             no_eps = fold_model(case.model, case.example, verify=False).module
-    out["no_eps"] = ratio(ort_forward(case.export(no_eps, tmp / "noeps.onnx"), feed), truth, floor)
+    out["no_eps"] = effect(case.export(no_eps, tmp / "noeps.onnx"))
     if case.temperature is not None and case.temperature != 1.0:
         cold = copy.deepcopy(case.model)
-        _set_temperature(cold, 1.0)
+        set_temperature(cold, 1.0)
         folded = fold_model(cold, case.example, verify=False).module
-        out["no_temperature"] = ratio(
-            ort_forward(case.export(folded, tmp / "cold.onnx"), feed), truth, floor
-        )
+        out["no_temperature"] = effect(case.export(folded, tmp / "cold.onnx"))
     return out
-
-
-def _init(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
-    return next(i for i in proto.graph.initializer if i.name == name)
-
-
-def _set_temperature(model: torch.nn.Module, value: float) -> None:
-    for m in model.modules():
-        if hasattr(m, "temperature") and isinstance(m.temperature, float | int):
-            m.temperature = value
-        elif hasattr(m, "temperature") and isinstance(m.temperature, torch.Tensor):
-            with torch.no_grad():
-                m.temperature.fill_(value)
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:

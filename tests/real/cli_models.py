@@ -1,0 +1,39 @@
+"""Zoo models as ``--model`` factories (``real.cli_models:resnet18``): each call builds the same
+seeded model, as a user's seeded factory would."""
+
+from __future__ import annotations
+
+from real.zoo import REAL_MODELS
+from torch import nn
+
+#: factory name → zoo model, and each factory's ``--input-shape`` options.
+MODELS = {
+    "resnet18": "torchvision/resnet18",
+    "mobilenet_v2": "torchvision/mobilenet_v2",
+    "shufflenet_v2_x1_0": "torchvision/shufflenet_v2_x1_0",
+    "two_input_net": "handmade/two_input_net",
+}
+INPUT_SHAPES = {
+    "two_input_net": ["--input-shape", "3,32,32", "--input-shape", "8"],
+}
+DEFAULT_SHAPE = ["--input-shape", "3,64,64"]
+
+
+def _model(name: str) -> nn.Module:
+    return REAL_MODELS[MODELS[name]]()[0]
+
+
+def resnet18() -> nn.Module:
+    return _model("resnet18")
+
+
+def mobilenet_v2() -> nn.Module:
+    return _model("mobilenet_v2")
+
+
+def shufflenet_v2_x1_0() -> nn.Module:
+    return _model("shufflenet_v2_x1_0")
+
+
+def two_input_net() -> nn.Module:
+    return _model("two_input_net")
