@@ -292,7 +292,8 @@ def candidate_settings(
     out = [OrtSettings(**pinned)]
     for threads in thread_counts(max_threads):
         for level in GRAPH_LEVELS:
-            out.append(OrtSettings(intra_op_num_threads=threads, graph_optimization_level=level))  # type: ignore[arg-type]
+            level_: Any = level
+            out.append(OrtSettings(intra_op_num_threads=threads, graph_optimization_level=level_))
     out.append(OrtSettings(execution_mode="parallel"))
     seen: list[OrtSettings] = []
     for s in out:
