@@ -172,8 +172,10 @@ def _render(report: Any, json_path: Path | None) -> None:
     rows = [[r.settings.label(), _duration(r.median_s), _ratio(r.ratio)] for r in report.screen]
     out.print(
         table(
-            f"screen: {report.plan['screen_repeats']} rounds, in-process; × = paired speedup vs "
-            "onnxruntime defaults [p10–p90]",
+            escape(
+                f"screen: {report.plan['screen_repeats']} rounds, in-process; × = paired speedup "
+                "vs onnxruntime defaults [p10–p90]"
+            ),
             ["setting", "median", "×"],
             rows,
         )

@@ -1,0 +1,96 @@
+"""`bnexport tune` end to end on a tiny model with a tiny time budget: file, record, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from tiny_onnx import conv_net, save
+from typer.testing import CliRunner
+
+from bnexport.cli.app import app
+from bnexport.ort_config import model_settings, open_with_model_config
+from bnexport.tune import TUNE_RECORD_KEY, read_record
+
+runner = CliRunner()
+TINY = ["--budget", "2", "--screen-repeats", "3", "--repeats", "5", "--finalists", "2"]
+TINY += ["--min-time", "0.001", "--warmup", "0.002", "--cooldown", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, dict]:
+    root = tmp_path_factory.mktemp("tune_cli")
+    model = save(conv_net(), root / "m.onnx")
+    out, report = root / "tuned.onnx", root / "tune.json"
+    args = ["tune", str(model), "-o", str(out), "--batch-size", "4", "--json", str(report)]
+    result = runner.invoke(app, [*args, *TINY])
+    assert result.exit_code == 0, result.output
+    return result, model, out, json.loads(report.read_text())
+
+
+def test_progress_line_per_stage_and_the_tables(run: tuple[object, Path, Path, dict]) -> None:
+    result, _, out, _ = run
+    stderr = result.stderr  # type: ignore[attr-defined]
+    stages = [
+        line.split(":")[1].strip() for line in stderr.splitlines() if line.startswith("tune:")
+    ]
+    assert stages == ["load", "screen", "confirm", "parity", "write"]
+    text = result.stdout  # type: ignore[attr-defined]
+    assert "vs onnxruntime defaults [p10–p90]" in text
+    assert "control (defaults, carried)" in text and "picked: " in text
+    assert "parity pass" in text and f"wrote {out}" in text
+    assert "ORT_LOAD_CONFIG_FROM_MODEL=1" in text
+
+
+def test_the_record_carries_machine_batch_and_ratio(run: tuple[object, Path, Path, dict]) -> None:
+    _, _, out, data = run
+    record = read_record(out)
+    assert record == data["record"]
+    assert record["batch_size"] == 4 and record["provider"] == "cpu"
+    assert set(record["machine"]) >= {"cpu_model", "cpu_flags", "logical_cpus", "cpus_available"}
+    assert isinstance(record["machine"]["cpu_flags"], list)
+    control = record["control"]
+    assert control["p10"] <= control["median"] <= control["p90"]
+    if record["faster_beyond_noise"]:
+        assert record["ratio"]["p10"] <= record["ratio"]["median"] <= record["ratio"]["p90"]
+    else:
+        assert record["ratio"] is None
+    assert model_settings(out) is not None
+    assert record["settings"] == model_settings(out).to_dict()  # type: ignore[union-attr]
+    assert len(data["screen"]) == 10 and data["parity"]["passed"]
+
+
+def test_the_tuned_file_runs_in_a_plain_session_and_only_metadata_changed(
+    run: tuple[object, Path, Path, dict],
+) -> None:
+    _, model, out, _ = run
+    src, dst = onnx.load(str(model)), onnx.load(str(out))
+    assert {p.key for p in dst.metadata_props} == {"source", "ort_config", TUNE_RECORD_KEY}
+    for m in (src, dst):
+        del m.metadata_props[:]
+    assert src.SerializeToString() == dst.SerializeToString()
+    assert open_with_model_config(out).get_inputs()[0].name == "x"
+
+
+def test_refuses_an_uncarriable_setting_with_exit_2(tmp_path: Path) -> None:
+    model = save(conv_net(), tmp_path / "m.onnx")
+    out = tmp_path / "t.onnx"
+    result = runner.invoke(
+        app, ["tune", str(model), "-o", str(out), "--fix", "enable_mem_pattern=0"]
+    )
+    assert result.exit_code == 2
+    assert "does not read 'enable_mem_pattern'" in result.stderr
+    assert "so.enable_mem_pattern" in result.stderr and not out.exists()
+
+
+def test_bad_fix_and_provider_are_errors(tmp_path: Path) -> None:
+    model = save(conv_net(), tmp_path / "m.onnx")
+    base = ["tune", str(model), "-o", str(tmp_path / "t.onnx")]
+    result = runner.invoke(app, [*base, "--fix", "intra_op_num_threads"])
+    assert result.exit_code == 2 and "use KEY=VALUE" in result.stderr
+    result = runner.invoke(app, [*base, "--providers", "tpu"])
+    assert result.exit_code == 2 and "choose cpu or cuda" in result.stderr
+    result = runner.invoke(app, ["tune", str(tmp_path / "missing.onnx"), "-o", "x.onnx"])
+    assert result.exit_code == 2 and "not found" in result.stderr
