@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bnexport import __version__
-from bnexport.errors import BnexportError
+from bnexport.errors import BnexportError, raise_if_interrupted
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,6 +71,7 @@ BASELINE = "torch_eager"
 REFERENCE_EXPORT = "ort_torch_export"
 BNEXPORT_CPU = "ort_bnexport"
 BNEXPORT_CUDA = "ort_bnexport_cuda"
+TUNED_PREFIX = "ort_tuned:"  # + the tuned file's name (bnexport tune's output)
 
 LABELS: dict[str, str] = {
     "torch_eager": "PyTorch eager, unfolded",
@@ -528,10 +529,14 @@ def run_bench(
     config: BenchConfig | None = None,
     onnx_path: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    tuned_paths: Sequence[str | os.PathLike[str]] = (),
 ) -> BenchReport:
     """Measure ``source.model`` as PyTorch eager (unfolded, folded) and on onnxruntime.
 
     ``onnx_path``: use this file as bnexport's export instead of folding and exporting here.
+    ``tuned_paths``: files from ``bnexport tune``, each one more candidate opened the way a
+    deployer opts in (``ORT_LOAD_CONFIG_FROM_MODEL=1``, onnxruntime's defaults plus the file's
+    ``ort_config``; ``config.threads`` does not apply to them).
     Never prints; progress goes to ``progress``. Raises `BnexportError` for bad input.
     """
     import numpy as np
@@ -587,6 +592,9 @@ def run_bench(
                 info = replace(info, model_path=None)
             infos.append(info)
             if runner is not None:
+                runners.append(runner)
+            for info, runner in _tuned_candidates(tuned_paths):
+                infos.append(info)
                 runners.append(runner)
 
             setup("probing CUDA")
@@ -669,7 +677,8 @@ def _summarise(
             )
         )
     for size in config.batch_sizes:
-        for name in (BNEXPORT_CPU, BNEXPORT_CUDA):
+        tuned = sorted({n for n, _ in raw if n.startswith(TUNED_PREFIX)})
+        for name in (BNEXPORT_CPU, BNEXPORT_CUDA, *tuned):
             if (name, size) in raw and (REFERENCE_EXPORT, size) in raw:
                 ratio = paired_ratio(raw[(REFERENCE_EXPORT, size)][0], raw[(name, size)][0])
                 comparisons.append(Comparison(name, REFERENCE_EXPORT, size, ratio))
@@ -735,6 +744,50 @@ def _ort_candidate(name: str, path: Path, session_config: Any) -> tuple[Candidat
     return info, OrtRunner(name, session)
 
 
+def tuned_name(path: str | os.PathLike[str]) -> str:
+    """The candidate name of a tuned file: ``ort_tuned:<file name>``."""
+    return f"{TUNED_PREFIX}{Path(path).name}"
+
+
+def _tuned_candidates(
+    paths: Sequence[str | os.PathLike[str]],
+) -> list[tuple[CandidateInfo, OrtRunner]]:
+    """One candidate per tuned file, opened with its own ``ort_config`` (as a deployer does)."""
+    from bnexport.ort_config import model_settings, open_with_model_config
+
+    out = []
+    names = [tuned_name(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise BnexportError(f"tuned files need distinct file names, got {[str(p) for p in paths]}")
+    for path, name in zip(paths, names, strict=True):
+        if not Path(path).is_file():
+            raise BnexportError(f"--tuned {path} not found; check the path")
+        settings = model_settings(path)
+        if settings is None:
+            raise BnexportError(
+                f"{path} carries no ort_config session options; tune it first "
+                "(bnexport tune MODEL.onnx -o TUNED.onnx)"
+            )
+        t0 = time.perf_counter()
+        session = open_with_model_config(path)
+        init_s = time.perf_counter() - t0
+        label = f"onnxruntime CPU, {Path(path).name} (its ort_config: {settings.label()})"
+        info = CandidateInfo(
+            name,
+            label,
+            True,
+            session_options={
+                "ort_config": settings.to_dict(),
+                "opt_in": "ORT_LOAD_CONFIG_FROM_MODEL=1",
+            },
+            model_path=str(path),
+            op_counts=_op_counts(Path(path)),
+            init_s=init_s,
+        )
+        out.append((info, OrtRunner(name, session)))
+    return out
+
+
 def _cuda_candidate(path: Path, config: BenchConfig) -> tuple[CandidateInfo, Any]:
     from bnexport.ort import probe_cuda
 
@@ -769,6 +822,7 @@ def _torch_export_candidate(
             assert program is not None
             program.save(str(path))
     except Exception as exc:
+        raise_if_interrupted(exc)
         reason = f"torch.onnx.export(dynamo=True) failed: {' '.join(str(exc).split())[:300]}"
         return CandidateInfo(name, LABELS[name], False, reason), None
 

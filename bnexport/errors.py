@@ -37,3 +37,29 @@ class ParityInputError(BnexportError):
 
 class WeightsMismatchError(ParityInputError):
     """The reference's weights are not the ones the ONNX model was exported from."""
+
+
+class OutputPathError(BnexportError):
+    """An output path is an input, a directory, or cannot be written."""
+
+
+def interrupt_in(exc: BaseException) -> bool:
+    """True when `exc` is a Ctrl-C or was raised while handling one.
+
+    Libraries (torch.export's cleanup, a wrapper's ``except Exception``) can turn a
+    ``KeyboardInterrupt`` into another exception; its cause/context chain still holds it.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Re-raise a Ctrl-C hidden in `exc`'s chain (call first in a broad ``except`` block)."""
+    if interrupt_in(exc):
+        raise KeyboardInterrupt from exc

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnexport import __version__
-from bnexport.errors import ExportError
+from bnexport.defaults import DEFAULT_OPSET, opset_problem
+from bnexport.errors import ExportError, raise_if_interrupted
 from bnexport.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     import onnx_ir
     import torch
 
-DEFAULT_OPSET = 20
 DEFAULT_CHECK_BATCH = 64  # batch size check_program feeds
 BATCH_DIM = "batch"
 PRODUCER_NAME = "bnexport"
@@ -180,7 +180,7 @@ class ProgramCheck:
     outputs: list[Any]  # bnexport.parity.compare.OutputComparison, one per output
     samples: int
     batch_size: int
-    tolerance: Any  # bnexport.parity.tolerance.Tolerance
+    tolerance: Any  # bnexport.parity.tolerance.NoiseTolerance (default) or Tolerance
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +215,9 @@ def export_onnx(
     ``torch_version`` are added unless given. The file is written atomically: on any error nothing
     is left at `path`. Raises `ExportError`.
     """
+    problem = opset_problem(opset)
+    if problem is not None:
+        raise ExportError(problem)
     import onnx
     import torch
 
@@ -233,8 +236,8 @@ def export_onnx(
     produced = _default_opset(proto)
     if produced != opset:
         raise ExportError(
-            f"opset {opset} was asked for but the exporter produced opset {produced} (it cannot "
-            f"convert this model to {opset}); use --opset {produced} or newer"
+            f"--opset {opset}: the exporter cannot convert this model from opset {produced}, "
+            f"which it writes, to {opset}; use --opset {produced}"
         )
     size = proto.ByteSize()
     if size > _PROTOBUF_LIMIT:
@@ -391,20 +394,24 @@ def check_program(
     The program is loaded with `torch.export.load` (as a user would), so this checks the artifact,
     not the in-memory module. `input_shape`: one shape, or one per positional input (no batch
     dim); `input_dtypes` their numpy dtype names (default float32); `output_names` name the
-    outputs in the report (default: as `export_onnx` names them). Inputs are `bnexport.parity`'s:
-    the bundled Fashion-MNIST images when `normalize` is known and the input is one 28×28 image,
-    seeded random samples and edge cases. An element passes when ``|a − r| <= atol + rtol·|r|``
-    with the ``torch`` tolerance (`bnexport.parity.tolerance.DEFAULT_TOLERANCES`) unless
-    `tolerance` is given. Raises `ExportError` when the program cannot be loaded or run.
+    outputs in the report (default: as `export_onnx` names them). Inputs are `bnexport.parity`'s
+    (the bundled Fashion-MNIST images when `normalize` is known and the input is one 28×28 image,
+    seeded random samples and edge cases), as many as `bnexport check` would feed in its time
+    budget. The decision is `bnexport check`'s: by default the noise-relative rule
+    (`bnexport.parity.tolerance.NoiseTolerance`: the program's error against the float64 forward
+    of `reference`, within a multiple of PyTorch fp32's own error); a fixed `Tolerance` compares
+    element-wise with the fp32 reference instead. Raises `ExportError` when the program cannot be
+    loaded or run.
     """
     import torch
 
+    from bnexport.parity import CheckConfig, build_sized_inputs
     from bnexport.parity.compare import compare_output
-    from bnexport.parity.inputs import InputConfig, TensorSpec, as_shapes, build_inputs
+    from bnexport.parity.inputs import InputConfig, TensorSpec, as_shapes
     from bnexport.parity.runners import TorchRunner, name_outputs
-    from bnexport.parity.tolerance import DEFAULT_TOLERANCES
+    from bnexport.parity.tolerance import NoiseTolerance, relative_error
 
-    tol = tolerance or DEFAULT_TOLERANCES["torch"]
+    tol = tolerance or NoiseTolerance()
     with quiet_exporter() as log:
         try:
             program = torch.export.load(str(path))
@@ -424,8 +431,16 @@ def check_program(
     except TypeError as exc:
         raise ExportError(f"cannot feed inputs of dtypes {dtypes} to the check: {exc}") from None
     specs = [TensorSpec(n, (None, *s), d) for n, s, d in zip(names, shapes, np_dtypes, strict=True)]
-    feed = build_inputs(specs, inputs or InputConfig(), normalize=normalize, input_shape=shapes)
     ref_runner = TorchRunner(reference, names, out_names, name="torch-fp32")
+    runs: dict[str, Any] = {"ref": ref_runner.infer}
+    if isinstance(tol, NoiseTolerance):  # the truth, and a second fp32 path for the noise floor
+        truth_runner = TorchRunner(reference, names, out_names, name="torch-fp64", dtype="float64")
+        runs["truth"] = truth_runner.infer
+        runs["ref1"] = ref_runner.infer
+    config = CheckConfig(inputs=inputs or InputConfig(), batch_sizes=(batch_size,))
+    feed, _, _ = build_sized_inputs(  # fp32 twice, float64, the program: a check's cost
+        ref_runner, specs, config, (batch_size,), normalize, shapes, n_ort=0
+    )
 
     def run_program(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # An exported program's module refuses .eval(): call it as is (it has no modes).
@@ -433,25 +448,23 @@ def check_program(
         with torch.inference_mode():
             return name_outputs(module(*xs), out_names, "the saved program")
 
-    chunks: dict[str, dict[str, list[np.ndarray]]] = {"ref": {}, "cand": {}}
-    for batch in feed.batches(batch_size):
-        for key, run in (("ref", ref_runner.infer), ("cand", run_program)):
-            try:
-                out = run(batch)
-            except Exception as exc:
-                what = "the saved program" if key == "cand" else "the unfolded model"
-                raise ExportError(
-                    f"running {what} on a batch of {len(batch[names[0]])} failed: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            for name, arr in out.items():
-                chunks[key].setdefault(name, []).append(arr)
+    runs["cand"] = run_program
+    got: dict[str, dict[str, np.ndarray]] = {}
+    for key, run in runs.items():
+        got[key] = _run_batches(run, feed, 1 if key == "ref1" else batch_size, key, names[0])
+    noise = {
+        n: max(relative_error(got[k][n], got["truth"][n]).value for k in ("ref", "ref1"))
+        for n in out_names
+        if "truth" in got
+    }
     comparisons = [
         compare_output(
             name,
-            np.concatenate(chunks["cand"][name]),
-            np.concatenate(chunks["ref"][name]),
+            got["cand"][name],
+            got["ref"][name],
             tol,
+            truth=got["truth"][name] if "truth" in got else None,
+            noise=noise.get(name),
             locate=feed.locate,
         )
         for name in out_names
@@ -464,6 +477,25 @@ def check_program(
         tolerance=tol,
         inputs=feed.summary(),
     )
+
+
+def _run_batches(
+    run: Any, feed: Any, batch_size: int, key: str, first_input: str
+) -> dict[str, np.ndarray]:
+    """``run`` over ``feed`` in batches, outputs concatenated; a failure is an `ExportError`."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    for batch in feed.batches(batch_size):
+        try:
+            out = run(batch)
+        except Exception as exc:
+            what = "the saved program" if key == "cand" else "the unfolded model"
+            raise ExportError(
+                f"running {what} on a batch of {len(batch[first_input])} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        for name, arr in out.items():
+            chunks.setdefault(name, []).append(arr)
+    return {name: np.concatenate(arrays) for name, arrays in chunks.items()}
 
 
 def build_metadata(source: Any, fold_report: Any = None) -> dict[str, Any]:
@@ -561,7 +593,11 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], .
 
 
 def _export_failure(stage: str, exc: BaseException, captured: str) -> ExportError:
-    """An ExportError naming the stage, the cause and the tail of what the exporter printed."""
+    """An ExportError naming the stage, the cause and the tail of what the exporter printed.
+
+    A Ctrl-C the exporter turned into another exception is raised as the KeyboardInterrupt it is.
+    """
+    raise_if_interrupted(exc)
     cause = " ".join(f"{type(exc).__name__}: {exc}".split())
     if len(cause) > _TAIL_CHARS:
         cause = cause[:_TAIL_CHARS] + " …"

@@ -18,9 +18,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from bnexport.errors import BnexportError, ExportError, ProviderUnavailableError
+from bnexport.errors import (
+    BnexportError,
+    ExportError,
+    ProviderUnavailableError,
+    raise_if_interrupted,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    import onnx
     import onnxruntime
 
 Provider = Literal["cpu", "cuda"]
@@ -177,11 +185,13 @@ def make_session(
     model: str | bytes
     if isinstance(path_or_bytes, bytes):
         model = path_or_bytes
+        _refuse_external_data_in_bytes(model)
     else:
         path = Path(path_or_bytes)
         if not path.is_file():
             raise ExportError(f"ONNX model {path} not found; check the path")
-        model = str(path)
+        external_data_files(path)  # beside the model, never outside its folder
+        model = str(path)  # by path: onnxruntime finds external data beside the model
     try:
         sess = ort.InferenceSession(
             model, sess_options=session_options(config), providers=providers
@@ -223,6 +233,90 @@ def _with_model_config(
         return config
     settings = OrtSettings.from_session_options_json(options, where)
     return replace(config, **{k: getattr(settings, k) for k in options if hasattr(settings, k)})
+
+
+def external_data_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """The external-data files (``.data`` beside the ``.onnx``) the model at `path` uses.
+
+    Every tensor's ``location`` must be a relative path inside the model's folder: an absolute
+    path or one that leaves the folder through ``..`` is refused (`ExportError`) before
+    onnxruntime reads anything, and so is a missing file. Cached per file version.
+    """
+    st = Path(path).stat()
+    return _external_data_files(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _external_data_files(path: str, _mtime_ns: int, _size: int) -> tuple[Path, ...]:
+    import onnx
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"{path} is not an ONNX model: {' '.join(str(exc).split())}") from exc
+    folder = Path(path).parent
+    files: dict[Path, None] = {}
+    for tensor in _tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = Path(os.path.normpath(folder / location))
+        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
+            raise ExportError(
+                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
+                f"model's folder {folder}; bnexport reads external data only beside the model: "
+                "save it with a relative location (onnx.save(..., save_as_external_data=True, "
+                "location='model.onnx.data'))"
+            )
+        if not target.is_file():
+            raise ExportError(
+                f"{path}: tensor {tensor.name!r} keeps its data in {target}, which is missing; "
+                "copy the .data file beside the model"
+            )
+        files[target] = None
+    return tuple(files)
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of `model`: initializers, sparse ones, and node attributes, in subgraphs and
+    functions too."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for graph in attr.graphs:
+                yield from _graph_tensors(graph)
+
+
+def _refuse_external_data_in_bytes(data: bytes) -> None:
+    """A model given as bytes has no folder: onnxruntime would look for its external data in the
+    working directory. Refuse it (`ExportError`)."""
+    import onnx
+
+    if b"location" not in data:  # the key every external-data tensor serializes: none here
+        return
+    proto = onnx.load_model_from_string(data)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto)):
+        raise ExportError(
+            "an ONNX model given as bytes uses external data, which onnxruntime would look for in "
+            "the working directory; pass the model's path instead"
+        )
 
 
 def _tiny_model_bytes() -> bytes:
@@ -326,6 +420,7 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
                 providers=[(cuda, opts), PROVIDER_NAMES["cpu"]],
             )
         except Exception as exc:
+            raise_if_interrupted(exc)
             return ProbeResult(
                 False, f"creating a CUDA session failed: {' '.join(str(exc).split())}", **common
             )
@@ -347,6 +442,7 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
         x = np.array([1.5, -2.0], dtype=np.float32)
         (y,) = sess.run(None, {"x": x})
     except Exception as exc:
+        raise_if_interrupted(exc)
         return ProbeResult(
             False, f"a CUDA session was created but running it failed: {exc}", **common
         )

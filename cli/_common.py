@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bnexport.errors import BnexportError
+from bnexport.errors import BnexportError, interrupt_in
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -50,29 +50,91 @@ def fail(message: str) -> typer.Exit:
 
 
 def handle_errors(func: F) -> F:
-    """Decorator: `BnexportError` → one line on stderr, exit 2; tracebacks only with --debug."""
+    """Decorator: `BnexportError` → one line on stderr, exit 2; tracebacks only with --debug.
+
+    Ctrl-C (also one a library wrapped in another exception) → ``bnexport: interrupted``, exit
+    130. A closed stdout (``bnexport onnx … | head``) drops the rest of the output, not the work:
+    the command finishes and its exit code stands.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        guard = _ClosedPipeGuard(sys.stdout)
+        sys.stdout = guard  # type: ignore[assignment]
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            typer.echo("bnexport: interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise interrupted() from None
         except BnexportError as exc:
+            if interrupt_in(exc):
+                raise interrupted() from None
             if State.debug:
                 raise
             raise fail(_one_line(str(exc))) from None
         except Exception as exc:  # a bug or an unexpected library failure
+            if interrupt_in(exc):
+                raise interrupted() from None
             if State.debug:
                 raise
             raise fail(
                 f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug)"
             ) from None
+        finally:
+            sys.stdout = guard.stream
 
     return wrapper  # type: ignore[return-value]
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def interrupted() -> typer.Exit:
+    """Say so on stderr and return the exit to raise (130)."""
+    typer.echo("bnexport: interrupted", err=True)
+    return typer.Exit(EXIT_INTERRUPTED)
+
+
+class _ClosedPipeGuard:
+    """``sys.stdout`` while a command runs: once the reader has gone (BrokenPipeError), output is
+    dropped and the command carries on; the real stdout is pointed at /dev/null so the flush at
+    exit cannot fail either."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.closed_pipe = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                return int(self.stream.write(text))
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.closed_pipe = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        except (OSError, ValueError, AttributeError):  # no real file descriptor (tests)
+            pass
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _one_line(text: str) -> str:

@@ -81,11 +81,22 @@ def bench_cli(
         bool,
         typer.Option("--cuda/--no-cuda", help="Include onnxruntime CUDA when it really runs."),
     ] = True,
+    tuned: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--tuned",
+            help="A file from `bnexport tune`, benched as a deployer opts in "
+            "(ORT_LOAD_CONFIG_FROM_MODEL=1: its own ort_config, not --threads). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Benchmark PyTorch eager (unfolded, folded) and onnxruntime (torch's export, bnexport's)."""
-    from bnexport.bench import BenchConfig, check_benchable, run_bench
     from bnexport.errors import BnexportError
-    from bnexport.files import write_json
+    from bnexport.files import check_output_paths, write_json
+
+    check_output_paths({"--json": json_path}, [checkpoint, onnx, *(tuned or ())])
+    from bnexport.bench import BenchConfig, check_benchable, run_bench
 
     try:
         sizes = tuple(int(s) for s in batch_sizes.replace(" ", "").split(",") if s)
@@ -107,7 +118,9 @@ def bench_cli(
     source = load_model_source(checkpoint, model, input_shape, None)
     check_benchable(source)
     with _Progress() as progress:
-        report = run_bench(source, config, onnx_path=onnx, progress=progress)
+        report = run_bench(
+            source, config, onnx_path=onnx, progress=progress, tuned_paths=tuned or ()
+        )
     if json_path is not None:
         write_json(json_path, report.to_dict())
     _render(report, json_path)
@@ -118,6 +131,7 @@ def _render(report: Any, json_path: Path | None) -> None:
 
     from bnexport.bench import BASELINE, LABELS, LATENCY_BATCH
 
+    labels = {**LABELS, **{c.name: c.label for c in report.candidates}}
     out = console()
     env = report.environment
     threads = env["threads"]
@@ -142,7 +156,7 @@ def _render(report: Any, json_path: Path | None) -> None:
         )
         rows.append(
             [
-                LABELS.get(m.candidate, m.candidate),
+                labels.get(m.candidate, m.candidate),
                 m.batch_size,
                 _duration(m.median_s),
                 _duration(m.p90_s),
@@ -161,7 +175,7 @@ def _render(report: Any, json_path: Path | None) -> None:
     for c in report.comparisons:
         r = c.ratio
         out.print(
-            f"{LABELS.get(c.candidate, c.candidate)} vs {LABELS.get(c.reference, c.reference)}, "
+            f"{labels.get(c.candidate, c.candidate)} vs {labels.get(c.reference, c.reference)}, "
             f"batch {c.batch_size}: {r.median:.3f}× [{r.p10:.3f}–{r.p90:.3f}]"
         )
     for info in report.candidates:

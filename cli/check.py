@@ -151,6 +151,19 @@ def check_cli(
 ) -> None:
     """Compare MODEL.onnx with its PyTorch model on onnxruntime (CPU, and CUDA when it runs)."""
     from bnexport.errors import ParityInputError
+    from bnexport.files import check_output_paths
+    from bnexport.ort import external_data_files
+
+    sidecars = external_data_files(model) if model.is_file() else ()
+    check_output_paths(
+        {
+            "--json": json_path,
+            "--junit": junit_path,
+            "--markdown": markdown_path,
+            "--save-inputs": save_inputs,
+        },
+        [model, *sidecars, checkpoint, against, inputs],
+    )
     from bnexport.parity import CheckConfig, InputConfig, check_parity
 
     if against is not None and checkpoint is not None:
@@ -195,12 +208,7 @@ def check_cli(
             rebuild=source.rebuild,
         )
 
-    if json_path is not None:
-        report.write_json(json_path)
-    if junit_path is not None:
-        report.write_junit(junit_path)
-    if markdown_path is not None:
-        report.write_markdown(markdown_path)
+    report.write_reports(json_path=json_path, junit_path=junit_path, markdown_path=markdown_path)
     render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
 

@@ -119,8 +119,10 @@ def onnx_cli(
     Exit 0: parity holds; 1: mismatch, or a BatchNorm left with --strict; 2: bad input.
     """
     from bnexport.errors import BnexportError
+    from bnexport.files import check_output_paths, write_json
+
+    check_output_paths({"-o": output, "--report-json": report_json}, [checkpoint])
     from bnexport.export import build_metadata, export_onnx
-    from bnexport.files import write_json
     from bnexport.parity import CheckConfig, check_parity, resolve_providers
 
     if no_fold and strict:
@@ -156,18 +158,18 @@ def onnx_cli(
         out.print("Not folded (--no-fold): the model is exported as it is.")
 
     report = folded.report if folded is not None else None
-    with stage("Exporting to ONNX"):
-        exported = export_onnx(
-            folded.module if folded is not None else source.model,
-            source.example_inputs,
-            output,
-            input_names=source.input_names,
-            output_names=out_names or source.output_names,
-            opset=opset,
-            metadata=build_metadata(source, report),
-            fuse_batchnorm=folded is not None,
-        )
     with removed_on_error(output):
+        with stage("Exporting to ONNX"):
+            exported = export_onnx(
+                folded.module if folded is not None else source.model,
+                source.example_inputs,
+                output,
+                input_names=source.input_names,
+                output_names=out_names or source.output_names,
+                opset=opset,
+                metadata=build_metadata(source, report),
+                fuse_batchnorm=folded is not None,
+            )
         render_export(out, exported)
         parity = None
         if config is not None:

@@ -72,17 +72,37 @@ def train_cli(
         typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
     ] = None,
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Checkpoint to write (atomically).")
-    ] = DEFAULT_OUTPUT,
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help=f"Checkpoint to write (atomically). Default: {DEFAULT_OUTPUT}, only if no such "
+            "file exists (--force replaces it).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help=f"Without -o, replace an existing {DEFAULT_OUTPUT}."),
+    ] = False,
 ) -> None:
-    """Train the seed's Net (AdamW, one-cycle) and save a checkpoint with its metrics."""
-    from bnexport import __version__
-    from bnexport.checkpoint import save_checkpoint
+    """Train the seed's Net (AdamW, one-cycle) and save a checkpoint with its metrics.
+
+    The output path is checked before training starts. Without -o, an existing
+    models/net.pt (the shipped model, from the repo root) is never overwritten unless --force.
+    """
     from bnexport.errors import BnexportError
-    from bnexport.train import TrainConfig, train
+    from bnexport.files import check_output_paths
 
     if device not in ("auto", "cpu", "cuda"):
         raise BnexportError(f"--device must be auto, cpu or cuda, got {device!r}")
+    output = default_output(force) if output is None else output
+    check_output_paths({"-o": output})  # before torch is imported: fails in the first second
+
+    from bnexport import __version__
+    from bnexport.checkpoint import save_checkpoint
+    from bnexport.train import TrainConfig, train
+
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -127,6 +147,18 @@ def train_cli(
         f"({result.data['source']}), {result.seconds:.1f} s on {result.device}"
     )
     out.print(f"wrote {output}  sha256 {sha}")
+
+
+def default_output(force: bool) -> Path:
+    """`DEFAULT_OUTPUT`, unless it exists and `force` is off (then an `OutputPathError`)."""
+    from bnexport.errors import OutputPathError
+
+    if DEFAULT_OUTPUT.exists() and not force:
+        raise OutputPathError(
+            f"{DEFAULT_OUTPUT} exists and train without -o does not overwrite it; give "
+            "-o PATH for the new checkpoint, or --force to replace it"
+        )
+    return DEFAULT_OUTPUT
 
 
 def _command_line(ctx: typer.Context) -> str:

@@ -36,7 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.errors import BnexportError, ParityInputError, ProviderUnavailableError
+from bnexport.errors import (
+    BnexportError,
+    ParityInputError,
+    ProviderUnavailableError,
+    raise_if_interrupted,
+)
 from bnexport.fingerprint import verify_weights
 from bnexport.ort import OPT_LEVELS, SessionConfig, probe_cuda
 from bnexport.parity.compare import OutputComparison, compare_output
@@ -79,6 +84,7 @@ __all__ = [
     "RunnerResult",
     "Tolerance",
     "TorchRunner",
+    "build_sized_inputs",
     "check_parity",
     "compare_output",
     "load_inputs",
@@ -305,6 +311,7 @@ def _fold(reference: Any, example: tuple[Any, ...]) -> tuple[Any | None, str]:
     try:
         result = fold_model(reference, example)
     except Exception as exc:  # folding is not what is checked: any failure skips this runner
+        raise_if_interrupted(exc)
         return None, f"the model cannot be folded: {type(exc).__name__}: {exc}"
     return result.module, ""
 
@@ -379,6 +386,8 @@ def _check_parity(
     started = time.perf_counter()
     tolerances = resolve_tolerances(config.tolerances)
     data, where = _model_bytes(onnx_model)
+    # Sessions open the file by path, so onnxruntime finds external data beside the model.
+    session_model = data if isinstance(onnx_model, bytes) else Path(onnx_model)
     model_info = _model_info(data, where)
     weights, notes = verify_weights(
         model_info["metadata"], reference, rebuild=rebuild, name=reference_name
@@ -392,7 +401,7 @@ def _check_parity(
         for level in dict.fromkeys(config.opt_levels):
             ort_runners.append(
                 OnnxRuntimeRunner(
-                    data,
+                    session_model,
                     SessionConfig(
                         provider="cpu",
                         graph_optimization_level=level,  # type: ignore[arg-type]
@@ -411,7 +420,7 @@ def _check_parity(
         ):
             ort_runners.append(
                 OnnxRuntimeRunner(
-                    data,
+                    session_model,
                     SessionConfig(
                         provider="cuda",
                         graph_optimization_level=CUDA_OPT_LEVEL,
@@ -461,7 +470,7 @@ def _check_parity(
                 f"use --batch-sizes {static}"
             )
 
-    inputs, batch_sizes, plan = _plan_and_build(
+    inputs, batch_sizes, plan = build_sized_inputs(
         ref_runner, in_specs, config, batch_sizes, normalize, input_shape, n_ort=len(ort_runners)
     )
     notes += plan
@@ -564,6 +573,7 @@ def _check_parity(
         except BnexportError:
             raise
         except Exception as exc:
+            raise_if_interrupted(exc)
             out, error = {}, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         if runner is gt_runner and error is None:
             gt_out = out
@@ -700,7 +710,7 @@ def plan_inputs(
     return random, (fixed_samples + random_count) * per_sample <= budget_s
 
 
-def _plan_and_build(
+def build_sized_inputs(
     ref_runner: TorchRunner,
     in_specs: Sequence[TensorSpec],
     config: CheckConfig,
@@ -710,7 +720,9 @@ def _plan_and_build(
     *,
     n_ort: int,
 ) -> tuple[ParityInputs, tuple[int, ...], list[str]]:
-    """The inputs and batch sizes to run: the configured ones, or sized to the model's cost."""
+    """The inputs and batch sizes to run: the configured ones, or sized to the model's cost
+    (`plan_inputs`): a check runs fp32 twice, float64, one torch candidate and ``n_ort``
+    onnxruntime runners per batch size."""
     from dataclasses import replace
 
     wanted = config.inputs.random_count if config.samples is None else config.samples
@@ -740,16 +752,17 @@ def _plan_and_build(
             ) from None
         timings.append(time.perf_counter() - t0)
     per_sample = timings[-1] / max(n_probe, 1)
-    fixed = (
-        build_inputs(
+    if inputs_cfg.inputs_file is not None:
+        fixed = probe.size
+    elif inputs_cfg.edge_cases or inputs_cfg.bundled is not False or inputs_cfg.data_dir:
+        fixed = build_inputs(
             in_specs,
             replace(inputs_cfg, random_count=0),
             normalize=normalize,
             input_shape=input_shape,
         ).size
-        if inputs_cfg.inputs_file is None
-        else probe.size
-    )
+    else:  # random samples only
+        fixed = 0
     n_batches = len(batch_sizes or DEFAULT_BATCH_SIZES)
     runs = 5.0 + n_ort * n_batches  # fp32 twice, float64 (≈ 2), folded; onnxruntime
     random, cheap = plan_inputs(

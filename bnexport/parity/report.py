@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bnexport.parity.compare import OutputComparison, _finite_or_str
@@ -298,6 +300,30 @@ class ParityReport:
 
     def write_markdown(self, path: str | os.PathLike[str]) -> None:
         _write_text(path, self.to_markdown())
+
+    def write_reports(
+        self,
+        *,
+        json_path: str | os.PathLike[str] | None = None,
+        junit_path: str | os.PathLike[str] | None = None,
+        markdown_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Write the asked-for JSON / JUnit / Markdown files all or nothing (`write_files`)."""
+        from bnexport.files import json_text, write_files
+
+        writers: dict[str | os.PathLike[str], Callable[[Path], object]] = {}
+        if json_path is not None:
+            writers[json_path] = lambda tmp: tmp.write_text(
+                json_text(self.to_dict()), encoding="utf-8"
+            )
+        if junit_path is not None:
+            writers[junit_path] = lambda tmp: tmp.write_text(self.to_junit_xml(), encoding="utf-8")
+        if markdown_path is not None:
+            writers[markdown_path] = lambda tmp: tmp.write_text(
+                self.to_markdown(), encoding="utf-8"
+            )
+        if writers:
+            write_files(writers)
 
 
 def result_rows(r: RunnerResult, *, verbose: bool = False) -> list[list[str]]:
