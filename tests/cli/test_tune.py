@@ -94,3 +94,41 @@ def test_bad_fix_and_provider_are_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "choose cpu or cuda" in result.stderr
     result = runner.invoke(app, ["tune", str(tmp_path / "missing.onnx"), "-o", "x.onnx"])
     assert result.exit_code == 2 and "not found" in result.stderr
+
+
+def test_bench_measures_the_tuned_file_beside_the_others(tmp_path: Path) -> None:
+    """`bench --tuned`: one more candidate, opened with its own ort_config, compared with
+    onnxruntime on torch's export at every batch size."""
+    import torch
+    from reference import randomize_net_state
+
+    from bnexport import fold_model
+    from bnexport.checkpoint import save_checkpoint
+    from bnexport.data import FASHION_MNIST_NORMALIZE
+    from bnexport.export import export_onnx
+    from bnexport.nets import Net
+
+    net = randomize_net_state(Net(temperature=0.5), seed=7).eval()
+    ckpt = tmp_path / "net.pt"
+    save_checkpoint(ckpt, net, normalize=FASHION_MNIST_NORMALIZE, metadata={})
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    exported = tmp_path / "net.onnx"
+    export_onnx(fold_model(net, (x,)).module, x, exported)
+    tuned = tmp_path / "net_tuned.onnx"
+    result = runner.invoke(app, ["tune", str(exported), "-o", str(tuned), *TINY])
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "bench.json"
+    bench = ["bench", str(ckpt), "--onnx", str(exported), "--tuned", str(tuned), "--no-cuda"]
+    bench += ["--repeats", "2", "--min-time", "0.002", "--warmup", "0.005", "--cooldown", "0.001"]
+    result = runner.invoke(app, [*bench, "--batch-sizes", "1,2", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    label = "onnxruntime CPU, net_tuned.onnx (its ort_config: "
+    assert result.stdout.count(label) >= 4  # two table rows and two comparisons
+    data = json.loads(report.read_text())
+    name = "ort_tuned:net_tuned.onnx"
+    compared = {(c["candidate"], c["reference"], c["batch_size"]) for c in data["comparisons"]}
+    assert {(name, "ort_torch_export", b) for b in (1, 2)} <= compared
+    info = next(c for c in data["candidates"] if c["name"] == name)
+    assert info["matches"] and info["session_options"]["opt_in"] == "ORT_LOAD_CONFIG_FROM_MODEL=1"
+    missing = runner.invoke(app, [*bench[:4], "--tuned", str(tmp_path / "nope.onnx")])
+    assert missing.exit_code == 2 and "--tuned" in missing.stderr and "not found" in missing.stderr
