@@ -229,10 +229,47 @@ def test_saved_program_runs_where_bnexport_is_not_importable(
         _assert_close_to_reference(got, net.state_dict(), x)
 
 
-def test_an_opset_the_exporter_cannot_produce_is_refused(exported: dict, tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"opset 13 was asked for .* use --opset 18"):
-        export_onnx(exported["folded_module"], _inputs(2, 0), tmp_path / "old.onnx", opset=13)
+@pytest.mark.parametrize(
+    ("opset", "advice"),
+    [(7, "use --opset 16 or"), (13, "use --opset 16 or"), (99, "use --opset 28")],
+)
+def test_an_opset_outside_the_measured_range_is_refused_up_front(
+    net: Net, tmp_path: Path, opset: int, advice: str
+) -> None:
+    with pytest.raises(ExportError, match=rf"--opset {opset} is outside .* \(16 to 28\); {advice}"):
+        export_onnx(net, _inputs(2, 0), tmp_path / "old.onnx", opset=opset)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_the_exporter_cannot_convert_this_model_to_is_refused(
+    net: Net, tmp_path: Path
+) -> None:
+    """Below the range's floor is the case: opset 15 converts a folded Net, not a BatchNorm."""
+    import bnexport.export as export
+
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        pytest.raises(
+            ExportError, match=r"cannot convert this model from opset 18, .* to 15; use --opset 18"
+        ),
+    ):
+        mp.setattr(export, "opset_problem", lambda opset: None)
+        export_onnx(net, _inputs(2, 0), tmp_path / "old.onnx", opset=15)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_measured_opset_range_exports(net: Net, tmp_path: Path) -> None:
+    """Both ends of `OPSET_MIN`..`OPSET_MAX` export the unfolded Net (its BatchNormalization)."""
+    from bnexport.defaults import OPSET_MAX, OPSET_MIN
+
+    for opset in (OPSET_MIN, OPSET_MAX):
+        result = export_onnx(
+            net, _inputs(2, 0), tmp_path / f"{opset}.onnx", opset=opset, **NET_NAMES
+        )
+        assert result.opset == opset
+        _assert_close_to_reference(
+            _run(result.path, _inputs(8, 1)), net.state_dict(), _inputs(8, 1)
+        )
 
 
 def test_check_program_explains_a_mismatch(exported: dict, net: Net, tmp_path: Path) -> None:
@@ -251,8 +288,54 @@ def test_check_program_explains_a_mismatch(exported: dict, net: Net, tmp_path: P
     check = check_program(path, other, input_shape=(1, 28, 28), inputs=few)
     assert not check.passed
     (out,) = check.outputs
-    assert out.violations > 0 and out.worst is not None and out.worst.index == (3,)
-    assert out.min_atol_scale > out.tolerance.atol_scale  # the tolerance that would have passed
+    assert out.worst is not None and out.worst.index == (3,)
+    assert out.noise_ratio > out.tolerance.factor  # E/F, above the limit, reported
+    assert out.min_atol_scale > 0  # the fixed tolerance that would have passed
+
+
+class _Offset(torch.nn.Module):
+    """Conv → BN → ReLU, three times, with a 1e3 offset each BN removes: the fp32 model rounds
+    at 1e3 (its own error ~3e-4 of the output); the folded one never sees the offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layers: list[torch.nn.Module] = []
+        for c in (3, 16, 16):
+            conv, bn = torch.nn.Conv2d(c, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+            with torch.no_grad():
+                conv.bias.fill_(1e3)
+                bn.running_mean.fill_(1e3)
+            layers += [conv, bn, torch.nn.ReLU()]
+        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(16, 10)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_check_program_judges_by_the_noise_floor(tmp_path: Path) -> None:
+    """A correct program of an ill-conditioned model passes `check`'s noise rule (its error
+    against float64 is far below fp32's own), where the fixed tolerance blames the program for
+    the fp32 reference's rounding."""
+    from bnexport.export import check_program
+    from bnexport.fold import fold_model
+    from bnexport.parity.inputs import InputConfig
+    from bnexport.parity.tolerance import DEFAULT_TOLERANCES, NoiseTolerance
+
+    model, x = _Offset(), torch.randn(2, 3, 16, 16)
+    path = tmp_path / "offset.pt2"
+    save_program(fold_model(model, x).module, x, path)
+    few = InputConfig(bundled=False, random_count=16)
+    noise = check_program(path, model, input_shape=(3, 16, 16), inputs=few)
+    assert isinstance(noise.tolerance, NoiseTolerance) and noise.passed
+    (out,) = noise.outputs
+    assert out.noise_ratio < 1.0 and out.noise > 1e-5  # fp32's own error is the large one
+    fixed = check_program(
+        path, model, input_shape=(3, 16, 16), inputs=few, tolerance=DEFAULT_TOLERANCES["torch"]
+    )
+    assert not fixed.passed
 
 
 # --------------------------------------------------------------------------------------------
