@@ -326,13 +326,15 @@ def pick(
     qualified = [r for r in finalists if r.ratio.median > hi and r.ratio.p10 >= lo]
     if not qualified:
         best = max(finalists, key=lambda r: r.ratio.median, default=None)
-        why = (
-            "no setting beat onnxruntime's defaults beyond noise"
-            if best is None
-            else f"best was {best.settings.label()} at {best.ratio.median:.3f}× "
-            f"[{best.ratio.p10:.3f}–{best.ratio.p90:.3f}], inside or below the noise band "
-            f"[{lo:.3f}–{hi:.3f}]"
-        )
+        if best is None:
+            why = "no setting beat onnxruntime's defaults beyond noise"
+        else:
+            r = best.ratio
+            why = f"best was {best.settings.label()} at {r.median:.3f}× [{r.p10:.3f}–{r.p90:.3f}]"
+            if r.median > hi:
+                why += f": its p10 is below the control's ({lo:.3f}), slower in its slow rounds"
+            else:
+                why += f", inside or below the noise band [{lo:.3f}–{hi:.3f}]"
         return Decision(defaults, False, (lo, hi), why, None)
     best = max(qualified, key=lambda r: r.ratio.median)  # max keeps the first of equals
     why = (

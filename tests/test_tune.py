@@ -95,7 +95,7 @@ def test_pick_keeps_defaults_when_the_gain_is_inside_the_noise() -> None:
 def test_pick_refuses_a_fast_median_with_a_slow_tail() -> None:
     """1.3× on the median but its p10 (0.8) is below the control's: slower beyond noise."""
     decision = pick([_result(THREADS1, 1.30, 0.80, 1.60)], CONTROL)
-    assert decision.settings == OrtSettings()
+    assert decision.settings == OrtSettings() and "p10 is below the control's" in decision.reason
 
 
 def test_pick_the_noise_band_comes_from_the_control() -> None:
