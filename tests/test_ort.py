@@ -67,3 +67,25 @@ def test_bytes_of_a_model_with_external_data_are_refused(tmp_path: Path) -> None
     path = save_external(conv_net(), tmp_path / "m.onnx")
     with pytest.raises(ExportError, match="pass the model's path"):
         make_session(path.read_bytes())
+
+
+def test_a_cuda_session_that_runs_on_the_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe says CUDA runs, yet the session onnxruntime builds runs on the CPU (here: the
+    CPU-only package, which warns and falls back): `make_session` refuses it rather than let a
+    CUDA check pass on the CPU."""
+    import onnxruntime
+
+    import bnexport.ort as bort
+    from bnexport.errors import ProviderUnavailableError
+    from bnexport.ort import SessionConfig
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has a CUDA provider here: a CUDA session would not fall back")
+    probe = bort.ProbeResult(True, "patched: CUDA runs")
+    monkeypatch.setattr(bort, "probe_cuda", lambda *args, **kwargs: probe)
+    data = conv_net().SerializeToString()
+    with (
+        pytest.warns(UserWarning, match="CUDAExecutionProvider"),  # onnxruntime's own warning
+        pytest.raises(ProviderUnavailableError, match="runs on CPUExecutionProvider"),
+    ):
+        make_session(data, SessionConfig(provider="cuda"))
