@@ -35,7 +35,6 @@ def opset_problem(opset: int) -> str | None:
     if OPSET_MIN <= opset <= OPSET_MAX:
         return None
     return (
-        f"--opset {opset} is outside the opsets bnexport exports to ({OPSET_MIN} to {OPSET_MAX}); "
-        f"use --opset {OPSET_MIN if opset < OPSET_MIN else OPSET_MAX} or leave the default "
-        f"({DEFAULT_OPSET})"
+        f"opset {opset} is outside the opsets bnexport exports to ({OPSET_MIN} to {OPSET_MAX}); "
+        f"use {OPSET_MIN if opset < OPSET_MIN else OPSET_MAX}, or the default {DEFAULT_OPSET}"
     )

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from bnexport.defaults import OPT_LEVELS
 from bnexport.errors import (
     BnexportError,
     ExportError,
@@ -39,7 +40,6 @@ PROVIDER_NAMES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
 }
-OPT_LEVELS: tuple[str, ...] = ("disabled", "basic", "extended", "all")
 _ORT_OPT_LEVEL_ATTR = {
     "disabled": "ORT_DISABLE_ALL",
     "basic": "ORT_ENABLE_BASIC",

@@ -347,7 +347,7 @@ def _call_factory(spec: str, attr_path: str, factory: Any) -> Any:
 
 
 def _user_code_error(spec: str, what: str, exc: BaseException) -> ModelSpecError:
-    """``what`` and one line naming the user's exception; ``--debug`` shows its traceback (the cause)."""
+    """``what`` and the user's exception, one line; ``--debug`` shows its traceback (the cause)."""
     detail = " ".join(str(exc).split())
     return ModelSpecError(
         f"--model {spec}: {what} {type(exc).__name__}"

@@ -30,6 +30,7 @@ from bnexport.data import (
     split_files,
     to_tensor,
 )
+from bnexport.defaults import DEFAULT_DEVICE, DEVICE_CHOICES
 from bnexport.errors import BnexportError, ProviderUnavailableError
 from bnexport.files import sha256_file
 
@@ -47,7 +48,7 @@ class TrainConfig:
     weight_decay: float = 5e-2
     seed: int = 0
     temperature: float = 1.0
-    device: Device = "auto"
+    device: Device = DEFAULT_DEVICE  # type: ignore[assignment]
     data_dir: Path | None = None
     limit: int | None = None  # train on the first `limit` training images only (quick runs)
     use_sample: bool = False  # train and evaluate on the bundled 1000-image sample (tests, demos)
@@ -69,8 +70,8 @@ class TrainConfig:
                 f"temperature must be finite, got {self.temperature}",
             ),
             (
-                self.device in ("auto", "cpu", "cuda"),
-                f"device must be auto, cpu or cuda, got {self.device!r}",
+                self.device in DEVICE_CHOICES,
+                f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}",
             ),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (0.0 <= self.flip <= 1.0, f"flip probability must be in [0, 1], got {self.flip}"),
@@ -169,7 +170,7 @@ def resolve_device(device: str) -> str:
             "use --device cpu (or auto), or install a CUDA build of torch"
         )
     if device not in ("cpu", "cuda"):
-        raise BnexportError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise BnexportError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
     return device
 
 

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bnexport import defaults
 from bnexport.errors import BnexportError, interrupt_in
 
 EXIT_OK = 0
@@ -210,8 +211,42 @@ def split_names(text: str | None, flag: str) -> tuple[str, ...] | None:
     return names
 
 
+def choices(values: Sequence[str], flag: str, *, multiple: bool = False) -> dict[str, Any]:
+    """``typer.Option`` keyword arguments making a ``str`` option one of `values` (or, with
+    `multiple`, a comma-separated list of them): a usage error (exit 2) naming the choices, and
+    shell completion of each item."""
+    shown = ", ".join(values)
+
+    def validate(value: str | None) -> str | None:
+        if value is None:
+            return None
+        items = [item.strip().lower() for item in value.split(",")]
+        bad = [item for item in items if item not in values]
+        if bad or (not multiple and len(items) != 1):
+            what = "one or more, comma-separated, of" if multiple else "one of"
+            raise typer.BadParameter(f"{value!r}: choose {what} {shown}", param_hint=flag)
+        return ",".join(items)
+
+    def complete(incomplete: str) -> list[str]:
+        head, sep, last = incomplete.rpartition(",") if multiple else ("", "", incomplete)
+        taken = set(head.split(",")) if sep else set()
+        return [head + sep + v for v in values if v.startswith(last.lower()) and v not in taken]
+
+    return {"callback": validate, "autocompletion": complete}
+
+
 # Parity options, shared by check and onnx (same names, same meaning; CheckConfig's fields).
-DEFAULT_OPT_LEVELS = "disabled,all"
+DEFAULT_PROVIDERS = ",".join(defaults.DEFAULT_PROVIDERS)
+DEFAULT_OPT_LEVELS = ",".join(defaults.DEFAULT_OPT_LEVELS)
+ProvidersOpt = Annotated[
+    str,
+    typer.Option(
+        "--providers",
+        help="onnxruntime providers: auto (CPU, plus CUDA when a probe proves it runs), cpu, cuda "
+        "or cpu,cuda. CUDA asked for and not running is exit 2, never a CPU pass.",
+        **choices(defaults.PROVIDER_CHOICES, "--providers", multiple=True),
+    ),
+]
 ToleranceOpt = Annotated[
     str,
     typer.Option(
@@ -271,7 +306,9 @@ OptLevelsOpt = Annotated[
     str,
     typer.Option(
         "--opt-levels",
-        help="onnxruntime CPU graph optimization levels: disabled, basic, extended, all.",
+        help="onnxruntime CPU graph optimization levels, comma-separated: "
+        f"{', '.join(defaults.OPT_LEVELS)}.",
+        **choices(defaults.OPT_LEVELS, "--opt-levels", multiple=True),
     ),
 ]
 VerboseOpt = Annotated[

@@ -7,13 +7,56 @@ inside command bodies so `bnexport --help` stays fast.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from bnexport import __version__
 from bnexport.cli import _common
 
+
+class _Group(TyperGroup):
+    """The root command: a usage error (bad option, value or command) is one line on stderr,
+    ``bnexport: error: …; see '<command> -h'``, exit 2, instead of Typer's boxed panel."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.TyperException as exc:  # Click's errors (Typer vendors Click)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # else Typer printed the help already
+                typer.echo(f"bnexport: error: {usage_error_line(exc)}", err=True)
+            sys.exit(getattr(exc, "exit_code", _common.EXIT_ERROR))
+        except typer.Abort:
+            typer.echo("bnexport: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # a command's Exit code, or success
+
+
+def usage_error_line(exc: typer.TyperException) -> str:
+    """Click's message on one line, with where to find the usage when it is a usage error."""
+    format_message = getattr(exc, "format_message", None)
+    message = " ".join((format_message() if format_message else str(exc)).split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{message} (see '{ctx.command_path} -h')"
+
+
 app = typer.Typer(
     name="bnexport",
+    cls=_Group,
     help="Fold BatchNorm and temperature into PyTorch layers, export to ONNX, prove parity.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -56,7 +99,9 @@ def _register() -> None:
         ("bench", bench_cli),
         ("tune", tune_cli),
     ):
-        app.command(name)(func)
+        # check's extra positionals reach it, to refuse a checkpoint there with the fix
+        settings = {"allow_extra_args": True} if name == "check" else None
+        app.command(name, context_settings=settings)(func)
 
 
 _register()

@@ -10,11 +10,13 @@ import typer
 from bnexport.cli._common import (
     InputShapeOpt,
     ModelOpt,
+    TemperatureOpt,
     console,
     handle_errors,
     load_model_source,
     table,
 )
+from bnexport.cli.fold import CheckpointArg
 
 # Keep equal to bnexport.bench's defaults (not imported here: that would load numpy at --help).
 DEFAULT_REPEATS = 31
@@ -26,14 +28,10 @@ DEFAULT_COOLDOWN_S = 0.05
 
 @handle_errors
 def bench_cli(
-    checkpoint: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Checkpoint (.pt) of the seed Net, or weights for --model.", show_default=False
-        ),
-    ] = None,
+    checkpoint: CheckpointArg = None,
     model: ModelOpt = None,
     input_shape: InputShapeOpt = None,
+    temperature: TemperatureOpt = None,
     onnx: Annotated[
         Path | None,
         typer.Option(
@@ -115,7 +113,7 @@ def bench_cli(
         threads=threads,
         include_cuda=cuda,
     )
-    source = load_model_source(checkpoint, model, input_shape, None)
+    source = load_model_source(checkpoint, model, input_shape, temperature)
     check_benchable(source)
     with _Progress() as progress:
         report = run_bench(

@@ -15,6 +15,7 @@ import typer
 
 from bnexport.cli._common import (
     DEFAULT_OPT_LEVELS,
+    DEFAULT_PROVIDERS,
     EXIT_MISMATCH,
     EXIT_OK,
     AtolOpt,
@@ -23,6 +24,7 @@ from bnexport.cli._common import (
     ModelOpt,
     NoiseFactorOpt,
     OptLevelsOpt,
+    ProvidersOpt,
     RtolOpt,
     SamplesOpt,
     TemperatureOpt,
@@ -37,38 +39,26 @@ from bnexport.cli._common import (
     tolerance_config,
 )
 
-DEFAULT_PROVIDERS = "auto"
 DEFAULT_TOLERANCE = "noise"
 
 
 @handle_errors
 def check_cli(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)],
-    checkpoint: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Weights for --model (a state_dict); same as --against.", show_default=False
-        ),
-    ] = None,
     against: Annotated[
         Path | None,
         typer.Option(
             "--against",
-            help="The checkpoint the ONNX model was exported from (bnexport or seed layout).",
+            help="The checkpoint the ONNX model was exported from (bnexport or seed layout), or "
+            "the weights (a state_dict) for --model.",
             show_default=False,
         ),
     ] = None,
     model_spec: ModelOpt = None,
     input_shape: InputShapeOpt = None,
     temperature: TemperatureOpt = None,
-    providers: Annotated[
-        str,
-        typer.Option(
-            "--providers",
-            help="cpu, cuda, cpu,cuda or auto (CPU, plus CUDA when a probe proves it runs). "
-            "CUDA asked for and not running is exit 2, never a CPU pass.",
-        ),
-    ] = DEFAULT_PROVIDERS,
+    providers: ProvidersOpt = DEFAULT_PROVIDERS,
     opt_levels: OptLevelsOpt = DEFAULT_OPT_LEVELS,
     batch_sizes: BatchSizesOpt = None,
     data: Annotated[
@@ -149,7 +139,12 @@ def check_cli(
     ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Compare MODEL.onnx with its PyTorch model on onnxruntime (CPU, and CUDA when it runs)."""
+    """Compare MODEL.onnx with its PyTorch model on onnxruntime (CPU, and CUDA when it runs).
+
+    The PyTorch model is --against CHECKPOINT (the seed Net), --model (your factory), or both
+    (your factory with weights). MODEL.onnx is check's only argument, so it cannot be mistaken
+    for the checkpoint the other commands take first.
+    """
     from bnexport.errors import ParityInputError
     from bnexport.files import check_output_paths
     from bnexport.ort import external_data_files
@@ -162,13 +157,13 @@ def check_cli(
             "--markdown": markdown_path,
             "--save-inputs": save_inputs,
         },
-        [model, *sidecars, checkpoint, against, inputs],
+        [model, *sidecars, against, inputs],
     )
     from bnexport.parity import CheckConfig, InputConfig, check_parity
 
-    if against is not None and checkpoint is not None:
-        raise ParityInputError("give the checkpoint once: either CHECKPOINT or --against")
-    weights = against if against is not None else checkpoint
+    if ctx.args:  # a second positional (the other commands take the checkpoint first)
+        raise ParityInputError(_positional_checkpoint_fix(model, ctx.args))
+    weights = against
     if weights is None and model_spec is None:
         raise ParityInputError(
             "nothing to compare with: give --against CHECKPOINT or --model package.module:factory"
@@ -211,6 +206,19 @@ def check_cli(
     report.write_reports(json_path=json_path, junit_path=junit_path, markdown_path=markdown_path)
     render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
+
+
+def _positional_checkpoint_fix(model: Path, extra: list[str]) -> str:
+    """The message for ``check A B``: which of the two is the ONNX file is guessed from the
+    suffixes, only to spell the fix."""
+    if len(extra) > 1:
+        return f"check takes one positional, the ONNX file; got also {' '.join(extra)}"
+    second = Path(extra[0])
+    onnx, weights = (second, model) if second.suffix == ".onnx" != model.suffix else (model, second)
+    return (
+        f"check takes one positional, the ONNX file, and the checkpoint as --against: "
+        f"bnexport check {onnx} --against {weights}"
+    )
 
 
 def render_report(report: Any, *, verbose: bool = False) -> None:

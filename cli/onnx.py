@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from bnexport.cli._common import (
     DEFAULT_OPT_LEVELS,
+    DEFAULT_PROVIDERS,
     EXIT_MISMATCH,
     EXIT_OK,
     AtolOpt,
@@ -24,6 +25,7 @@ from bnexport.cli._common import (
     ModelOpt,
     NoiseFactorOpt,
     OptLevelsOpt,
+    ProvidersOpt,
     RtolOpt,
     SamplesOpt,
     TemperatureOpt,
@@ -51,9 +53,15 @@ from bnexport.cli.fold import (
     source_summary,
     stage,
 )
+from bnexport.defaults import DEFAULT_OPSET, OPSET_MAX, OPSET_MIN, opset_problem
 
-DEFAULT_OPSET = 20  # keep equal to bnexport.export.DEFAULT_OPSET (not imported: --help stays light)
-DEFAULT_PROVIDERS = "auto"
+
+def _valid_opset(opset: int) -> int:
+    """``--opset`` within the measured range (`bnexport.defaults`), else a usage error (exit 2)."""
+    problem = opset_problem(opset)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="--opset")
+    return opset
 
 
 @handle_errors
@@ -68,20 +76,19 @@ def onnx_cli(
         typer.Option("--no-fold", help="Export the model as it is (BatchNorm and all)."),
     ] = False,
     opset: Annotated[
-        int, typer.Option("--opset", min=7, help="ONNX opset (default-domain) to export to.")
+        int,
+        typer.Option(
+            "--opset",
+            help=f"ONNX opset (default-domain) to export to: {OPSET_MIN} to {OPSET_MAX}, the "
+            "range measured to export (README, Opsets).",
+            callback=_valid_opset,
+        ),
     ] = DEFAULT_OPSET,
     no_check: Annotated[
         bool,
         typer.Option("--no-check", help="Skip the parity check on onnxruntime."),
     ] = False,
-    providers: Annotated[
-        str,
-        typer.Option(
-            "--providers",
-            help="Parity check providers: auto (CPU, plus CUDA when it really runs), cpu, cuda or "
-            "cpu,cuda. Asking for cuda where it does not run is an error (exit 2).",
-        ),
-    ] = DEFAULT_PROVIDERS,
+    providers: ProvidersOpt = DEFAULT_PROVIDERS,
     model: ModelOpt = None,
     input_shape: InputShapeOpt = None,
     temperature: TemperatureOpt = None,

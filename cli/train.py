@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import console, handle_errors
+from bnexport.cli._common import choices, console, handle_errors
+from bnexport.defaults import DEFAULT_DEVICE, DEVICE_CHOICES
 
 # Tuned defaults (see models/net.md); keep them equal to bnexport.train.TrainConfig's.
 DEFAULT_EPOCHS = 12
@@ -54,9 +55,11 @@ def train_cli(
     device: Annotated[
         str,
         typer.Option(
-            "--device", help="auto (CUDA if torch sees a GPU), cpu, or cuda (an error if absent)."
+            "--device",
+            help="auto (CUDA if torch sees a GPU), cpu, or cuda (an error if absent).",
+            **choices(DEVICE_CHOICES, "--device"),
         ),
-    ] = "auto",
+    ] = DEFAULT_DEVICE,
     limit: Annotated[
         int | None,
         typer.Option("--limit", min=1, help="Train on the first N training images (quick runs)."),
@@ -91,11 +94,8 @@ def train_cli(
     The output path is checked before training starts. Without -o, an existing
     models/net.pt (the shipped model, from the repo root) is never overwritten unless --force.
     """
-    from bnexport.errors import BnexportError
     from bnexport.files import check_output_paths
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise BnexportError(f"--device must be auto, cpu or cuda, got {device!r}")
     output = default_output(force) if output is None else output
     check_output_paths({"-o": output})  # before torch is imported: fails in the first second
 

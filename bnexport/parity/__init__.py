@@ -36,6 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from bnexport.defaults import (
+    DEFAULT_OPT_LEVELS,
+    DEFAULT_PROVIDERS,
+    OPT_LEVELS,
+    PROVIDER_CHOICES,
+)
 from bnexport.errors import (
     BnexportError,
     ParityInputError,
@@ -43,7 +49,7 @@ from bnexport.errors import (
     raise_if_interrupted,
 )
 from bnexport.fingerprint import verify_weights
-from bnexport.ort import OPT_LEVELS, SessionConfig, probe_cuda
+from bnexport.ort import SessionConfig, probe_cuda
 from bnexport.parity.compare import OutputComparison, compare_output
 from bnexport.parity.inputs import (
     InputConfig,
@@ -93,9 +99,6 @@ __all__ = [
     "save_inputs",
 ]
 
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")
-DEFAULT_PROVIDERS: tuple[str, ...] = ("auto",)
-DEFAULT_OPT_LEVELS: tuple[str, ...] = ("disabled", "all")
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
 #: Seconds of model forwards a default check aims at (``plan_inputs``): the random sample count
 #: and the batch sizes shrink for a model whose single forward is expensive.

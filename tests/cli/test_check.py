@@ -163,8 +163,9 @@ def test_auto_lists_cuda_as_skipped_with_the_reason(onnx_path: Path, checkpoint:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--providers", "tpu"], "choose from cpu, cuda"),
-        (["--opt-levels", "max"], "optimization levels"),
+        (["--providers", "tpu"], "'tpu': choose one or more, comma-separated, of auto, cpu, cuda"),
+        (["--providers", "auto,cpu"], "provider 'auto' cannot be combined with others"),
+        (["--opt-levels", "max"], "'max': choose one or more, comma-separated, of disabled, basic"),
         (["--batch-sizes", "0"], "positive integers"),
         (["--rtol", "x"], "not a number"),
     ],
