@@ -1,5 +1,6 @@
 """Zoo models as ``--model`` factories (``real.cli_models:resnet18``): each call builds the same
-seeded model, as a user's seeded factory would."""
+seeded model, as a user's seeded factory would. Any zoo model is reachable with ``/`` written as
+``__`` (``real.cli_models:timm__efficientnet_b0``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ DEFAULT_SHAPE = ["--input-shape", "3,64,64"]
 
 def _model(name: str) -> nn.Module:
     return REAL_MODELS[MODELS[name]]()[0]
+
+
+def attribute(zoo_name: str) -> str:
+    """The factory's attribute name for a zoo model (``timm/x`` → ``timm__x``)."""
+    return zoo_name.replace("/", "__")
+
+
+def __getattr__(name: str) -> object:
+    zoo_name = name.replace("__", "/", 1)
+    if zoo_name not in REAL_MODELS:
+        raise AttributeError(name)
+    return lambda: REAL_MODELS[zoo_name]()[0]
 
 
 def resnet18() -> nn.Module:

@@ -242,3 +242,8 @@ def requirement(name: str) -> str | None:
     """The package a zoo model needs (``torchvision``, ``timm``), or None."""
     source = name.split("/", 1)[0]
     return source if source in ("torchvision", "timm") else None
+
+
+def input_shapes(name: str) -> tuple[tuple[int, ...], ...]:
+    """The shapes (without the batch dimension) of zoo model ``name``'s inputs."""
+    return _SPECS[name].input_shapes
