@@ -60,7 +60,7 @@ def test_progress_events_and_result_fields(quick_run) -> None:
     assert len(epochs) == 4
     assert [e.test_acc for e in epochs] == [h.test_acc for h in result.history]
     assert steps[-1].loss == pytest.approx(result.history[-1].train_loss)
-    assert result.device == "cpu" or torch.cuda.is_available()
+    assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")  # device "auto"
     assert result.train_size == result.test_size == 1000
     assert result.to_dict()["normalize"] == FASHION_MNIST_NORMALIZE.to_dict()
 
