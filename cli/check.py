@@ -144,6 +144,9 @@ def check_cli(
     The PyTorch model is --against CHECKPOINT (the seed Net), --model (your factory), or both
     (your factory with weights). MODEL.onnx is check's only argument, so it cannot be mistaken
     for the checkpoint the other commands take first.
+
+    A .data file of external weights is read beside MODEL.onnx, never outside its folder. The
+    report files (--json, --junit, --markdown) are written all or nothing; none may be an input.
     """
     from bnexport.errors import ParityInputError
     from bnexport.files import check_output_paths
