@@ -4,7 +4,9 @@ raised by a user's ``--model`` code reported as theirs."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +139,12 @@ def test_debug_shows_the_users_traceback(broken_module: Path) -> None:
     result = runner.invoke(app, [*args, "-o", "m.onnx"])
     assert isinstance(result.exception, ModelSpecError)
     assert isinstance(result.exception.__cause__, ValueError)
+
+
+def test_bash_completion_offers_the_choices() -> None:
+    """Through the installed console script, as bash asks (COMP_WORDS / COMP_CWORD)."""
+    script = Path(sys.executable).parent / "bnexport"
+    env = {**os.environ, "_BNEXPORT_COMPLETE": "complete_bash", "COMP_CWORD": "4"}
+    env["COMP_WORDS"] = "bnexport check m.onnx --providers cpu,c"
+    out = subprocess.run([script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cpu,cuda"]
