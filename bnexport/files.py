@@ -28,10 +28,10 @@ def atomic_paths(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     """Yield a temp path beside each of `paths`; all of them replace their targets only if the
     block succeeds (a set of files written all or nothing).
 
-    On any failure (Ctrl-C included) the temps and the folders made for them are removed and no
-    target changes. An OSError of creating, filling or renaming a temp is an `OutputPathError`
-    naming the target. Renames come last and cannot fail for targets `check_output_paths`
-    accepted, short of a race.
+    On a failure (Ctrl-C included) before the renames, the temps and the folders made for them
+    are removed and no target changes. An OSError of creating, filling or renaming a temp is an
+    `OutputPathError` naming the target. The renames come last, one system call each; they cannot
+    fail for targets `check_output_paths` accepted, short of a race.
     """
     targets = [Path(p) for p in paths]
     temps: list[Path] = []
