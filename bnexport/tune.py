@@ -281,12 +281,13 @@ def thread_counts(max_threads: int) -> tuple[int, ...]:
 
 
 def candidate_settings(
-    max_threads: int, fixed: Mapping[str, Any] | None = None
+    max_threads: int, fixed: Mapping[str, Any] | None = None, provider: str = "cpu"
 ) -> list[OrtSettings]:
     """Every setting the search tries; onnxruntime's defaults (with ``fixed`` applied) first.
 
     Threads × graph level (``all``, ``extended``, ``basic``) in sequential mode, plus parallel
-    execution at the default threads (it only helps graphs with independent branches).
+    execution at the default threads (it only helps graphs with independent branches; not on
+    CUDA, where onnxruntime forces sequential execution).
     """
     pinned = fixed_settings(fixed or {})
     out = [OrtSettings(**pinned)]
@@ -294,7 +295,8 @@ def candidate_settings(
         for level in GRAPH_LEVELS:
             level_: Any = level
             out.append(OrtSettings(intra_op_num_threads=threads, graph_optimization_level=level_))
-    out.append(OrtSettings(execution_mode="parallel"))
+    if provider != "cuda":
+        out.append(OrtSettings(execution_mode="parallel"))
     seen: list[OrtSettings] = []
     for s in out:
         s = replace(s, **pinned)
@@ -597,7 +599,7 @@ def tune_model(
     inputs = model_inputs(reference, config.batch_size, str(model_path))
     feed = make_feeds(inputs, config.batch_size, config.seed)
     max_threads = config.max_threads or _cpus()
-    candidates = candidate_settings(max_threads, config.fixed)
+    candidates = candidate_settings(max_threads, config.fixed, config.provider)
     per_call = _per_call(reference, feed)
     n_confirm = min(config.finalists, len(candidates) - 1) + 2
     plan = plan_repeats(per_call, len(candidates) + 1, n_confirm, config)

@@ -131,6 +131,7 @@ def test_candidates_start_with_defaults_and_cover_threads_levels_and_parallel() 
     assert len(cands) == len(set(cands)) == 3 * 3 + 1
     assert OrtSettings(intra_op_num_threads=1, graph_optimization_level="extended") in cands
     assert OrtSettings(execution_mode="parallel") in cands
+    assert OrtSettings(execution_mode="parallel") not in candidate_settings(2, provider="cuda")
 
 
 def test_candidates_keep_fixed_keys() -> None:
