@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -110,8 +111,12 @@ def tune_cli(
 
     if providers not in ("cpu", "cuda"):
         raise BnexportError(f"--providers {providers!r}: choose cpu or cuda (one provider)")
-    if json_path is not None and json_path.resolve() in (model.resolve(), output.resolve()):
-        raise BnexportError(f"--json {json_path} would overwrite the model; choose another path")
+    if json_path is not None:
+        if json_path.resolve() in (model.resolve(), output.resolve()):
+            raise BnexportError(f"--json {json_path} would overwrite a model; choose another path")
+        parent = json_path.parent
+        if json_path.is_dir() or (parent.exists() and not os.access(parent, os.W_OK)):
+            raise BnexportError(f"--json {json_path}: cannot write there; choose another path")
     config = TuneConfig(
         batch_size=batch_size,
         max_threads=threads,

@@ -92,6 +92,10 @@ def test_bad_fix_and_provider_are_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "use KEY=VALUE" in result.stderr
     result = runner.invoke(app, [*base, "--providers", "tpu"])
     assert result.exit_code == 2 and "choose cpu or cuda" in result.stderr
+    result = runner.invoke(app, [*base, "--json", str(model)])
+    assert result.exit_code == 2 and "would overwrite a model" in result.stderr
+    result = runner.invoke(app, [*base, "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot write there" in result.stderr
     result = runner.invoke(app, ["tune", str(tmp_path / "missing.onnx"), "-o", "x.onnx"])
     assert result.exit_code == 2 and "not found" in result.stderr
 
