@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -52,3 +53,16 @@ def test_python_dash_m_runs_the_cli() -> None:
         [sys.executable, "-m", "bnexport", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.strip() == f"bnexport {__version__}"
+
+
+def test_python_dash_m_imports_nothing_from_the_working_directory(tmp_path: Path) -> None:
+    """`python -m` puts the working directory first on sys.path: a stray typer.py must not load."""
+    (tmp_path / "typer.py").write_text("raise ImportError('the stray typer.py was imported')\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "bnexport", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"bnexport {__version__}"
