@@ -1,13 +1,18 @@
-"""What a foldable layer is (a plain Conv/ConvTranspose/Linear), and how a folded copy is made.
+"""What a foldable layer is (a Conv/ConvTranspose/Linear), and how a folded copy is made.
 
-A layer is folded into only when its own torch forward computes ``W ∗ x + b`` with its weight as
-stored: a subclass with its own forward, a parametrization or forward hooks transform the weight
-or the output, so folding into the stored weight would be undone or wrong.
+A layer is folded into when its forward computes ``W ∗ x + b`` with its weight and bias as stored.
+torch's own forward does. A Conv/Linear subclass with its own forward (timm's ``Conv2dSame``, which
+pads at run time; a weight-standardized or fake-quantized conv) is probed: in float64, with the
+weight scaled per output channel by ``s`` and the bias set to ``b·s + t``, its output must be
+``s·y + t`` (what a BatchNorm after it folds into). Only that direction is probed: folding a
+BatchNorm *before* such a layer also needs to know its padding, so that stays torch's own layers
+only. A parametrization or forward hooks recompute the weight or the output: never folded into.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -27,25 +32,64 @@ _LAYER_BASES: tuple[tuple[type[nn.Module], fm.LayerKind], ...] = (
 )
 
 
-def layer_kind(module: nn.Module | None) -> fm.LayerKind | None:
-    """The fold kind of a plain Conv/ConvTranspose/Linear (its own torch forward), else None.
-
-    A subclass that overrides ``forward``/``_conv_forward`` (weight standardization, QAT
-    fake-quant…) transforms its weight, so folding into the weight would be wrong: None.
-    """
+def layer_kind(module: nn.Module | None, *, probe: bool = True) -> fm.LayerKind | None:
+    """The fold kind of a Conv/ConvTranspose/Linear whose forward is ``W ∗ x + b`` in its stored
+    weight and bias, else None: torch's own forward, or (``probe``) a Conv/Linear subclass with
+    its own forward that passes `folds_after` (output side only)."""
     if module is None:
         return None
     for base, kind in _LAYER_BASES:
         if isinstance(module, base):
-            cls = type(module)
-            if cls.forward is not base.forward:
-                return None
-            if kind != "linear" and getattr(cls, "_conv_forward", None) is not getattr(
-                base, "_conv_forward", None
-            ):
-                return None
-            return kind
+            if custom_layer(type(module)) is None:
+                return kind
+            return kind if probe and kind != "conv_transpose" and folds_after(module) else None
     return None
+
+
+#: Probe verdicts by module (a module's forward and parameters' shapes don't change while folding).
+_PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+PROBE_RTOL = 1e-9  # float64: a linear forward agrees to ~1e-15; weight transforms miss by far more
+
+
+def folds_after(layer: nn.Module) -> bool:
+    """Whether ``layer``'s own forward is linear in its stored weight and bias, per output
+    channel: in float64, ``y(W·s, b·s + t) = s·y(W, b) + t`` for random ``s``, ``t`` and input.
+    Any failure to run the probe counts as no."""
+    if layer not in _PROBED:
+        try:
+            _PROBED[layer] = _probe(layer)
+        except Exception:
+            _PROBED[layer] = False
+    return _PROBED[layer]
+
+
+def _probe(layer: nn.Module) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(layer).double().eval()
+    weight = probe.weight.detach()
+    if isinstance(probe, nn.Linear):
+        x = torch.randn(2, probe.in_features, generator=gen, dtype=torch.float64)
+    else:
+        spatial = [
+            d * (k - 1) + 1 + 2 * st
+            for d, k, st in zip(probe.dilation, probe.kernel_size, probe.stride, strict=True)
+        ]
+        x = torch.randn(2, probe.in_channels, *spatial, generator=gen, dtype=torch.float64)
+    channels = weight.shape[0]
+    s = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    t = torch.randn(channels, generator=gen, dtype=torch.float64)
+    bias = probe.bias.detach() if probe.bias is not None else torch.zeros_like(s)
+    with torch.no_grad():
+        y = probe(x)
+        probe.weight = nn.Parameter(weight * s.view(-1, *[1] * (weight.dim() - 1)))
+        probe.bias = nn.Parameter(bias * s + t)  # as `new_layer` sets it
+        got = probe(x)
+    if not isinstance(y, torch.Tensor) or got.shape != y.shape or y.dim() < 2:
+        return False
+    view = (1, -1, *[1] * (y.dim() - 2))
+    want = y * s.view(view) + t.view(view)
+    scale = float(want.abs().max()) or 1.0
+    return bool((got - want).abs().max() <= PROBE_RTOL * scale)
 
 
 def custom_layer(cls: type | None) -> str | None:

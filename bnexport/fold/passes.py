@@ -122,8 +122,9 @@ def _custom_neighbour(site: BNSite, ctx: FoldContext) -> Refusal | None:
             return Refusal(
                 "custom_layer",
                 f"{path} ({cls.__name__}) is a {base} subclass with its own forward (e.g. "
-                "padding computed at run time, a transformed weight): bnexport folds only into "
-                "layers whose forward is torch's own",
+                "padding computed at run time, a transformed weight): bnexport folds a BN after "
+                "such a layer only when its output is linear in its stored weight and bias "
+                "(probed), and a BN before it never",
             )
     return None
 

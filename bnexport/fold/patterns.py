@@ -257,6 +257,10 @@ class FoldBefore(Pattern):
 
     direction: ClassVar[Direction] = "before"
 
+    def is_layer(self, node: object, ctx: FoldContext) -> bool:
+        """torch's own layers only: a custom forward may pad at run time (see `layer_kind`)."""
+        return layer_kind(ctx.module(node), probe=False) == self.kind
+
     def match(self, site: BNSite, ctx: FoldContext) -> Match | None:
         for user in site.end.users:
             if self.is_layer(user, ctx) and user.args and user.args[0] is site.end:
@@ -405,11 +409,12 @@ class ConcatThenBN(Rule):
             )
             offset += width
             base = custom_layer(type(layer)) if layer is not None else None
-            if base is not None:
+            if base is not None and layer_kind(layer) is None:
                 return Refusal(
                     "custom_layer",
-                    f"{where} comes from {ctx.describe(part)}, a {base} subclass with its own "
-                    "forward: bnexport folds only into layers whose forward is torch's own",
+                    f"{where} comes from {ctx.describe(part)}, a {base} subclass whose own "
+                    "forward is not linear in its stored weight and bias (probed), so that slice "
+                    "has no layer to fold into",
                 )
             if layer_kind(layer) is None:
                 return Refusal(

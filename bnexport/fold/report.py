@@ -22,7 +22,8 @@ REASONS: dict[str, str] = {
     "nonlinearity": "a nonlinearity sits between the layer and the BatchNorm",
     "not_exact_padding": "BN → Conv with zero padding and a non-zero shift (borders would differ)",
     "not_exact_transpose": "BN → ConvTranspose with a non-zero shift (borders would differ)",
-    "custom_layer": "the neighbouring layer is a Conv/Linear subclass with its own forward",
+    "custom_layer": "the neighbouring layer is a Conv/Linear subclass with its own forward that "
+    "is not linear in its stored weight (probed), or comes after the BatchNorm",
     "layout": "the BatchNorm's channel dim is not the layer's channel/feature dim",
     "dtype": "the BatchNorm or its chain changes the dtype, or the layer is not floating point",
     "layer_hooks": "the layer has hooks or a parametrization that recompute its weight",

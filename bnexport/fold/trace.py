@@ -20,7 +20,7 @@ from torch import nn
 
 from bnexport.errors import FoldError
 from bnexport.fold.batchnorm import is_batchnorm_like
-from bnexport.fold.layers import layer_kind
+from bnexport.fold.layers import custom_layer, layer_kind
 
 #: How many blocks may be turned into black boxes before tracing gives up.
 MAX_UNTRACEABLE = 64
@@ -87,6 +87,9 @@ def _first_line(exc: BaseException) -> str:
 def trace(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = ()) -> Traced:
     """Symbolically trace ``model``, turning untraceable blocks into leaves; `FoldError` with the
     fix if the model's own forward can't be traced."""
+    for module in model.modules():  # probe custom layers now: tracing patches Module.__call__
+        if custom_layer(type(module)) is not None:
+            layer_kind(module)
     untraceable: dict[str, str] = {}
     for _ in range(MAX_UNTRACEABLE + 1):
         tracer = FoldTracer(leaf_types, tuple(untraceable))

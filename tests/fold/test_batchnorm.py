@@ -294,22 +294,70 @@ class PadSameConv(nn.Conv2d):
 
 
 class CustomConvBN(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, conv: type[nn.Conv2d], bn_first: bool = False) -> None:
         super().__init__()
-        self.conv = PadSameConv(2, 3, 3)
+        self.conv = conv(2, 3, 3) if not bn_first else conv(3, 3, 3)
         self.bn = randomize_bn(nn.BatchNorm2d(3), 3)
+        self.bn_first = bn_first
 
     def forward(self, x):
-        return self.bn(self.conv(x))
+        return self.conv(self.bn(x)) if self.bn_first else self.bn(self.conv(x))
 
 
-def test_a_bn_after_a_conv_subclass_with_its_own_forward_is_left_naming_it() -> None:
-    model = CustomConvBN().eval()
+def test_a_bn_after_a_conv_subclass_whose_forward_is_linear_in_its_weight_folds() -> None:
+    """timm's Conv2dSame pattern: its own forward pads at run time, then convolves with the stored
+    weight and bias; probed linear, so the BN after it folds (the copy keeps the class)."""
+    model = CustomConvBN(PadSameConv).eval()
     x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.entries
+    assert entry.status == "folded"
+    assert type(result.module.get_submodule("conv")) is PadSameConv
+    close(result.module(x), model.double()(x.double()))
+
+
+def test_a_bn_before_a_conv_subclass_with_its_own_forward_is_left_naming_it() -> None:
+    """Before the layer, the run-time padding would see the shift as 0: never folded."""
+    model = CustomConvBN(PadSameConv, bn_first=True).eval()
+    x = torch.randn(2, 3, 5, 5)
     result = fold_model(model, x)
     (entry,) = result.report.entries
     assert (entry.status, entry.reason_code) == ("left", "custom_layer")
     assert entry.reason.startswith("conv (PadSameConv) is a Conv2d subclass with its own forward")
+    close(result.module(x), model.double()(x.double()))
+
+
+class StandardizedConv(nn.Conv2d):
+    """A weight-standardized conv: its output is not linear in the stored weight."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias)
+
+
+class PlainLinear(nn.Linear):
+    """A Linear subclass with its own forward that is still ``W x + b``."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_a_bn_after_a_conv_that_transforms_its_weight_is_left() -> None:
+    model = CustomConvBN(StandardizedConv).eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.entries
+    assert (entry.status, entry.reason_code) == ("left", "custom_layer")
+    assert "StandardizedConv" in entry.reason
+    close(result.module(x), model.double()(x.double()))
+
+
+def test_a_bn_after_a_linear_subclass_whose_forward_is_linear_folds() -> None:
+    model = nn.Sequential(PlainLinear(4, 3), randomize_bn(nn.BatchNorm1d(3), 5)).eval()
+    x = torch.randn(6, 4)
+    result = fold_model(model, x)
+    assert [e.status for e in result.report.entries] == ["folded"]
     close(result.module(x), model.double()(x.double()))
 
 

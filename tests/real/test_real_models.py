@@ -31,12 +31,10 @@ COUNTED_OPS = ("BatchNormalization", "Mul", "Div", "Add", "Sub")
 
 #: Models where some BatchNorm has no layer to fold into, and the only reasons allowed for them.
 #: densenet121: BN after a concat that includes a pooled tensor, then ReLU, then conv;
-#: resnetv2_50: pre-activation (BN → ReLU → conv, after a residual add or a pool);
-#: tf_mixnet_s: BN after timm's Conv2dSame (a Conv2d subclass that pads at run time).
+#: resnetv2_50: pre-activation (BN → ReLU → conv, after a residual add or a pool).
 PARTLY_FOLDABLE = {
     "torchvision/densenet121": {"nonlinearity", "no_adjacent_layer", "multi_user"},
     "timm/resnetv2_50": {"nonlinearity", "no_adjacent_layer"},
-    "timm/tf_mixnet_s": {"custom_layer"},
 }
 
 #: The folded fp32 module's error against the float64 truth may be this many times PyTorch fp32's

@@ -187,7 +187,7 @@ TIMM = (
     "ghostnet_100",
     "resnetv2_50",
     "mixnet_s",  # mixed kernels: split → convs → cat → BN
-    "tf_mixnet_s",  # the same with run-time "same" padding (Conv2dSame): some BNs can't fold
+    "tf_mixnet_s",  # the same with run-time "same" padding (Conv2dSame, a probed custom conv)
 )
 
 
