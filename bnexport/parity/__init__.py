@@ -780,8 +780,8 @@ def build_sized_inputs(
         random = wanted
     elif random < wanted:
         notes.append(
-            f"{random} random samples (not {wanted}): one forward takes {per_sample * 1e3:.0f} ms, "
-            f"sized to a {config.time_budget_s:g} s budget; --samples N overrides"
+            f"{random} of {wanted} random samples (a forward takes {per_sample * 1e3:.0f} ms; "
+            f"{config.time_budget_s:g} s budget; --samples N overrides)"
         )
     if batch_sizes is None:
         batch_sizes = DEFAULT_BATCH_SIZES if cheap else DEFAULT_BATCH_SIZES[:2]

@@ -204,7 +204,8 @@ def test_model_factory_with_mismatched_outputs_is_exit_2(
 def test_model_factory_with_state_dict_passes(
     onnx_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--model package.module:factory CHECKPOINT`: no normalization known → random + edge only."""
+    """`--model package.module:factory --against CHECKPOINT`: no normalization known → random +
+    edge only."""
     (tmp_path / "mynet.py").write_text(
         textwrap.dedent("""
         from bnexport.nets import Net
@@ -221,6 +222,7 @@ def test_model_factory_with_state_dict_passes(
         "mynet:make",
         "--input-shape",
         "1,28,28",
+        "--against",
         tmp_path / "sd.pt",
         "--providers",
         "cpu",
