@@ -25,6 +25,19 @@ DEFAULT_PROVIDERS: tuple[str, ...] = ("auto",)
 OPT_LEVELS: tuple[str, ...] = ("disabled", "basic", "extended", "all")
 DEFAULT_OPT_LEVELS: tuple[str, ...] = ("disabled", "all")
 
+#: How a parity check decides (`bnexport.parity.tolerance`): ``noise`` is relative to fp32's own
+#: error against the float64 truth, ``fixed`` is per-kind rtol/atol against fp32.
+TOLERANCE_MODES: tuple[str, ...] = ("noise", "fixed")
+DEFAULT_TOLERANCE_MODE = "noise"
+
+#: `bnexport train`'s tuned defaults (models/net.md): `bnexport.train.TrainConfig` and the CLI's.
+DEFAULT_EPOCHS = 12
+DEFAULT_TRAIN_BATCH_SIZE = 128
+DEFAULT_LR = 2e-3
+DEFAULT_WEIGHT_DECAY = 5e-2
+DEFAULT_TRAIN_SEED = 0
+DEFAULT_TEMPERATURE = 1.0
+
 #: torch devices `bnexport train` runs on: ``auto`` is CUDA when torch sees a GPU, else the CPU.
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"

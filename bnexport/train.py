@@ -30,7 +30,16 @@ from bnexport.data import (
     split_files,
     to_tensor,
 )
-from bnexport.defaults import DEFAULT_DEVICE, DEVICE_CHOICES
+from bnexport.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TRAIN_BATCH_SIZE,
+    DEFAULT_TRAIN_SEED,
+    DEFAULT_WEIGHT_DECAY,
+    DEVICE_CHOICES,
+)
 from bnexport.errors import BnexportError, ProviderUnavailableError
 from bnexport.files import sha256_file
 
@@ -42,12 +51,12 @@ EVAL_BATCH = 1000
 class TrainConfig:
     """Everything that decides a training run. `lr` is the one-cycle schedule's peak."""
 
-    epochs: int = 12
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 5e-2
-    seed: int = 0
-    temperature: float = 1.0
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE
+    lr: float = DEFAULT_LR
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    seed: int = DEFAULT_TRAIN_SEED
+    temperature: float = DEFAULT_TEMPERATURE
     device: Device = DEFAULT_DEVICE  # type: ignore[assignment]
     data_dir: Path | None = None
     limit: int | None = None  # train on the first `limit` training images only (quick runs)

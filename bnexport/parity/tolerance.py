@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from bnexport.defaults import DEFAULT_TOLERANCE_MODE as DEFAULT_TOLERANCE_MODE
+from bnexport.defaults import TOLERANCE_MODES as TOLERANCE_MODES
 from bnexport.errors import ParityInputError
 
 TOLERANCE_KINDS: tuple[str, ...] = ("cpu", "torch", "cuda", "cuda-tf32")
-TOLERANCE_MODES: tuple[str, ...] = ("noise", "fixed")
-DEFAULT_TOLERANCE_MODE = "noise"
 
 #: The default ``factor`` of the noise-relative rule: a candidate may err this many times fp32's
 #: own error. Measured (docs/parity.md, scripts/parity_separation.py, 14 models): correct exports
