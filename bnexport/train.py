@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -225,116 +226,17 @@ def train(
     peak `lr` over ``epochs * ceil(N / batch_size)`` steps.
     """
     import torch
-    from torch import nn
-
-    from bnexport.nets import Net
 
     config.validate()
     device = resolve_device(config.device)
     train_x, train_y, test_x, test_y, data = _load_data(config)
-
-    old_threads = torch.get_num_threads()
-    old_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     started = time.perf_counter()
-    try:
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        threads = torch.get_num_threads()
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        fork_devices = [torch.cuda.current_device()] if device == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(config.seed)
-            model = Net(temperature=config.temperature).to(device)
-        gen = torch.Generator().manual_seed(config.seed)
-
-        xs = to_tensor(train_x, normalize).to(device)
-        ys = torch.as_tensor(train_y).to(device)
-        test_xs = to_tensor(test_x, normalize).to(device)
-        test_ys = torch.as_tensor(test_y).to(device)
-
-        n = xs.shape[0]
-        steps = math.ceil(n / config.batch_size)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * steps
-        )
-        loss_fn = nn.CrossEntropyLoss()
-        history: list[EpochStats] = []
-
-        for epoch in range(1, config.epochs + 1):
-            epoch_start = time.perf_counter()
-            model.train()
-            order = torch.randperm(n, generator=gen).to(device)
-            flips = (torch.rand(n, generator=gen) < config.flip).to(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            for step in range(1, steps + 1):
-                idx = order[(step - 1) * config.batch_size : step * config.batch_size]
-                xb, yb = xs[idx], ys[idx]
-                flip = flips[idx]
-                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                loss_sum += loss.detach().double() * yb.shape[0]
-                correct += (logits.detach().argmax(1) == yb).sum()
-                seen += yb.shape[0]
-                if progress is not None:
-                    progress(
-                        TrainEvent(
-                            "step",
-                            epoch,
-                            config.epochs,
-                            step,
-                            steps,
-                            float(loss_sum) / seen,
-                            int(correct) / seen,
-                            lr,
-                        )
-                    )
-            train_loss, train_acc = float(loss_sum) / seen, int(correct) / seen
-            test_loss, test_acc = evaluate(model, test_xs, test_ys)
-            if not math.isfinite(train_loss):
-                raise BnexportError(
-                    f"training diverged in epoch {epoch} (loss {train_loss}); lower --lr "
-                    f"(now {config.lr})"
-                )
-            history.append(
-                EpochStats(
-                    epoch,
-                    train_loss,
-                    train_acc,
-                    test_loss,
-                    test_acc,
-                    time.perf_counter() - epoch_start,
-                )
-            )
-            if progress is not None:
-                progress(
-                    TrainEvent(
-                        "epoch",
-                        epoch,
-                        config.epochs,
-                        steps,
-                        steps,
-                        train_loss,
-                        train_acc,
-                        scheduler.get_last_lr()[0],
-                        test_loss,
-                        test_acc,
-                    )
-                )
+    with _torch_settings(config.threads) as threads:
+        model = _seeded_net(config, device)
+        train_set = (to_tensor(train_x, normalize).to(device), torch.as_tensor(train_y).to(device))
+        test_set = (to_tensor(test_x, normalize).to(device), torch.as_tensor(test_y).to(device))
+        history = _fit(model, train_set, test_set, config, progress)
         seconds = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
 
     model = model.cpu().eval()
     return TrainResult(
@@ -352,6 +254,131 @@ def train(
         torch_version=str(torch.__version__),
         threads=threads,
     )
+
+
+@contextmanager
+def _torch_settings(threads: int | None) -> Iterator[int]:
+    """Run with `threads` torch threads (None: torch's) and deterministic cuDNN; yields the thread
+    count in use and restores both afterwards."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    old_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
+
+
+def _seeded_net(config: TrainConfig, device: str) -> Any:
+    """`Net` initialised under ``manual_seed(config.seed)`` in a forked RNG (the caller's is
+    left alone)."""
+    import torch
+
+    from bnexport.nets import Net
+
+    fork_devices = [torch.cuda.current_device()] if device == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        return Net(temperature=config.temperature).to(device)
+
+
+def _fit(
+    model: Any,
+    train_set: tuple[Any, Any],
+    test_set: tuple[Any, Any],
+    config: TrainConfig,
+    progress: Callable[[TrainEvent], None] | None,
+) -> list[EpochStats]:
+    """AdamW under OneCycleLR for ``config.epochs`` epochs, evaluated on `test_set` after each."""
+    import torch
+
+    gen = torch.Generator().manual_seed(config.seed)
+    steps = math.ceil(train_set[0].shape[0] / config.batch_size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps
+    )
+    history: list[EpochStats] = []
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        train_loss, train_acc = _train_epoch(
+            model, train_set, gen, (optimizer, scheduler), config, epoch, progress
+        )
+        test_loss, test_acc = evaluate(model, *test_set)
+        if not math.isfinite(train_loss):
+            raise BnexportError(
+                f"training diverged in epoch {epoch} (loss {train_loss}); lower --lr "
+                f"(now {config.lr})"
+            )
+        elapsed = time.perf_counter() - epoch_start
+        history.append(EpochStats(epoch, train_loss, train_acc, test_loss, test_acc, elapsed))
+        if progress is not None:
+            lr = scheduler.get_last_lr()[0]
+            progress(
+                TrainEvent(
+                    "epoch",
+                    epoch,
+                    config.epochs,
+                    steps,
+                    steps,
+                    train_loss,
+                    train_acc,
+                    lr,
+                    test_loss=test_loss,
+                    test_acc=test_acc,
+                )
+            )
+    return history
+
+
+def _train_epoch(
+    model: Any,
+    train_set: tuple[Any, Any],
+    gen: Any,
+    optim: tuple[Any, Any],
+    config: TrainConfig,
+    epoch: int,
+    progress: Callable[[TrainEvent], None] | None,
+) -> tuple[float, float]:
+    """One epoch over `train_set` in a seeded order with seeded flips: (mean loss, accuracy)."""
+    import torch
+    from torch import nn
+
+    (xs, ys), (optimizer, scheduler) = train_set, optim
+    n, device = xs.shape[0], xs.device
+    steps = math.ceil(n / config.batch_size)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    order = torch.randperm(n, generator=gen).to(device)
+    flips = (torch.rand(n, generator=gen) < config.flip).to(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for step in range(1, steps + 1):
+        idx = order[(step - 1) * config.batch_size : step * config.batch_size]
+        xb, yb = xs[idx], ys[idx]
+        xb = torch.where(flips[idx][:, None, None, None], xb.flip(-1), xb)
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        loss_sum += loss.detach().double() * yb.shape[0]
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += yb.shape[0]
+        if progress is not None:
+            loss_now, acc_now = float(loss_sum) / seen, int(correct) / seen
+            progress(TrainEvent("step", epoch, config.epochs, step, steps, loss_now, acc_now, lr))
+    return float(loss_sum) / seen, int(correct) / seen
 
 
 def evaluate(model: Any, xs: Any, ys: Any, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
