@@ -238,6 +238,7 @@ def choices(values: Sequence[str], flag: str, *, multiple: bool = False) -> dict
 # Parity options, shared by check and onnx (same names, same meaning; CheckConfig's fields).
 DEFAULT_PROVIDERS = ",".join(defaults.DEFAULT_PROVIDERS)
 DEFAULT_OPT_LEVELS = ",".join(defaults.DEFAULT_OPT_LEVELS)
+DEFAULT_TOLERANCE = defaults.DEFAULT_TOLERANCE_MODE
 ProvidersOpt = Annotated[
     str,
     typer.Option(

@@ -6,8 +6,6 @@ JUnit / Markdown files, and the exit code (0 pass, 1 mismatch, 2 bad input or CU
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,7 @@ import typer
 from bnexport.cli._common import (
     DEFAULT_OPT_LEVELS,
     DEFAULT_PROVIDERS,
+    DEFAULT_TOLERANCE,
     EXIT_MISMATCH,
     EXIT_OK,
     AtolOpt,
@@ -38,105 +37,115 @@ from bnexport.cli._common import (
     table,
     tolerance_config,
 )
+from bnexport.cli._progress import parity_progress
 
-DEFAULT_TOLERANCE = "noise"
+ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)]
+AgainstOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--against",
+        help="The checkpoint the ONNX model was exported from (bnexport or seed layout), or "
+        "the weights (a state_dict) for --model.",
+        show_default=False,
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Also feed the IDX test images in DIR.", show_default=False),
+]
+DataLimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--data-limit", min=1, help="Feed only the first N images of --data.", show_default=False
+    ),
+]
+InputsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--inputs",
+        help="Feed exactly these inputs (.npz from --save-inputs, or an array per ONNX input).",
+        show_default=False,
+    ),
+]
+SaveInputsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-inputs",
+        help="Save what is fed (.npz) to rerun it with --inputs.",
+        show_default=False,
+    ),
+]
+BundledOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--bundled/--no-bundled",
+        help="Feed the 1000 bundled Fashion-MNIST images (default: for the seed Net).",
+        show_default=False,
+    ),
+]
+EdgeCasesOpt = Annotated[
+    bool,
+    typer.Option("--edge-cases/--no-edge-cases", help="Feed zeros, constant images and ±1e4."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+Tf32GateOpt = Annotated[
+    bool, typer.Option("--tf32-gate", help="Let the CUDA-with-TF32 runner fail the check too.")
+]
+GroundTruthOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fp64/--no-fp64", help="Run the float64 PyTorch truth (needed by --tolerance noise)."
+    ),
+]
+FoldedOpt = Annotated[
+    bool, typer.Option("--folded/--no-folded", help="Also check the BN-folded PyTorch model.")
+]
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="Write the whole report as JSON.", show_default=False)
+]
+JunitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--junit", help="Write JUnit XML (one test per runner and batch).", show_default=False
+    ),
+]
+MarkdownOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--markdown", help="Write a Markdown summary (for a CI job page).", show_default=False
+    ),
+]
 
 
 @handle_errors
 def check_cli(
     ctx: typer.Context,
-    model: Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)],
-    against: Annotated[
-        Path | None,
-        typer.Option(
-            "--against",
-            help="The checkpoint the ONNX model was exported from (bnexport or seed layout), or "
-            "the weights (a state_dict) for --model.",
-            show_default=False,
-        ),
-    ] = None,
+    model: ModelArg,
+    against: AgainstOpt = None,
     model_spec: ModelOpt = None,
     input_shape: InputShapeOpt = None,
     temperature: TemperatureOpt = None,
     providers: ProvidersOpt = DEFAULT_PROVIDERS,
     opt_levels: OptLevelsOpt = DEFAULT_OPT_LEVELS,
     batch_sizes: BatchSizesOpt = None,
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="Also feed the IDX test images in DIR.", show_default=False),
-    ] = None,
-    data_limit: Annotated[
-        int | None,
-        typer.Option(
-            "--data-limit",
-            min=1,
-            help="Feed only the first N images of --data.",
-            show_default=False,
-        ),
-    ] = None,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(
-            "--inputs",
-            help="Feed exactly these inputs (.npz from --save-inputs, or an array per ONNX input).",
-            show_default=False,
-        ),
-    ] = None,
-    save_inputs: Annotated[
-        Path | None,
-        typer.Option(
-            "--save-inputs",
-            help="Save what is fed (.npz) to rerun it with --inputs.",
-            show_default=False,
-        ),
-    ] = None,
-    bundled: Annotated[
-        bool | None,
-        typer.Option(
-            "--bundled/--no-bundled",
-            help="Feed the 1000 bundled Fashion-MNIST images (default: for the seed Net).",
-            show_default=False,
-        ),
-    ] = None,
+    data: DataOpt = None,
+    data_limit: DataLimitOpt = None,
+    inputs: InputsOpt = None,
+    save_inputs: SaveInputsOpt = None,
+    bundled: BundledOpt = None,
     samples: SamplesOpt = None,
-    edge_cases: Annotated[
-        bool,
-        typer.Option("--edge-cases/--no-edge-cases", help="Feed zeros, constant images and ±1e4."),
-    ] = True,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
+    edge_cases: EdgeCasesOpt = True,
+    seed: SeedOpt = 0,
     tolerance: ToleranceOpt = DEFAULT_TOLERANCE,
     noise_factor: NoiseFactorOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
-    tf32_gate: Annotated[
-        bool, typer.Option("--tf32-gate", help="Let the CUDA-with-TF32 runner fail the check too.")
-    ] = False,
-    ground_truth: Annotated[
-        bool,
-        typer.Option(
-            "--fp64/--no-fp64",
-            help="Run the float64 PyTorch truth (needed by --tolerance noise).",
-        ),
-    ] = True,
-    folded: Annotated[
-        bool, typer.Option("--folded/--no-folded", help="Also check the BN-folded PyTorch model.")
-    ] = True,
-    json_path: Annotated[
-        Path | None,
-        typer.Option("--json", help="Write the whole report as JSON.", show_default=False),
-    ] = None,
-    junit_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--junit", help="Write JUnit XML (one test per runner and batch).", show_default=False
-        ),
-    ] = None,
-    markdown_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--markdown", help="Write a Markdown summary (for a CI job page).", show_default=False
-        ),
-    ] = None,
+    tf32_gate: Tf32GateOpt = False,
+    ground_truth: GroundTruthOpt = True,
+    folded: FoldedOpt = True,
+    json_path: JsonOpt = None,
+    junit_path: JunitOpt = None,
+    markdown_path: MarkdownOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare MODEL.onnx with its PyTorch model on onnxruntime (CPU, and CUDA when it runs).
@@ -148,32 +157,11 @@ def check_cli(
     A .data file of external weights is read beside MODEL.onnx, never outside its folder. The
     report files (--json, --junit, --markdown) are written all or nothing; none may be an input.
     """
-    from bnexport.errors import ParityInputError
-    from bnexport.files import check_output_paths
-    from bnexport.ort import external_data_files
-
-    sidecars = external_data_files(model) if model.is_file() else ()
-    check_output_paths(
-        {
-            "--json": json_path,
-            "--junit": junit_path,
-            "--markdown": markdown_path,
-            "--save-inputs": save_inputs,
-        },
-        [model, *sidecars, against, inputs],
-    )
+    reports = {"--json": json_path, "--junit": junit_path, "--markdown": markdown_path}
+    _check_paths(model, [against, inputs], {**reports, "--save-inputs": save_inputs})
     from bnexport.parity import CheckConfig, InputConfig, check_parity
 
-    if ctx.args:  # a second positional (the other commands take the checkpoint first)
-        raise ParityInputError(_positional_checkpoint_fix(model, ctx.args))
-    weights = against
-    if weights is None and model_spec is None:
-        raise ParityInputError(
-            "nothing to compare with: give --against CHECKPOINT or --model package.module:factory"
-        )
-    if inputs is not None and data is not None:
-        raise ParityInputError("--inputs replaces every generated input; drop --data")
-
+    _check_sources(ctx.args, model, against, model_spec, inputs, data)
     config = CheckConfig(
         providers=split_values(providers, "--providers"),
         opt_levels=split_values(opt_levels, "--opt-levels"),
@@ -193,7 +181,7 @@ def check_cli(
         ground_truth=ground_truth,
         folded=folded,
     )
-    source = load_model_source(weights, model_spec, input_shape, temperature)
+    source = load_model_source(against, model_spec, input_shape, temperature)
     with parity_progress() as progress:
         report = check_parity(
             model,
@@ -205,10 +193,39 @@ def check_cli(
             progress=progress,
             rebuild=source.rebuild,
         )
-
     report.write_reports(json_path=json_path, junit_path=junit_path, markdown_path=markdown_path)
     render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
+
+
+def _check_paths(model: Path, inputs: list[Path | None], outputs: dict[str, Path | None]) -> None:
+    """Every output path is writable and none is an input (the model's .data files included)."""
+    from bnexport.files import check_output_paths
+    from bnexport.ort import external_data_files
+
+    sidecars = external_data_files(model) if model.is_file() else ()
+    check_output_paths(outputs, [model, *sidecars, *inputs])
+
+
+def _check_sources(
+    extra: list[str],
+    model: Path,
+    against: Path | None,
+    model_spec: str | None,
+    inputs: Path | None,
+    data: Path | None,
+) -> None:
+    """One ONNX positional, something to compare with, and --inputs without --data."""
+    from bnexport.errors import ParityInputError
+
+    if extra:  # a second positional (the other commands take the checkpoint first)
+        raise ParityInputError(_positional_checkpoint_fix(model, extra))
+    if against is None and model_spec is None:
+        raise ParityInputError(
+            "nothing to compare with: give --against CHECKPOINT or --model package.module:factory"
+        )
+    if inputs is not None and data is not None:
+        raise ParityInputError("--inputs replaces every generated input; drop --data")
 
 
 def _positional_checkpoint_fix(model: Path, extra: list[str]) -> str:
@@ -274,32 +291,3 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
         lines += [f"  {line}" for line in failure_lines(report)]
     for line in lines:
         out.print(line, markup=False, highlight=False)
-
-
-@contextlib.contextmanager
-def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
-    """Progress of the parity check on stderr: a rich bar on a terminal, else one line per stage."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    err = Console(stderr=True)
-    if not err.is_terminal:
-
-        def line(stage_name: str, done: int, total: int) -> None:
-            typer.echo(f"parity [{done}/{total}] {stage_name}", err=True)
-
-        yield line
-        return
-    with Progress(
-        TextColumn("Checking parity: {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def update(stage_name: str, done: int, total: int) -> None:
-            bar.update(task, description=stage_name, completed=done, total=total)
-
-        yield update

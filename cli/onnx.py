@@ -17,6 +17,7 @@ from rich.markup import escape
 from bnexport.cli._common import (
     DEFAULT_OPT_LEVELS,
     DEFAULT_PROVIDERS,
+    DEFAULT_TOLERANCE,
     EXIT_MISMATCH,
     EXIT_OK,
     AtolOpt,
@@ -40,7 +41,8 @@ from bnexport.cli._common import (
     table,
     tolerance_config,
 )
-from bnexport.cli.check import parity_progress, render_report
+from bnexport.cli._progress import parity_progress
+from bnexport.cli.check import render_report
 from bnexport.cli.fold import (
     CheckpointArg,
     NoVerifyOpt,
@@ -104,7 +106,7 @@ def onnx_cli(
     report_json: ReportJsonOpt = None,
     strict: StrictOpt = False,
     no_verify: NoVerifyOpt = False,
-    tolerance: ToleranceOpt = "noise",
+    tolerance: ToleranceOpt = DEFAULT_TOLERANCE,
     noise_factor: NoiseFactorOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
