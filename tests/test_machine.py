@@ -1,0 +1,43 @@
+"""bnexport.machine: the CPU's name and flags from /proc/cpuinfo, with a fallback elsewhere."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+
+from bnexport import machine
+
+
+def _fake_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    monkeypatch.setattr(machine, "CPUINFO", path)
+
+
+def test_model_name_and_flags_come_from_the_first_processor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_cpuinfo(
+        tmp_path,
+        monkeypatch,
+        "processor\t: 0\nModel name\t: Fancy CPU @ 3GHz\nflags\t\t: fpu avx2 sse avx\n"
+        "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: avx512f\n",
+    )
+    assert machine.cpu_model() == "Fancy CPU @ 3GHz"
+    assert machine.cpu_flags() == ["avx", "avx2"]  # in CPU_FLAGS' order, only the wanted ones
+
+
+def test_without_cpuinfo_the_platform_names_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")
+    assert machine.cpu_model() == (platform.processor() or platform.machine())
+    assert machine.cpu_flags() == []
+
+
+def test_parity_reports_the_same_cpu_as_the_machine_module() -> None:
+    from bnexport.parity.check import _device
+
+    assert _device(cuda=False)["cpu"] == machine.cpu_model()
