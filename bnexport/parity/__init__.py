@@ -22,8 +22,9 @@ mismatch ``WeightsMismatchError``); CUDA asked for and not running raises
 ``ProviderUnavailableError`` — never a silent CPU pass.
 
 The work lives in named modules: :mod:`~bnexport.parity.check` (the config and the stages of a
-check), :mod:`~bnexport.parity.plan` (input sizing), ``inputs``, ``runners``, ``compare``,
-``tolerance`` and ``report``; this package re-exports their public names.
+check), :mod:`~bnexport.parity.plan` (input sizing), :mod:`~bnexport.parity.run` (running and
+comparing the runners), ``inputs``, ``runners``, ``compare``, ``tolerance`` and ``report``; this
+package re-exports their public names.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Open the ONNX model and check the reference's weights against its fingerprint; build the
 onnxruntime runners (CPU at each optimization level, CUDA when it runs); size the inputs
-(:mod:`bnexport.parity.plan`); run the fp32 reference, the float64 truth and the noise floor; run
-each candidate at each batch size and compare it per output; gather the `ParityReport`.
+(:mod:`bnexport.parity.plan`); run the reference, the truth and each candidate, and compare them
+(:mod:`bnexport.parity.run`); gather the `ParityReport`.
 """
 
 from __future__ import annotations
@@ -34,18 +34,16 @@ from bnexport.errors import (
 from bnexport.fingerprint import verify_weights
 from bnexport.machine import cpu_model, versions
 from bnexport.ort import SessionConfig, probe_cuda
-from bnexport.parity.compare import OutputComparison, compare_output
 from bnexport.parity.inputs import InputConfig, ParityInputs, TensorSpec, save_inputs
 from bnexport.parity.plan import DEFAULT_TIME_BUDGET_S, build_sized_inputs
 from bnexport.parity.report import ParityReport, RunnerResult
+from bnexport.parity.run import run_check
 from bnexport.parity.runners import REFERENCE_NAME, OnnxRuntimeRunner, Runner, TorchRunner
 from bnexport.parity.tolerance import (
     DEFAULT_TOLERANCE_MODE,
-    KIND_PRECISION,
     TOLERANCE_MODES,
     NoiseTolerance,
     Tolerance,
-    relative_error,
     resolve_tolerances,
 )
 
@@ -178,7 +176,7 @@ def check_parity(
             reference_name=reference_name,
             rebuild=rebuild,
         )
-        results = _run(check, progress)
+        results = run_check(check, progress)
         return _report(check, results, time.perf_counter() - started)
 
 
@@ -203,7 +201,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 @dataclass
-class _Check:
+class PreparedCheck:
     """One check, ready to run: what is compared, by which runners, on which inputs."""
 
     config: CheckConfig
@@ -239,7 +237,7 @@ def _prepare(
     folded: Any,
     reference_name: str,
     rebuild: Callable[[], Any] | None,
-) -> _Check:
+) -> PreparedCheck:
     """Everything before the first comparison; bad input raises here, before the long runs."""
     data, where = _model_bytes(onnx_model)
     model_info = _model_info(data, where)
@@ -262,7 +260,7 @@ def _prepare(
     if config.save_inputs is not None:
         save_inputs(inputs, config.save_inputs)
     gt_runner, torch_runners = _torch_runners(reference, folded, names, inputs, config, skipped)
-    return _Check(
+    return PreparedCheck(
         config=config,
         reference=reference,
         reference_name=reference_name,
@@ -546,222 +544,10 @@ def _fold(reference: Any, example: tuple[Any, ...]) -> tuple[Any | None, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Running: the reference, the truth and noise floor, then each candidate at each batch size
-
-
-@dataclass
-class _Baseline:
-    """What candidates are compared with: the fp32 reference's outputs, the float64 truth's (once
-    it ran) and, in noise mode, each output's noise floor."""
-
-    names: list[str]
-    ref: dict[str, np.ndarray]
-    truth: dict[str, np.ndarray] | None = None
-    noise: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Steps:
-    """Counts finished runs and reports them as ``progress(stage, done, total)``."""
-
-    progress: Progress | None
-    total: int
-    done: int = 0
-
-    def __call__(self, stage: str) -> None:
-        self.done += 1
-        if self.progress:
-            self.progress(stage, self.done, self.total)
-
-
-def _run(check: _Check, progress: Progress | None) -> list[RunnerResult]:
-    """Every candidate at its batch sizes, compared with the reference (and the truth)."""
-    # PyTorch runs once, at the largest batch size: its batching is not what is being checked, and
-    # every onnxruntime batch size is compared with the same reference outputs (so a candidate that
-    # mixes samples across a batch is caught too).
-    ref_batch = max(check.batch_sizes)
-    truth_runner = check.gt_runner if check.config.tolerance_mode == "noise" else None
-    runs = [(r, ref_batch) for r in check.torch_runners]
-    runs += [(r, b) for b in check.batch_sizes for r in check.ort_runners]
-    step = _Steps(progress, 1 + 2 * (truth_runner is not None) + len(runs))
-    base = _baseline(check, ref_batch, truth_runner, step)
-    results: list[RunnerResult] = []
-    for runner, batch in runs:
-        out, result = _timed_run(runner, check.inputs, batch, check.config)
-        own_truth = runner is check.gt_runner
-        if result.error is None:
-            if own_truth:
-                base.truth = out
-            _add_comparisons(result, runner, out, base, check.inputs, own_truth=own_truth)
-        results.append(result)
-        step(f"{runner.name} batch {batch}")
-    return results
-
-
-def _baseline(
-    check: _Check, ref_batch: int, truth_runner: TorchRunner | None, step: _Steps
-) -> _Baseline:
-    """Run the fp32 reference; with `truth_runner`, the float64 truth and the noise floor too."""
-    ref_out = _run_reference(check.ref_runner, check.inputs, ref_batch)
-    _check_outputs(ref_out, check.out_specs)
-    step(f"{REFERENCE_NAME} batch {ref_batch}")
-    base = _Baseline([s.name for s in check.out_specs], ref_out)
-    if truth_runner is None:
-        return base
-    base.truth = truth = _run_reference(truth_runner, check.inputs, ref_batch)
-    step(f"{truth_runner.name} batch {ref_batch}")
-    # The noise floor is PyTorch fp32's error over two of its own execution paths: the largest
-    # batch and batch 1 run different kernels, and on ill-conditioned inputs their errors
-    # differ several-fold (docs/parity.md).
-    draws = [ref_out]
-    if ref_batch != 1:
-        draws.append(_run_reference(check.ref_runner, check.inputs, 1))
-        step(f"{REFERENCE_NAME} batch 1")
-    base.noise = {n: max(relative_error(d[n], truth[n]).value for d in draws) for n in base.names}
-    return base
-
-
-def _run_all(runner: Runner, inputs: ParityInputs, batch_size: int) -> dict[str, np.ndarray]:
-    chunks: dict[str, list[np.ndarray]] = {}
-    for feed in inputs.batches(batch_size):
-        for name, arr in runner.infer(feed).items():
-            chunks.setdefault(name, []).append(arr)
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
-
-
-def _run_reference(runner: TorchRunner, inputs: ParityInputs, batch: int) -> dict[str, np.ndarray]:
-    """Run a PyTorch reference (fp32 or the float64 truth); its failure is bad input."""
-    try:
-        return _run_all(runner, inputs, batch)
-    except BnexportError:
-        raise
-    except Exception as exc:
-        raise ParityInputError(
-            f"the PyTorch model ({runner.name}) fails on the inputs (batch {batch}): "
-            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        ) from None
-
-
-def _timed_run(
-    runner: Runner, inputs: ParityInputs, batch: int, config: CheckConfig
-) -> tuple[dict[str, np.ndarray], RunnerResult]:
-    """A candidate's outputs and its result, not yet compared; a crash is the result's error."""
-    t0 = time.perf_counter()
-    try:
-        out = _run_all(runner, inputs, batch)
-        error = None
-    except BnexportError:
-        raise
-    except Exception as exc:
-        raise_if_interrupted(exc)
-        out, error = {}, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    return out, RunnerResult(
-        runner=runner.name,
-        kind=runner.kind,
-        gating=runner.gating,
-        batch_size=batch,
-        batches=-(-inputs.size // batch),
-        samples=inputs.size,
-        seconds=time.perf_counter() - t0,
-        tolerance=config.tolerance_for(runner.kind),
-        error=error,
-    )
-
-
-def _add_comparisons(
-    result: RunnerResult,
-    runner: Runner,
-    out: Mapping[str, np.ndarray],
-    base: _Baseline,
-    inputs: ParityInputs,
-    *,
-    own_truth: bool,
-) -> None:
-    """Compare each output with the reference (and the truth, unless `runner` is the truth)."""
-    truth = None if own_truth else base.truth
-    for name in base.names:
-        result.outputs.append(
-            _compare(
-                runner,
-                name,
-                out[name],
-                base.ref[name],
-                result.tolerance,
-                inputs,
-                truth=None if truth is None else truth[name],
-                noise=base.noise.get(name),
-            )
-        )
-        if truth is not None:
-            result.ground_truth_max_abs_err[name] = _max_abs_err(out[name], truth[name])
-
-
-def _compare(
-    runner: Runner,
-    name: str,
-    cand: np.ndarray,
-    ref: np.ndarray,
-    tol: Tolerance | NoiseTolerance,
-    inputs: ParityInputs,
-    *,
-    truth: np.ndarray | None,
-    noise: float | None = None,
-) -> OutputComparison:
-    if cand.shape != ref.shape:
-        raise ParityInputError(
-            f"output {name!r}: {runner.name} gives shape {list(cand.shape)}, the PyTorch "
-            f"reference {list(ref.shape)}; the ONNX and PyTorch models do not compute the same "
-            "thing"
-        )
-    if isinstance(runner, OnnxRuntimeRunner) and cand.dtype != ref.dtype:
-        raise ParityInputError(
-            f"output {name!r}: {runner.name} gives {cand.dtype}, the PyTorch reference "
-            f"{ref.dtype}; export and check in the same precision"
-        )
-    return compare_output(
-        name,
-        cand,
-        ref,
-        tol,
-        truth=truth,
-        noise=noise,
-        precision=KIND_PRECISION.get(runner.kind, 1.0),
-        locate=inputs.locate,
-    )
-
-
-def _max_abs_err(cand: np.ndarray, truth: np.ndarray) -> float:
-    """``max|a − t|`` in float64; a NaN on either side counts as infinitely far."""
-    if not cand.size:
-        return 0.0
-    with np.errstate(invalid="ignore"):
-        err = np.abs(cand.astype(np.float64) - truth.astype(np.float64))
-    return float(np.max(np.where(np.isnan(err), np.inf, err)))
-
-
-def _check_outputs(ref_out: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
-    """The reference's outputs must fit the ONNX outputs' static dims and dtypes."""
-    for spec in specs:
-        arr = ref_out[spec.name]
-        if arr.ndim != len(spec.shape) or any(
-            d is not None and d != a for d, a in zip(spec.shape, arr.shape, strict=False)
-        ):
-            raise ParityInputError(
-                f"ONNX output {spec.describe()} but the PyTorch model returns shape "
-                f"{list(arr.shape)} for it; the models' outputs do not match (by name or order)"
-            )
-        if arr.dtype != spec.dtype:
-            raise ParityInputError(
-                f"ONNX output {spec.describe()} but the PyTorch model returns {arr.dtype}; export "
-                "and check in the same precision"
-            )
-
-
-# --------------------------------------------------------------------------------------------
 # The report
 
 
-def _report(check: _Check, results: list[RunnerResult], seconds: float) -> ParityReport:
+def _report(check: PreparedCheck, results: list[RunnerResult], seconds: float) -> ParityReport:
     """The verdict (every gating runner passed, and at least one ran) and its provenance."""
     config = check.config
     gating = [r for r in results if r.gating]
