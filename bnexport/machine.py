@@ -1,4 +1,5 @@
-"""What machine a run happened on: the CPU's model name and vector flags, library versions.
+"""What machine a run happened on: the CPU's model name and vector flags, the CPUs this process
+may use, the load, library versions.
 
 One reading of ``/proc/cpuinfo`` for parity reports and benchmarks. Heavy libraries are imported
 inside `versions`, so importing this module costs nothing.
@@ -6,6 +7,7 @@ inside `versions`, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -42,6 +44,22 @@ def cpu_flags(wanted: tuple[str, ...] = CPU_FLAGS) -> list[str]:
     """The flags of `wanted` this CPU has, in `wanted`'s order ([] without /proc/cpuinfo)."""
     have = set((_cpuinfo_field("flags") or "").split())
     return [f for f in wanted if f in have]
+
+
+def cpus_available() -> int:
+    """CPUs this process may run on (its affinity mask; the logical CPU count off Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, to two decimals; None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def versions() -> dict[str, str]:

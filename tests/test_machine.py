@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -41,3 +42,9 @@ def test_parity_reports_the_same_cpu_as_the_machine_module() -> None:
     from bnexport.parity.check import _device
 
     assert _device(cuda=False)["cpu"] == machine.cpu_model()
+
+
+def test_cpus_available_and_load_average_describe_this_process() -> None:
+    assert 1 <= machine.cpus_available() <= (os.cpu_count() or 1)
+    load = machine.load_average()
+    assert load is None or (len(load) == 3 and all(v >= 0 for v in load))
