@@ -7,6 +7,7 @@ report table and the model options are `bnexport fold`'s, the parity table is `b
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -128,87 +129,128 @@ def onnx_cli(
     Exit 0: parity holds; 1: mismatch, or a BatchNorm left with --strict; 2: bad input.
     """
     from bnexport.errors import BnexportError
-    from bnexport.files import check_output_paths, write_json
+    from bnexport.files import check_output_paths
 
     check_output_paths({"-o": output, "--report-json": report_json}, [checkpoint])
-    from bnexport.export import build_metadata, export_onnx
-    from bnexport.parity import CheckConfig, check_parity, resolve_providers
-
     if no_fold and strict:
         raise BnexportError("--strict needs folding; drop --no-fold or --strict")
     out_names = split_names(output_names, "--output-names")
     config = None
     if not no_check:
-        config = CheckConfig(
-            providers=split_values(providers, "--providers"),
-            opt_levels=split_values(opt_levels, "--opt-levels"),
-            batch_sizes=split_ints(batch_sizes, "--batch-sizes"),
-            samples=samples,
-            **tolerance_config(tolerance, noise_factor, rtol, atol),
-            folded=not no_fold,
+        config = _parity_config(
+            providers, opt_levels, batch_sizes, samples, tolerance, noise_factor, rtol, atol
         )
-        resolve_providers(config)  # CUDA asked for and not running: fail before any work
+        config = replace(config, folded=not no_fold)  # no folded runner for --no-fold
 
     out = console()
     with stage("Loading the model"):
         source = load_model_source(checkpoint, model, input_shape, temperature)
     folded = None
-    if not no_fold:
-        from bnexport.fold import fold_model
-
-        with stage("Folding BatchNorm"):
-            folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
-    render_source(out, source)
-    if folded is not None:
-        render_fold_report(out, folded.report)
-        if strict and refuse_unfolded(out, folded.report):
-            raise typer.Exit(EXIT_MISMATCH)
-    else:
+    if no_fold:
+        render_source(out, source)
         out.print("Not folded (--no-fold): the model is exported as it is.")
-
-    report = folded.report if folded is not None else None
+    else:
+        folded = _fold(out, source, no_verify, strict)
     with removed_on_error(output):
         with stage("Exporting to ONNX"):
-            exported = export_onnx(
-                folded.module if folded is not None else source.model,
-                source.example_inputs,
-                output,
-                input_names=source.input_names,
-                output_names=out_names or source.output_names,
-                opset=opset,
-                metadata=build_metadata(source, report),
-                fuse_batchnorm=folded is not None,
-            )
+            exported = _export(source, folded, output, out_names, opset)
         render_export(out, exported)
-        parity = None
-        if config is not None:
-            with parity_progress() as progress:
-                parity = check_parity(
-                    output,
-                    source.model,
-                    config,
-                    normalize=source.normalize,
-                    input_shape=[s.shape for s in source.input_specs],
-                    folded=folded.module if folded is not None else None,
-                    reference_name=source.name,
-                    progress=progress,
-                )
+        parity = None if config is None else _check(source, folded, output, config)
         if report_json is not None:
-            write_json(
-                report_json,
-                {
-                    "command": "onnx",
-                    "source": source_summary(source),
-                    "fold": report.to_dict() if report is not None else None,
-                    "export": exported.to_dict(),
-                    "parity": parity.to_dict() if parity is not None else None,
-                },
-            )
+            _write_report(report_json, source, folded, exported, parity)
     if parity is None:
         out.print("Parity check skipped (--no-check).")
         raise typer.Exit(EXIT_OK)
     render_report(parity, verbose=verbose)  # `bnexport check`'s rendering: the same table
     raise typer.Exit(EXIT_OK if parity.passed else EXIT_MISMATCH)
+
+
+def _parity_config(
+    providers: str,
+    opt_levels: str,
+    batch_sizes: str | None,
+    samples: int | None,
+    tolerance: str,
+    noise_factor: float | None,
+    rtol: list[str] | None,
+    atol: list[str] | None,
+) -> Any:
+    """The parity step's `CheckConfig`; CUDA asked for and not running fails here, before any
+    work."""
+    from bnexport.parity import CheckConfig, resolve_providers
+
+    config = CheckConfig(
+        providers=split_values(providers, "--providers"),
+        opt_levels=split_values(opt_levels, "--opt-levels"),
+        batch_sizes=split_ints(batch_sizes, "--batch-sizes"),
+        samples=samples,
+        **tolerance_config(tolerance, noise_factor, rtol, atol),
+    )
+    resolve_providers(config)
+    return config
+
+
+def _fold(out: Console, source: Any, no_verify: bool, strict: bool) -> Any:
+    """Fold and print the fold report; exit 1 under --strict when a BatchNorm is left."""
+    from bnexport.fold import fold_model
+
+    with stage("Folding BatchNorm"):
+        folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
+    render_source(out, source)
+    render_fold_report(out, folded.report)
+    if strict and refuse_unfolded(out, folded.report):
+        raise typer.Exit(EXIT_MISMATCH)
+    return folded
+
+
+def _export(
+    source: Any, folded: Any, output: Path, out_names: tuple[str, ...] | None, opset: int
+) -> Any:
+    """Export the folded module (or, with --no-fold, the model as it is) with its metadata."""
+    from bnexport.export import build_metadata, export_onnx
+
+    return export_onnx(
+        folded.module if folded is not None else source.model,
+        source.example_inputs,
+        output,
+        input_names=source.input_names,
+        output_names=out_names or source.output_names,
+        opset=opset,
+        metadata=build_metadata(source, folded.report if folded is not None else None),
+        fuse_batchnorm=folded is not None,
+    )
+
+
+def _check(source: Any, folded: Any, output: Path, config: Any) -> Any:
+    """`bnexport check`'s parity run of the written file against the unfolded model."""
+    from bnexport.parity import check_parity
+
+    with parity_progress() as progress:
+        return check_parity(
+            output,
+            source.model,
+            config,
+            normalize=source.normalize,
+            input_shape=[s.shape for s in source.input_specs],
+            folded=folded.module if folded is not None else None,
+            reference_name=source.name,
+            progress=progress,
+        )
+
+
+def _write_report(path: Path, source: Any, folded: Any, exported: Any, parity: Any) -> None:
+    from bnexport.files import write_json
+
+    write_json(
+        path,
+        {
+            "command": "onnx",
+            "source": source_summary(source),
+            "fold": folded.report.to_dict() if folded is not None else None,
+            "export": exported.to_dict(),
+            "parity": parity.to_dict() if parity is not None else None,
+        },
+    )
 
 
 def render_export(out: Console, exported: Any) -> None:
