@@ -81,6 +81,11 @@ MIN_CONFIRM_REPEATS = 7
 DEFAULT_FINALISTS = 3
 DEFAULT_BUDGET_S = 90.0  # the timed stages are sized to fit (setup and parity come on top)
 SCREEN_SHARE = 0.35  # of the timing budget; the rest confirms
+# Other processes busy on the CPUs change which setting wins (measured: with another process on
+# one of 2 cores, intra_op_num_threads=1 was 2.3x the defaults at batch 1-256; on a quieter machine
+# the same files lost 20-48 % at batch 64-1024). A 1-minute load average above this many runnable
+# tasks per available CPU, before or after the run, is reported with the pick.
+BUSY_LOAD_PER_CPU = 0.25
 # A slow candidate (parallel mode, one thread at a large batch) takes up to this many times the
 # defaults' time per call: the budget plan assumes it for every candidate.
 SLOW_CANDIDATE_FACTOR = 2.0
@@ -210,6 +215,7 @@ class TuneReport:
     decision: Decision
     parity: ParityResult | None
     rejected: tuple[str, ...]
+    warnings: tuple[str, ...]
     plan: dict[str, Any]
     record: dict[str, Any]
     environment: dict[str, Any]
@@ -231,6 +237,7 @@ class TuneReport:
             "decision": self.decision.to_dict(),
             "parity": None if self.parity is None else self.parity.to_dict(),
             "rejected": list(self.rejected),
+            "warnings": list(self.warnings),
             "record": self.record,
             "environment": self.environment,
             "seconds": self.seconds,
@@ -631,11 +638,26 @@ def tune_model(
         decision=decision,
         parity=parity,
         rejected=tuple(rejected),
+        warnings=tuple(busy_warnings(load_before, environment["load_average_after"], _cpus())),
         plan=plan,
         record=record,
         environment=environment,
         seconds=time.perf_counter() - started,
     )
+
+
+def busy_warnings(
+    before: Sequence[float] | None, after: Sequence[float] | None, cpus: int
+) -> list[str]:
+    """A warning when other work shared the CPUs: the pick then fits a machine that busy."""
+    loads = [v[0] for v in (before, after) if v]
+    if not loads or max(loads) <= BUSY_LOAD_PER_CPU * cpus:
+        return []
+    return [
+        f"load average {max(loads):.2f} on {cpus} CPUs during the run: other processes shared "
+        "the CPUs, which favours fewer threads; the pick fits a machine that busy — tune on an "
+        "idle machine (or one as busy as the deployment) and compare with bench --tuned"
+    ]
 
 
 def _event(

@@ -200,6 +200,8 @@ def _render(report: Any, json_path: Path | None) -> None:
     out.print(f"picked: {escape(d.settings.label())} ({verdict}): {escape(d.reason)}")
     for line in report.rejected:
         out.print(f"rejected: {escape(line)}")
+    for line in report.warnings:
+        out.print(f"warning: {escape(line)}")
     p = report.parity
     if p is not None:
         status = "pass" if p.passed else "FAIL"

@@ -30,6 +30,7 @@ from bnexport.tune import (
     TUNE_RECORD_KEY,
     CandidateResult,
     TuneConfig,
+    busy_warnings,
     candidate_settings,
     check_outputs,
     fixed_settings,
@@ -117,6 +118,13 @@ def test_pick_uses_the_fixed_defaults() -> None:
 
 # --------------------------------------------------------------------------------------------
 # Candidates and budget
+
+
+def test_a_busy_machine_is_reported() -> None:
+    assert busy_warnings([0.1, 0.2, 0.3], [0.4, 0.3, 0.3], 2) == []
+    (warning,) = busy_warnings([0.2, 0.2, 0.2], [1.6, 1.0, 0.5], 2)
+    assert "load average 1.60 on 2 CPUs" in warning and "idle machine" in warning
+    assert busy_warnings(None, None, 2) == []
 
 
 def test_thread_counts() -> None:
