@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bnexport import __version__
 from bnexport.cli.app import app
 
-COMMANDS = ["train", "fold", "onnx", "check", "bench"]
+COMMANDS = ["train", "fold", "onnx", "check", "bench", "tune"]
 runner = CliRunner()
 
 
