@@ -53,6 +53,7 @@ from bnexport.bench import (
     paired_ratio,
 )
 from bnexport.errors import BnexportError
+from bnexport.machine import cpu_flags, cpu_model, cpus_available, load_average
 from bnexport.ort_config import (
     CARRIED_KEYS,
     EXECUTION_MODE_CODES,
@@ -595,7 +596,7 @@ def tune_model(
     config = config or TuneConfig()
     model_path, output = Path(model_path), Path(output)
     started = time.perf_counter()
-    load_before = _loadavg()
+    load_before = load_average()
     model = load_model(model_path)
     check_output_path(model_path, output, has_external_data(model))
     if config.provider == "cuda":
@@ -605,7 +606,7 @@ def tune_model(
     reference = _session(model_path, None, config.provider)
     inputs = model_inputs(reference, config.batch_size, str(model_path))
     feed = make_feeds(inputs, config.batch_size, config.seed)
-    max_threads = config.max_threads or _cpus()
+    max_threads = config.max_threads or cpus_available()
     candidates = candidate_settings(max_threads, config.fixed, config.provider)
     per_call = _per_call(reference, feed)
     n_confirm = min(config.finalists, len(candidates) - 1) + 2
@@ -627,7 +628,7 @@ def tune_model(
             written = str(output)
     environment = collect_environment()
     environment["load_average_before"] = load_before
-    environment["load_average_after"] = _loadavg()
+    environment["load_average_after"] = load_average()
     return TuneReport(
         model=str(model_path),
         output=written,
@@ -638,7 +639,9 @@ def tune_model(
         decision=decision,
         parity=parity,
         rejected=tuple(rejected),
-        warnings=tuple(busy_warnings(load_before, environment["load_average_after"], _cpus())),
+        warnings=tuple(
+            busy_warnings(load_before, environment["load_average_after"], cpus_available())
+        ),
         plan=plan,
         record=record,
         environment=environment,
@@ -911,7 +914,6 @@ def _record(
 
     import onnxruntime as ort
 
-    from bnexport.bench import _cpu_flags, cpu_model
     from bnexport.files import sha256_file
 
     return {
@@ -931,14 +933,14 @@ def _record(
         "repeats": {"screen": plan["screen_repeats"], "confirm": plan["confirm_repeats"]},
         "machine": {
             "cpu_model": cpu_model(),
-            "cpu_flags": _cpu_flags(),
+            "cpu_flags": cpu_flags(),
             "logical_cpus": os.cpu_count(),
-            "cpus_available": _cpus(),
+            "cpus_available": cpus_available(),
             "platform": platform.platform(),
         },
         "onnxruntime": ort.__version__,
         "load_average_before": load_before,
-        "load_average_after": _loadavg(),
+        "load_average_after": load_average(),
         "opt_in": f"{LOAD_CONFIG_ENV}=1",
     }
 
@@ -973,17 +975,3 @@ def _require_cuda() -> None:
     probe = probe_cuda()
     if not probe.available:
         raise ProviderUnavailableError(f"--providers cuda: CUDA does not run here: {probe.reason}")
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
