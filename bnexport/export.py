@@ -221,7 +221,7 @@ def export_onnx(
     import onnx
     import torch
 
-    inputs = _example_batches(example_inputs)
+    inputs = example_batches(example_inputs)
     in_names = _names(input_names, "input_names") or default_input_names(model, len(inputs))
     program = _export_onnx_program(model, inputs, opset)
     ir_model = program.model
@@ -350,10 +350,12 @@ def save_program(
     """
     import torch
 
-    inputs = _example_batches(example_inputs)
+    inputs = example_batches(example_inputs)
     with quiet_exporter() as log, _eval_mode(model), torch.inference_mode(False):
         try:
-            program = torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs))
+            program = torch.export.export(
+                model, inputs, dynamic_shapes=dynamic_batch_shapes(inputs)
+            )
         except Exception as exc:
             raise _export_failure("torch.export", exc, log.getvalue()) from exc
         _check_program_batch(program)
@@ -541,7 +543,7 @@ def _export_onnx_program(
                 inputs,
                 None,
                 dynamo=True,
-                dynamic_shapes=_dynamic_shapes(inputs),
+                dynamic_shapes=dynamic_batch_shapes(inputs),
                 opset_version=opset,
                 optimize=False,
                 external_data=False,
@@ -556,7 +558,7 @@ def _export_onnx_program(
     return program
 
 
-def _example_batches(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def example_batches(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """The example inputs as a tuple of batches of one size, at least 2 long (torch.export
     specializes a batch of 1 to a constant)."""
     import torch
@@ -584,7 +586,7 @@ def _example_batches(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return out
 
 
-def _dynamic_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
+def dynamic_batch_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...]:
     """One ``batch`` dimension shared by every input."""
     import torch
 
