@@ -38,6 +38,34 @@ DEFAULT_WEIGHT_DECAY = 5e-2
 DEFAULT_TRAIN_SEED = 0
 DEFAULT_TEMPERATURE = 1.0
 
+#: Seed of the random inputs `bnexport check`, `bench` and `tune` feed.
+DEFAULT_SEED = 0
+
+#: `bnexport bench`'s and `bnexport tune`'s timing (`bnexport.bench.timing`): warm-up seconds per
+#: runner and batch size before any timing; one timing lasts at least ``DEFAULT_MIN_TIME_S`` (many
+#: calls at batch 1); idle seconds before each timing: onnxruntime's intra-op workers keep spinning
+#: for 20-50 ms after a run (measured here), stealing a core from whatever is timed next, and 50 ms
+#: lets them park.
+DEFAULT_WARMUP_S = 0.2
+DEFAULT_MIN_TIME_S = 0.02
+DEFAULT_COOLDOWN_S = 0.05
+
+#: `bnexport bench`: the batch sizes (1 is the latency one), timed rounds per batch size, and the
+#: fp32 peak probe (two ``n × n`` float32 matrices multiplied, best of the repeats).
+DEFAULT_BENCH_BATCH_SIZES: tuple[int, ...] = (1, 64, 256)
+DEFAULT_BENCH_REPEATS = 31
+DEFAULT_PEAK_N = 1024
+DEFAULT_PEAK_REPEATS = 5
+
+#: `bnexport tune`: the batch size tuned for, the seconds of timing the screen and confirm stages
+#: are sized to fit (setup and parity come on top), the most rounds of each stage, and how many
+#: screened settings are confirmed.
+DEFAULT_TUNE_BATCH_SIZE = 1
+DEFAULT_TUNE_BUDGET_S = 90.0
+DEFAULT_SCREEN_REPEATS = 9
+DEFAULT_CONFIRM_REPEATS = 31
+DEFAULT_FINALISTS = 3
+
 #: torch devices `bnexport train` runs on: ``auto`` is CUDA when torch sees a GPU, else the CPU.
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"

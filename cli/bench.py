@@ -16,14 +16,17 @@ from bnexport.cli._common import (
     load_model_source,
     table,
 )
+from bnexport.cli._progress import StageProgress
 from bnexport.cli.fold import CheckpointArg
+from bnexport.defaults import (
+    DEFAULT_BENCH_BATCH_SIZES,
+    DEFAULT_BENCH_REPEATS,
+    DEFAULT_COOLDOWN_S,
+    DEFAULT_MIN_TIME_S,
+    DEFAULT_WARMUP_S,
+)
 
-# Keep equal to bnexport.bench's defaults (not imported here: that would load numpy at --help).
-DEFAULT_REPEATS = 31
-DEFAULT_BATCH_SIZES = "1,64,256"
-DEFAULT_MIN_TIME_S = 0.02
-DEFAULT_WARMUP_S = 0.2
-DEFAULT_COOLDOWN_S = 0.05
+DEFAULT_BATCH_SIZES = ",".join(str(b) for b in DEFAULT_BENCH_BATCH_SIZES)
 
 
 @handle_errors
@@ -46,7 +49,7 @@ def bench_cli(
     ] = None,
     repeats: Annotated[
         int, typer.Option("--repeats", min=1, help="Timed rounds per batch size.")
-    ] = DEFAULT_REPEATS,
+    ] = DEFAULT_BENCH_REPEATS,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -115,7 +118,7 @@ def bench_cli(
     )
     source = load_model_source(checkpoint, model, input_shape, temperature)
     check_benchable(source)
-    with _Progress() as progress:
+    with StageProgress() as progress:
         report = run_bench(
             source, config, onnx_path=onnx, progress=progress, tuned_paths=tuned or ()
         )
@@ -199,45 +202,3 @@ def _duration(seconds: float) -> str:
 
 def _load(values: list[float] | None) -> str:
     return "?" if not values else "/".join(f"{v:.2f}" for v in values)
-
-
-class _Progress:
-    """Renders `BenchEvent`s on stderr: one transient bar per stage."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True, highlight=False),
-            transient=True,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Progress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def __call__(self, event: Any) -> None:
-        task = self.tasks.get(event.stage)
-        if task is None:
-            task = self.tasks[event.stage] = self.bar.add_task(event.stage, total=event.total)
-        self.bar.update(
-            task,
-            completed=event.done,
-            total=event.total,
-            description=f"{event.stage}: {event.message}",
-        )

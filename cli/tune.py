@@ -9,16 +9,16 @@ from typing import Annotated, Any
 import typer
 
 from bnexport.cli._common import EXIT_MISMATCH, console, handle_errors, table
-
-# Keep equal to bnexport.tune's defaults (not imported here: that would load numpy at --help).
-DEFAULT_BATCH_SIZE = 1
-DEFAULT_BUDGET_S = 90.0
-DEFAULT_SCREEN_REPEATS = 9
-DEFAULT_CONFIRM_REPEATS = 31
-DEFAULT_FINALISTS = 3
-DEFAULT_MIN_TIME_S = 0.02
-DEFAULT_WARMUP_S = 0.2
-DEFAULT_COOLDOWN_S = 0.05
+from bnexport.defaults import (
+    DEFAULT_CONFIRM_REPEATS,
+    DEFAULT_COOLDOWN_S,
+    DEFAULT_FINALISTS,
+    DEFAULT_MIN_TIME_S,
+    DEFAULT_SCREEN_REPEATS,
+    DEFAULT_TUNE_BATCH_SIZE,
+    DEFAULT_TUNE_BUDGET_S,
+    DEFAULT_WARMUP_S,
+)
 
 
 @handle_errors
@@ -32,7 +32,7 @@ def tune_cli(
     ],
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="The batch size to tune for.")
-    ] = DEFAULT_BATCH_SIZE,
+    ] = DEFAULT_TUNE_BATCH_SIZE,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -68,7 +68,7 @@ def tune_cli(
             min=0.1,
             help="Seconds of timing (screen + confirm); repeats shrink to fit, down to a minimum.",
         ),
-    ] = DEFAULT_BUDGET_S,
+    ] = DEFAULT_TUNE_BUDGET_S,
     screen_repeats: Annotated[
         int, typer.Option("--screen-repeats", min=1, help="Most rounds of the screening stage.")
     ] = DEFAULT_SCREEN_REPEATS,

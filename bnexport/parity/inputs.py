@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from bnexport.defaults import DEFAULT_SEED
 from bnexport.errors import ParityInputError
 
 DEFAULT_RANDOM_COUNT = 64
-DEFAULT_SEED = 0
 EDGE_LARGE = 1.0e4  # "large" edge-case magnitude, in the model's input units
 INT_INPUT_HIGH = 10  # generated integer inputs (and the CLI's example inputs) lie in [0, this)
 IMAGE_SHAPE = (1, 28, 28)  # the shape the bundled images and IDX files fit
