@@ -201,6 +201,7 @@ def self_check(
     exact: Mapping[str, torch.Tensor] | None = None,
     draw: Sequence[torch.Tensor] | None = None,
     one_sample: bool = True,
+    memo64: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Check ``folded`` against ``reference`` (unfolded, in its own dtype), both run in float64,
     ``folded`` with its folded parameters' ``exact`` float64 values (no rounding to fp32).
@@ -210,7 +211,8 @@ def self_check(
     the batch of two); not for a model whose output depends on the batch (batch statistics).
     Per output: ``E`` = the float64 fold's error against the float64 forward of ``reference``,
     ``N`` = ``reference``'s own error in its dtype (``draw``: its outputs on ``inputs``, if
-    already computed), decided by ``rule`` (default
+    already computed; ``memo64``: float64 copies of its parameters already made, by tensor id),
+    decided by ``rule`` (default
     `NoiseTolerance()`) with ``ρ = eps64 / eps_dtype``. Returns the measurements; `FoldError`
     when the rule fails, saying what it means.
     """
@@ -229,7 +231,8 @@ def self_check(
     xs64 = tuple(
         x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
     )
-    memo: dict[int, torch.Tensor] = {}  # the unfolded layers both share are converted once
+    # The unfolded layers both share are converted once (``memo64``: copies the fold made).
+    memo: dict[int, torch.Tensor] = {} if memo64 is None else memo64
     truth = run_float64(reference, xs64, memo=memo)
     got = run_float64(folded, xs64, exact, memo=memo)
     if len(truth) != len(got) or any(t.shape != g.shape for t, g in zip(truth, got, strict=False)):
@@ -318,6 +321,7 @@ class _Folded:
     removed: int  # eval identities removed
     exact: dict[str, torch.Tensor]  # folded parameters in float64, by path
     reference_outputs: list[torch.Tensor]  # the unfolded model's outputs on the example inputs
+    memo64: dict[int, torch.Tensor]  # float64 copies of the original parameters the fold read
 
 
 def _fold_copy(
@@ -338,9 +342,10 @@ def _fold_copy(
             "with a batch dimension (e.g. torch.randn(2, C, H, W))"
         ) from exc
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    entries, chains, exact = fold_graph(gm, untraceable=traced.untraceable)
+    memo64: dict[int, torch.Tensor] = {}
+    entries, chains, exact = fold_graph(gm, untraceable=traced.untraceable, memo64=memo64)
     gm.eval()
-    return _Folded(gm, entries, chains, removed, exact, outputs)
+    return _Folded(gm, entries, chains, removed, exact, outputs, memo64)
 
 
 def fold_model(
@@ -384,6 +389,7 @@ def fold_model(
             exact=fold.exact,
             draw=fold.reference_outputs,
             one_sample=not batch_stats,
+            memo64=fold.memo64,
         )
     else:
         report.notes.append(NO_VERIFY_NOTE)

@@ -460,8 +460,11 @@ def _tensor_meta(node: Any) -> Any:
 class FoldContext:
     """The GraphModule being folded, with the bookkeeping for safe node rewrites."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, memo64: dict[int, torch.Tensor] | None = None) -> None:
         self.gm = gm
+        #: Float64 copies of the layers' original parameters (tensor id → copy), shared with the
+        #: self-check (`bnexport.fold.run_float64`), which needs the same copies.
+        self.memo64: dict[int, torch.Tensor] = {} if memo64 is None else memo64
         self.removed_attrs: set[str] = set()
         #: The folded parameters in float64, before their one cast (``path.weight`` → tensor):
         #: later folds into the same layer start from them, and the self-check runs with them.
@@ -480,13 +483,21 @@ class FoldContext:
         return self._path_counts.get(id(module), 1)
 
     def params64(self, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias of the layer ``node`` calls, exact (float64) if already folded."""
+        """The weight and bias of the layer ``node`` calls in float64: the exact values if already
+        folded, else float64 copies of its parameters."""
         layer: Any = self.module(node)
         path = str(node.target)
         return (
-            self.exact.get(f"{path}.weight", layer.weight),
-            self.exact.get(f"{path}.bias", layer.bias),
+            self.exact.get(f"{path}.weight", self._f64(layer.weight)),
+            self.exact.get(f"{path}.bias", self._f64(layer.bias)),
         )
+
+    def _f64(self, t: torch.Tensor | None) -> Any:
+        if t is None or t.dtype == torch.float64:
+            return t
+        if id(t) not in self.memo64:
+            self.memo64[id(t)] = t.detach().double()
+        return self.memo64[id(t)]
 
     def record(self, node: fx.Node, folded: fm.Folded) -> None:
         """Keep the float64 parameters of the layer ``node`` now calls (after `install`)."""

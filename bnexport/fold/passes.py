@@ -347,15 +347,17 @@ def fold_graph(
     gm: fx.GraphModule,
     rules: Sequence[Rule] = PATTERNS,
     untraceable: Mapping[str, str] | None = None,
+    memo64: dict[int, torch.Tensor] | None = None,
 ) -> tuple[list[FoldEntry], list[ChainEntry], dict[str, torch.Tensor]]:
     """Fold every BatchNorm in ``gm`` (shape-propagated) in place; one entry per BatchNorm call,
     plus one per layer whose constant scale/shift chain (without BatchNorm) was folded, and the
-    folded parameters in float64 by path (`FoldContext.exact`).
+    folded parameters in float64 by path (`FoldContext.exact`). ``memo64`` receives the float64
+    copies of the original parameters the fold read (tensor id → copy).
 
     Chains after layers fold first (``conv → ×c → BN`` then folds as ``conv → BN``); BNs are then
     visited in graph order, so ``BN → conv → BN`` folds both (before, then after).
     """
-    ctx = FoldContext(gm)
+    ctx = FoldContext(gm, memo64)
     chains = fold_layer_chains(ctx)
     names = bn_names(gm)
     entries: list[FoldEntry] = []

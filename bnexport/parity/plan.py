@@ -26,7 +26,7 @@ DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
 #: and the batch sizes shrink for a model whose single forward is expensive.
 DEFAULT_TIME_BUDGET_S = 6.0
 #: Samples of the timed forward that sizes a default check (timed twice: the first warms up).
-PROBE_SAMPLES = 4
+PROBE_SAMPLES = 2
 #: Fewest random samples a default check feeds (besides the edge cases), however slow the model.
 MIN_RANDOM_SAMPLES = 2
 
