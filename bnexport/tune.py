@@ -42,15 +42,23 @@ from typing import TYPE_CHECKING, Any
 
 from bnexport import __version__
 from bnexport.bench import (
-    DEFAULT_COOLDOWN_S,
-    DEFAULT_MIN_TIME_S,
-    DEFAULT_WARMUP_S,
     BenchConfig,
     BenchEvent,
     Ratio,
     collect_environment,
     measure_interleaved,
     paired_ratio,
+)
+from bnexport.defaults import (
+    DEFAULT_CONFIRM_REPEATS,
+    DEFAULT_COOLDOWN_S,
+    DEFAULT_FINALISTS,
+    DEFAULT_MIN_TIME_S,
+    DEFAULT_SCREEN_REPEATS,
+    DEFAULT_SEED,
+    DEFAULT_TUNE_BATCH_SIZE,
+    DEFAULT_TUNE_BUDGET_S,
+    DEFAULT_WARMUP_S,
 )
 from bnexport.errors import BnexportError
 from bnexport.machine import cpu_flags, cpu_model, cpus_available, load_average
@@ -74,13 +82,8 @@ if TYPE_CHECKING:
     import onnx
 
 TUNE_RECORD_KEY = "bnexport_tune"
-DEFAULT_BATCH_SIZE = 1
-DEFAULT_SCREEN_REPEATS = 9
-DEFAULT_CONFIRM_REPEATS = 31
 MIN_SCREEN_REPEATS = 3
 MIN_CONFIRM_REPEATS = 7
-DEFAULT_FINALISTS = 3
-DEFAULT_BUDGET_S = 90.0  # the timed stages are sized to fit (setup and parity come on top)
 SCREEN_SHARE = 0.35  # of the timing budget; the rest confirms
 # Other processes busy on the CPUs change which setting wins (measured: with another process on
 # one of 2 cores, intra_op_num_threads=1 was 2.3x the defaults at batch 1-256; on a quieter machine
@@ -94,7 +97,6 @@ SLOW_CANDIDATE_FACTOR = 2.0
 MIN_NOISE_BAND = 0.01
 GRAPH_LEVELS: tuple[str, ...] = ("all", "extended", "basic")
 PARITY_MIN_SAMPLES = 16  # parity feeds at least this many samples, in batches of the target size
-DEFAULT_SEED = 0
 
 Progress = Callable[[BenchEvent], None]
 
@@ -103,11 +105,11 @@ Progress = Callable[[BenchEvent], None]
 class TuneConfig:
     """What to tune for and how long to measure (``max_threads=None``: every available CPU)."""
 
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = DEFAULT_TUNE_BATCH_SIZE
     max_threads: int | None = None
     provider: str = "cpu"
     fixed: dict[str, Any] = field(default_factory=dict)
-    budget_s: float = DEFAULT_BUDGET_S
+    budget_s: float = DEFAULT_TUNE_BUDGET_S
     screen_repeats: int = DEFAULT_SCREEN_REPEATS
     confirm_repeats: int = DEFAULT_CONFIRM_REPEATS
     finalists: int = DEFAULT_FINALISTS
@@ -597,6 +599,60 @@ def tune_model(
     model_path, output = Path(model_path), Path(output)
     started = time.perf_counter()
     load_before = load_average()
+    s = _prepare(model_path, output, config, progress)
+    defaults = s.candidates[0]
+    screen = _screen(model_path, s.candidates, s.reference, s.feed, config, s.plan, progress)
+    finalists = _finalists(screen, defaults, config.finalists)
+    work = output.parent if has_external_data(s.model) else None
+    with _copies(s.model, model_path, output, [defaults, *finalists], work) as files:
+        confirm, control = _confirm(files, s.reference, s.feed, config, s.plan, progress)
+        decision, parity, rejected = _decide_and_check(
+            confirm, control, defaults, files, model_path, s.reference, s.inputs, config, progress
+        )
+        record = _record(model_path, config, s.plan, decision, control, load_before)
+        written: str | None = None
+        if parity is not None and parity.passed:
+            _event(progress, "write", str(output))
+            _write(files[decision.settings], output, record)
+            written = str(output)
+    environment = collect_environment(load_before=load_before)
+    return TuneReport(
+        model=str(model_path),
+        output=written,
+        config=config,
+        screen=tuple(screen),
+        confirm=tuple(confirm),
+        control=control,
+        decision=decision,
+        parity=parity,
+        rejected=tuple(rejected),
+        warnings=tuple(
+            busy_warnings(load_before, environment["load_average_after"], cpus_available())
+        ),
+        plan=s.plan,
+        record=record,
+        environment=environment,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The loaded input, onnxruntime's defaults on it (the reference), the timing feed, the
+    settings to try (onnxruntime's defaults first) and the repeats that fit the budget."""
+
+    model: onnx.ModelProto
+    reference: Any
+    inputs: list[_Input]
+    feed: dict[str, np.ndarray]
+    candidates: list[OrtSettings]
+    plan: dict[str, Any]
+
+
+def _prepare(
+    model_path: Path, output: Path, config: TuneConfig, progress: Progress | None
+) -> _Setup:
+    """Load and check the input and the output path, open the reference, plan the search."""
     model = load_model(model_path)
     check_output_path(model_path, output, has_external_data(model))
     if config.provider == "cuda":
@@ -611,42 +667,7 @@ def tune_model(
     per_call = _per_call(reference, feed)
     n_confirm = min(config.finalists, len(candidates) - 1) + 2
     plan = plan_repeats(per_call, len(candidates) + 1, n_confirm, config)
-
-    screen = _screen(model_path, candidates, reference, feed, config, plan, progress)
-    finalists = _finalists(screen, candidates[0], config.finalists)
-    work = output.parent if has_external_data(model) else None
-    with _copies(model, model_path, output, [candidates[0], *finalists], work) as files:
-        confirm, control = _confirm(files, reference, feed, config, plan, progress)
-        decision, parity, rejected = _decide_and_check(
-            confirm, control, candidates[0], files, model_path, reference, inputs, config, progress
-        )
-        record = _record(model_path, config, plan, decision, control, load_before)
-        written: str | None = None
-        if parity is not None and parity.passed:
-            _event(progress, "write", str(output))
-            _write(files[decision.settings], output, record)
-            written = str(output)
-    environment = collect_environment()
-    environment["load_average_before"] = load_before
-    environment["load_average_after"] = load_average()
-    return TuneReport(
-        model=str(model_path),
-        output=written,
-        config=config,
-        screen=tuple(screen),
-        confirm=tuple(confirm),
-        control=control,
-        decision=decision,
-        parity=parity,
-        rejected=tuple(rejected),
-        warnings=tuple(
-            busy_warnings(load_before, environment["load_average_after"], cpus_available())
-        ),
-        plan=plan,
-        record=record,
-        environment=environment,
-        seconds=time.perf_counter() - started,
-    )
+    return _Setup(model, reference, inputs, feed, candidates, plan)
 
 
 def busy_warnings(
@@ -849,11 +870,6 @@ def check_outputs(
     truth; pass ⇔ ``E ≤ factor · max(N, floor_ulps · eps)`` per output
     (`bnexport.parity.tolerance.NoiseTolerance`).
     """
-    import numpy as np
-
-    from bnexport.parity.compare import compare_output
-    from bnexport.parity.tolerance import NoiseTolerance
-
     count = max(PARITY_MIN_SAMPLES, config.batch_size)
     count = math.ceil(count / config.batch_size) * config.batch_size
     feeds = make_feeds(inputs, count, config.seed + 1)
@@ -862,42 +878,67 @@ def check_outputs(
     )
     tuned_session = open_with_model_config(tuned, _providers(config.provider))
     runs = {"truth": truth_session, "reference": reference, "tuned": tuned_session}
-    outs: dict[str, list[list[Any]]] = {k: [] for k in runs}
-    for start in range(0, count, config.batch_size):
-        batch = {k: v[start : start + config.batch_size] for k, v in feeds.items()}
-        for key, sess in runs.items():
-            outs[key].append(sess.run(None, batch))
+    outs = _outputs_in_batches(runs, feeds, count, config.batch_size)
     names = [o.name for o in reference.get_outputs()]
-    rule = NoiseTolerance()
-    worst: ParityResult | None = None
-    for j, name in enumerate(names):
+    return _worst(
+        [
+            _compare_output(name, outs["tuned"][j], outs["reference"][j], outs["truth"][j], count)
+            for j, name in enumerate(names)
+        ]
+    )
 
-        def cat(key: str, j: int = j) -> Any:
-            return np.concatenate([np.asarray(chunk[j]) for chunk in outs[key]])
 
-        result = compare_output(
-            name, cat("tuned"), cat("reference"), rule, truth=cat("truth").astype(np.float64)
-        )
-        item = ParityResult(
-            passed=result.passed,
-            error=float(result.error or 0.0),
-            noise=float(result.noise or 0.0),
-            limit=float(result.limit or 0.0),
-            output=name,
-            samples=count,
-            truth="the input model as written (onnxruntime, graph optimizations disabled)",
-            reference="the input model under onnxruntime's defaults",
-        )
-        if (
-            worst is None
-            or (not item.passed and worst.passed)
-            or (
-                item.passed == worst.passed
-                and item.error / max(item.limit, 1e-300) > worst.error / max(worst.limit, 1e-300)
-            )
+def _outputs_in_batches(
+    runs: Mapping[str, Any], feeds: Mapping[str, np.ndarray], count: int, batch_size: int
+) -> dict[str, list[np.ndarray]]:
+    """Each session run on ``feeds`` ``batch_size`` samples at a time: per session, its outputs
+    (in order) over all ``count`` samples."""
+    import numpy as np
+
+    chunks: dict[str, list[list[Any]]] = {k: [] for k in runs}
+    for start in range(0, count, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in feeds.items()}
+        for key, sess in runs.items():
+            chunks[key].append(sess.run(None, batch))
+    return {
+        key: [np.concatenate([np.asarray(c[j]) for c in parts]) for j in range(len(parts[0]))]
+        for key, parts in chunks.items()
+    }
+
+
+def _compare_output(
+    name: str, tuned: np.ndarray, reference: np.ndarray, truth: np.ndarray, samples: int
+) -> ParityResult:
+    """One output of the tuned file against the truth, `check`'s noise-relative rule."""
+    import numpy as np
+
+    from bnexport.parity.compare import compare_output
+    from bnexport.parity.tolerance import NoiseTolerance
+
+    result = compare_output(
+        name, tuned, reference, NoiseTolerance(), truth=truth.astype(np.float64)
+    )
+    return ParityResult(
+        passed=result.passed,
+        error=float(result.error or 0.0),
+        noise=float(result.noise or 0.0),
+        limit=float(result.limit or 0.0),
+        output=name,
+        samples=samples,
+        truth="the input model as written (onnxruntime, graph optimizations disabled)",
+        reference="the input model under onnxruntime's defaults",
+    )
+
+
+def _worst(results: Sequence[ParityResult]) -> ParityResult:
+    """The worst output: failing before passing, then the largest error/limit (earliest first)."""
+    worst = results[0]
+    for item in results[1:]:
+        if (not item.passed and worst.passed) or (
+            item.passed == worst.passed
+            and item.error / max(item.limit, 1e-300) > worst.error / max(worst.limit, 1e-300)
         ):
             worst = item
-    assert worst is not None
     return worst
 
 

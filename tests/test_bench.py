@@ -27,7 +27,6 @@ from bnexport.bench import (
     BenchConfig,
     BenchReport,
     count_flops,
-    cpu_model,
     interleaved_orders,
     measure_interleaved,
     paired_ratio,
@@ -36,6 +35,7 @@ from bnexport.bench import (
 from bnexport.checkpoint import save_checkpoint
 from bnexport.data import FASHION_MNIST_NORMALIZE
 from bnexport.errors import BnexportError
+from bnexport.machine import cpu_model
 from bnexport.nets import Net
 from bnexport.source import load_source
 
@@ -196,20 +196,6 @@ def test_paired_ratio_pairs_each_repeat() -> None:
 def test_bad_configs_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(BnexportError, match=message):
         BenchConfig(**kwargs)
-
-
-def test_cpu_model_is_read_from_proc_cpuinfo() -> None:
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        pytest.skip("no /proc/cpuinfo on this platform")
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in path.read_text().splitlines()
-        if line.lower().startswith("model name")
-    ]
-    if not names:
-        pytest.skip("/proc/cpuinfo has no 'model name' line here")
-    assert cpu_model() == names[0]
 
 
 # --------------------------------------------------------------------------------------------

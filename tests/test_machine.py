@@ -48,3 +48,17 @@ def test_cpus_available_and_load_average_describe_this_process() -> None:
     assert 1 <= machine.cpus_available() <= (os.cpu_count() or 1)
     load = machine.load_average()
     assert load is None or (len(load) == 3 and all(v >= 0 for v in load))
+
+
+def test_cpu_model_is_read_from_proc_cpuinfo() -> None:
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        pytest.skip("no /proc/cpuinfo on this platform")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in path.read_text().splitlines()
+        if line.lower().startswith("model name")
+    ]
+    if not names:
+        pytest.skip("/proc/cpuinfo has no 'model name' line here")
+    assert machine.cpu_model() == names[0]
