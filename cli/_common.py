@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -154,6 +154,26 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     return t
 
 
+def duration(seconds: float) -> str:
+    """Seconds in µs, ms or s, whichever reads best."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def load_averages(environment: Mapping[str, Any]) -> str:
+    """A run's load averages before and after, as ``1.00/0.50/0.25 → 1.20/0.60/0.30`` (``?``
+    where the OS gave none)."""
+
+    def text(values: list[float] | None) -> str:
+        return "?" if not values else "/".join(f"{v:.2f}" for v in values)
+
+    before = environment.get("load_average_before")
+    return f"{text(before)} → {text(environment.get('load_average_after'))}"
+
+
 # Model selection, shared by fold, onnx, check and bench (same names, same meaning).
 ModelOpt = Annotated[
     str | None,
@@ -239,6 +259,18 @@ def choices(values: Sequence[str], flag: str, *, multiple: bool = False) -> dict
 DEFAULT_PROVIDERS = ",".join(defaults.DEFAULT_PROVIDERS)
 DEFAULT_OPT_LEVELS = ",".join(defaults.DEFAULT_OPT_LEVELS)
 DEFAULT_TOLERANCE = defaults.DEFAULT_TOLERANCE_MODE
+#: bench's and tune's timing (`bnexport.bench.timing`); defaults in `bnexport.defaults`.
+MinTimeOpt = Annotated[
+    float,
+    typer.Option("--min-time", help="Seconds one timing lasts at least (many calls if fast)."),
+]
+WarmupOpt = Annotated[
+    float, typer.Option("--warmup", help="Warm-up seconds per candidate (each batch size, stage).")
+]
+CooldownOpt = Annotated[
+    float,
+    typer.Option("--cooldown", help="Idle seconds before each timing (spinning threads park)."),
+]
 ProvidersOpt = Annotated[
     str,
     typer.Option(

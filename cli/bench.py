@@ -8,11 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from bnexport.cli._common import (
+    CooldownOpt,
     InputShapeOpt,
+    MinTimeOpt,
     ModelOpt,
     TemperatureOpt,
+    WarmupOpt,
     console,
+    duration,
     handle_errors,
+    load_averages,
     load_model_source,
     table,
 )
@@ -63,21 +68,9 @@ def bench_cli(
         str,
         typer.Option("--batch-sizes", help="Comma-separated batch sizes (1 is the latency one)."),
     ] = DEFAULT_BATCH_SIZES,
-    min_time: Annotated[
-        float,
-        typer.Option("--min-time", help="Seconds one timing lasts at least (many calls if fast)."),
-    ] = DEFAULT_MIN_TIME_S,
-    warmup: Annotated[
-        float, typer.Option("--warmup", help="Warm-up seconds per candidate and batch size.")
-    ] = DEFAULT_WARMUP_S,
-    cooldown: Annotated[
-        float,
-        typer.Option(
-            "--cooldown",
-            help="Idle seconds before each timing, so the previous candidate's spinning threads "
-            "park.",
-        ),
-    ] = DEFAULT_COOLDOWN_S,
+    min_time: MinTimeOpt = DEFAULT_MIN_TIME_S,
+    warmup: WarmupOpt = DEFAULT_WARMUP_S,
+    cooldown: CooldownOpt = DEFAULT_COOLDOWN_S,
     cuda: Annotated[
         bool,
         typer.Option("--cuda/--no-cuda", help="Include onnxruntime CUDA when it really runs."),
@@ -130,49 +123,12 @@ def bench_cli(
 def _render(report: Any, json_path: Path | None) -> None:
     from rich.markup import escape
 
-    from bnexport.bench import BASELINE, LABELS, LATENCY_BATCH
+    from bnexport.bench import LABELS
 
     labels = {**LABELS, **{c.name: c.label for c in report.candidates}}
     out = console()
-    env = report.environment
-    threads = env["threads"]
-    out.print(
-        f"{escape(report.model)}: {report.flops.per_image / 1e6:.3f} MFLOP/image; "
-        f"fp32 peak {report.peak.gflops:.0f} GFLOP/s ({report.peak.method}, "
-        f"{report.peak.threads} threads)"
-    )
-    out.print(
-        f"{env['cpu_model']}, {env['cpus_available']} CPUs; torch {env['versions']['torch']} "
-        f"({threads['torch_intra_op']} threads), onnxruntime {env['versions']['onnxruntime']}; "
-        f"load average {_load(env.get('load_average_before'))} → "
-        f"{_load(env.get('load_average_after'))}; {env['date']}"
-    )
-    rows = []
-    for m in report.measurements:
-        s = m.speedup
-        ratio = (
-            "1.00× (baseline)"
-            if m.candidate == BASELINE
-            else (f"{s.median:.2f}× [{s.p10:.2f}–{s.p90:.2f}]")
-        )
-        rows.append(
-            [
-                labels.get(m.candidate, m.candidate),
-                m.batch_size,
-                _duration(m.median_s),
-                _duration(m.p90_s),
-                f"{m.images_per_s:,.0f}",
-                "-" if m.gflops is None else f"{m.gflops:.1f}",
-                "-" if m.peak_fraction is None else f"{m.peak_fraction:.1%}",
-                ratio,
-            ]
-        )
-    title = (
-        f"median of {report.config.repeats} interleaved timings; batch {LATENCY_BATCH} = latency; "
-        "× = paired speedup vs PyTorch eager unfolded [p10–p90]"
-    )
-    columns = ["candidate", "batch", "median", "p90", "images/s", "GFLOP/s", "of peak", "× eager"]
-    out.print(table(title, columns, rows))
+    _print_setting(out, report)
+    out.print(_measurements_table(report, labels))
     for c in report.comparisons:
         r = c.ratio
         out.print(
@@ -192,13 +148,51 @@ def _render(report: Any, json_path: Path | None) -> None:
         out.print(f"wrote {escape(str(json_path))}")
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
+def _print_setting(out: Any, report: Any) -> None:
+    """The model's work, the peak, the machine and the load: what the figures are relative to."""
+    from rich.markup import escape
+
+    env = report.environment
+    threads = env["threads"]
+    out.print(
+        f"{escape(report.model)}: {report.flops.per_image / 1e6:.3f} MFLOP/image; "
+        f"fp32 peak {report.peak.gflops:.0f} GFLOP/s ({report.peak.method}, "
+        f"{report.peak.threads} threads)"
+    )
+    out.print(
+        f"{env['cpu_model']}, {env['cpus_available']} CPUs; torch {env['versions']['torch']} "
+        f"({threads['torch_intra_op']} threads), onnxruntime {env['versions']['onnxruntime']}; "
+        f"load average {load_averages(env)}; {env['date']}"
+    )
 
 
-def _load(values: list[float] | None) -> str:
-    return "?" if not values else "/".join(f"{v:.2f}" for v in values)
+def _measurements_table(report: Any, labels: dict[str, str]) -> Any:
+    """One row per candidate and batch size: times, throughput, GFLOP/s, speedup vs eager."""
+    from bnexport.bench import BASELINE, LATENCY_BATCH
+
+    rows = []
+    for m in report.measurements:
+        s = m.speedup
+        ratio = (
+            "1.00× (baseline)"
+            if m.candidate == BASELINE
+            else (f"{s.median:.2f}× [{s.p10:.2f}–{s.p90:.2f}]")
+        )
+        rows.append(
+            [
+                labels.get(m.candidate, m.candidate),
+                m.batch_size,
+                duration(m.median_s),
+                duration(m.p90_s),
+                f"{m.images_per_s:,.0f}",
+                "-" if m.gflops is None else f"{m.gflops:.1f}",
+                "-" if m.peak_fraction is None else f"{m.peak_fraction:.1%}",
+                ratio,
+            ]
+        )
+    title = (
+        f"median of {report.config.repeats} interleaved timings; batch {LATENCY_BATCH} = latency; "
+        "× = paired speedup vs PyTorch eager unfolded [p10–p90]"
+    )
+    columns = ["candidate", "batch", "median", "p90", "images/s", "GFLOP/s", "of peak", "× eager"]
+    return table(title, columns, rows)

@@ -8,7 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import EXIT_MISMATCH, console, handle_errors, table
+from bnexport.cli._common import (
+    EXIT_MISMATCH,
+    CooldownOpt,
+    MinTimeOpt,
+    WarmupOpt,
+    console,
+    duration,
+    handle_errors,
+    load_averages,
+    table,
+)
 from bnexport.defaults import (
     DEFAULT_CONFIRM_REPEATS,
     DEFAULT_COOLDOWN_S,
@@ -79,17 +89,9 @@ def tune_cli(
     finalists: Annotated[
         int, typer.Option("--finalists", min=1, help="Settings confirmed after screening.")
     ] = DEFAULT_FINALISTS,
-    min_time: Annotated[
-        float,
-        typer.Option("--min-time", help="Seconds one timing lasts at least (many calls if fast)."),
-    ] = DEFAULT_MIN_TIME_S,
-    warmup: Annotated[
-        float, typer.Option("--warmup", help="Warm-up seconds per session and stage.")
-    ] = DEFAULT_WARMUP_S,
-    cooldown: Annotated[
-        float,
-        typer.Option("--cooldown", help="Idle seconds before each timing (spinning threads park)."),
-    ] = DEFAULT_COOLDOWN_S,
+    min_time: MinTimeOpt = DEFAULT_MIN_TIME_S,
+    warmup: WarmupOpt = DEFAULT_WARMUP_S,
+    cooldown: CooldownOpt = DEFAULT_COOLDOWN_S,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Write every timing ratio, the decision and the record here."),
@@ -172,9 +174,19 @@ def _render(report: Any, json_path: Path | None) -> None:
     out.print(
         f"{escape(report.model)}: batch {cfg.batch_size}, {cfg.provider}; {env['cpu_model']}, "
         f"{env['cpus_available']} CPUs, onnxruntime {env['versions']['onnxruntime']}; load "
-        f"average {_load(env.get('load_average_before'))} → {_load(env.get('load_average_after'))}"
+        f"average {load_averages(env)}"
     )
-    rows = [[r.settings.label(), _duration(r.median_s), _ratio(r.ratio)] for r in report.screen]
+    _print_timings(out, report)
+    _print_outcome(out, report)
+    if json_path is not None:
+        out.print(f"wrote {escape(str(json_path))}")
+
+
+def _print_timings(out: Any, report: Any) -> None:
+    """The screen's and the confirm stage's tables (paired ratios vs onnxruntime's defaults)."""
+    from rich.markup import escape
+
+    rows = [[r.settings.label(), duration(r.median_s), _ratio(r.ratio)] for r in report.screen]
     out.print(
         table(
             escape(
@@ -186,7 +198,7 @@ def _render(report: Any, json_path: Path | None) -> None:
         )
     )
     rows = [["control (defaults, carried)", "-", _ratio(report.control)]]
-    rows += [[r.settings.label(), _duration(r.median_s), _ratio(r.ratio)] for r in report.confirm]
+    rows += [[r.settings.label(), duration(r.median_s), _ratio(r.ratio)] for r in report.confirm]
     out.print(
         table(
             f"confirm: {report.plan['confirm_repeats']} rounds, each file opened with "
@@ -195,6 +207,12 @@ def _render(report: Any, json_path: Path | None) -> None:
             rows,
         )
     )
+
+
+def _print_outcome(out: Any, report: Any) -> None:
+    """The pick and why, what was rejected, the parity check, and what was written."""
+    from rich.markup import escape
+
     d = report.decision
     verdict = "faster beyond noise" if d.faster else "defaults kept"
     out.print(f"picked: {escape(d.settings.label())} ({verdict}): {escape(d.reason)}")
@@ -214,28 +232,14 @@ def _render(report: Any, json_path: Path | None) -> None:
             f"wrote {escape(report.output)} (ort_config + bnexport_tune record; graph "
             "unchanged). Opt in: ORT_LOAD_CONFIG_FROM_MODEL=1"
         )
-        if cfg.provider == "cuda":
+        if report.config.provider == "cuda":
             out.print(
                 "the provider is not carried: create the session with "
                 'providers=[("CUDAExecutionProvider", {"use_tf32": "0"})] by hand'
             )
     else:
         out.print("nothing written: the tuned outputs differ from the input model's")
-    if json_path is not None:
-        out.print(f"wrote {escape(str(json_path))}")
 
 
 def _ratio(r: Any) -> str:
     return f"{r.median:.3f}× [{r.p10:.3f}–{r.p90:.3f}]"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
-
-
-def _load(values: list[float] | None) -> str:
-    return "?" if not values else "/".join(f"{v:.2f}" for v in values)
