@@ -129,12 +129,8 @@ def _render(report: Any, json_path: Path | None) -> None:
     out = console()
     _print_setting(out, report)
     out.print(_measurements_table(report, labels))
-    for c in report.comparisons:
-        r = c.ratio
-        out.print(
-            f"{labels.get(c.candidate, c.candidate)} vs {labels.get(c.reference, c.reference)}, "
-            f"batch {c.batch_size}: {r.median:.3f}× [{r.p10:.3f}–{r.p90:.3f}]"
-        )
+    if report.comparisons:
+        out.print(_comparisons_table(report, labels))
     for info in report.candidates:
         if not info.available:
             out.print(f"not run: {info.label}: {escape(info.reason)}")
@@ -164,6 +160,22 @@ def _print_setting(out: Any, report: Any) -> None:
         f"({threads['torch_intra_op']} threads), onnxruntime {env['versions']['onnxruntime']}; "
         f"load average {load_averages(env)}; {env['date']}"
     )
+
+
+def _comparisons_table(report: Any, labels: dict[str, str]) -> Any:
+    """One row per candidate compared with another, one column per batch size: the paired ratio."""
+    batches = sorted({c.batch_size for c in report.comparisons})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for c in report.comparisons:
+        r = c.ratio
+        key = (labels.get(c.candidate, c.candidate), labels.get(c.reference, c.reference))
+        cells.setdefault(key, {})[c.batch_size] = f"{r.median:.3f}× [{r.p10:.2f}–{r.p90:.2f}]"
+    rows = [
+        [candidate, reference, *(by_batch.get(b, "-") for b in batches)]
+        for (candidate, reference), by_batch in cells.items()
+    ]
+    title = "paired speedup, median [p10–p90]: candidate's throughput / reference's"
+    return table(title, ["candidate", "vs", *(f"batch {b}" for b in batches)], rows)
 
 
 def _measurements_table(report: Any, labels: dict[str, str]) -> Any:

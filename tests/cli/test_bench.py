@@ -59,7 +59,15 @@ def test_table_has_every_candidate_and_ratios(run: tuple[object, dict]) -> None:
     ):
         assert text.count(label) >= 2, label  # one row per batch size
     assert "1.00× (baseline)" in text and "MFLOP/image" in text and "GFLOP/s" in text
-    assert "vs onnxruntime CPU, torch default export" in text  # the acceptance comparison
+    # The acceptance comparison: one row of the paired-speedup table, a cell per batch size.
+    assert "paired speedup" in text
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.lstrip().startswith("onnxruntime CPU, bnexport folded export")
+        and line.count("×") == 2
+    )
+    assert "onnxruntime CPU, torch default export" in row
     cuda = probe_cuda()
     if (
         not cuda.available
