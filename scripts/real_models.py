@@ -7,7 +7,8 @@ For every zoo model (or the ``--models`` subset), measured, nothing hard-coded:
   (folded / left of how many, the left ones' reason codes);
 * ``torch.fx.experimental.optimization.fuse(model)``: best-of-``--repeat`` time, or why it fails;
 * one float64 forward of ``deepcopy(model).double()`` (best of ``--repeat``), and the fold-time
-  target of issue 8 (``2 × fuse + 2 × float64 forward + 0.1 s``);
+  target of issue 8 (``2 × fuse + 2 × float64 forward + 0.1 s``); the three calls alternate
+  within each of the ``--repeat`` rounds, so load drift during the run hits them alike;
 * ONNX ``BatchNormalization/Mul/Div/Add/Sub`` counts of ``torch.onnx.export(model, inputs,
   dynamo=True)`` (default options, unfolded model) against bnexport's ``export_onnx`` of the folded
   module (as ``bnexport onnx`` runs it: ``fuse_batchnorm=True``).
@@ -54,7 +55,7 @@ from bnexport.fold import fold_model  # noqa: E402
 
 #: ONNX node types counted in both exports (a BN and its scale/shift chain, when left in a graph).
 ONNX_OPS = ("BatchNormalization", "Mul", "Div", "Add", "Sub")
-DEFAULT_REPEAT = 3
+DEFAULT_REPEAT = 5
 _CELL_CHARS = 80  # longest error text put in a table cell
 
 Inputs = tuple[torch.Tensor, ...]
@@ -87,14 +88,23 @@ def _failure(exc: BaseException) -> str:
     return "fails: " + (text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 1] + "…")
 
 
-def best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    """The fastest of ``repeat`` calls (seconds) and the last call's result."""
-    best, result = float("inf"), None
+def best_times(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, Any]:
+    """Each call's fastest time of ``repeat`` rounds (seconds; a string ``fails: …`` where it
+    raised) and ``result:<name>``, its last result. The calls alternate within each round, so
+    a change of machine load during the run affects all of them alike."""
+    best: dict[str, Any] = {name: float("inf") for name in calls}
     for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in calls.items():
+            if isinstance(best[name], str):
+                continue
+            start = time.perf_counter()
+            try:
+                best[f"result:{name}"] = fn()
+            except Exception as exc:
+                best[name] = _failure(exc)
+                continue
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def op_counts(counts: Mapping[str, int]) -> str:
@@ -106,13 +116,16 @@ def _double(inputs: Inputs) -> Inputs:
     return tuple(x.double() if x.is_floating_point() else x for x in inputs)
 
 
-def forward64_time(model: nn.Module, inputs: Inputs, repeat: int) -> float:
-    """Best-of-``repeat`` time of one forward of ``deepcopy(model).double()``."""
+def forward64(model: nn.Module, inputs: Inputs) -> Callable[[], Any]:
+    """One forward of ``deepcopy(model).double()`` (the copy made once, outside the timing)."""
     model64 = copy.deepcopy(model).double().eval()
     inputs64 = _double(inputs)
-    with torch.no_grad():
-        seconds, _ = best_time(lambda: model64(*inputs64), repeat)
-    return seconds
+
+    def run() -> Any:
+        with torch.no_grad():
+            return model64(*inputs64)
+
+    return run
 
 
 def measure(name: str, repeat: int) -> Row:
@@ -125,25 +138,24 @@ def measure(name: str, repeat: int) -> Row:
         return row
     row.batchnorms = sum(1 for _ in batchnorm_modules(model))
 
+    with quiet_exporter():
+        times = best_times(
+            {
+                "fold": lambda: fold_model(model, inputs),
+                "fuse": lambda: fx_optimization.fuse(model),
+                "forward64": forward64(model, inputs),
+            },
+            repeat,
+        )
+    row.fold_s, row.fuse_s, row.forward64_s = times["fold"], times["fuse"], times["forward64"]
     folded: nn.Module | None = None
-    try:
-        with quiet_exporter():
-            row.fold_s, result = best_time(lambda: fold_model(model, inputs), repeat)
+    if "result:fold" in times and not isinstance(row.fold_s, str):
+        result = times["result:fold"]
         folded = result.module
         report = result.report
         row.folded = f"{len(report.folded)}/{len(report.left)} of {len(report.entries)}"
         reasons = Counter(e.reason_code or "?" for e in report.left)
         row.left_reasons = ", ".join(f"{code} ×{n}" for code, n in reasons.most_common()) or "–"
-    except Exception as exc:
-        row.fold_s = _failure(exc)
-
-    try:
-        with quiet_exporter():
-            row.fuse_s, _ = best_time(lambda: fx_optimization.fuse(model), repeat)
-    except Exception as exc:
-        row.fuse_s = _failure(exc)
-
-    row.forward64_s = forward64_time(model, inputs, repeat)
 
     try:
         with quiet_exporter():
