@@ -31,6 +31,7 @@ class State:
     """Global options set by the app callback."""
 
     debug: bool = False
+    interrupt_reported: bool = False  # "interrupted" already printed (by `interrupted`)
 
 
 PIPED_WIDTH = 200  # columns of plain output when piped (COLUMNS overrides)
@@ -92,8 +93,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def interrupted() -> typer.Exit:
-    """Say so on stderr and return the exit to raise (130)."""
-    typer.echo("bnexport: interrupted", err=True)
+    """Say so on stderr (once) and return the exit to raise (130)."""
+    if not State.interrupt_reported:
+        typer.echo("bnexport: interrupted", err=True)
+        State.interrupt_reported = True
     return typer.Exit(EXIT_INTERRUPTED)
 
 

@@ -30,6 +30,7 @@ class _Group(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        _common.State.interrupt_reported = False
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
@@ -38,9 +39,13 @@ class _Group(TyperGroup):
             if type(exc).__name__ != "NoArgsIsHelpError":  # else Typer printed the help already
                 typer.echo(f"bnexport: error: {usage_error_line(exc)}", err=True)
             sys.exit(getattr(exc, "exit_code", _common.EXIT_ERROR))
-        except typer.Abort:
+        except typer.Abort as exc:  # Click turns Ctrl-C during parsing into Abort
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+                raise _common.interrupted() from None
             typer.echo("bnexport: aborted", err=True)
             sys.exit(1)
+        if code == _common.EXIT_INTERRUPTED:  # Typer's silent 130 for a Ctrl-C while parsing
+            _common.interrupted()
         sys.exit(code if isinstance(code, int) else 0)  # a command's Exit code, or success
 
 

@@ -66,3 +66,17 @@ def test_python_dash_m_imports_nothing_from_the_working_directory(tmp_path: Path
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"bnexport {__version__}"
+
+
+def test_ctrl_c_while_the_options_are_parsed_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Click turns a Ctrl-C during option parsing into "Aborted!" and exit 1; bnexport reports
+    it as the interrupt it is."""
+    from typer.core import TyperCommand
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TyperCommand, "parse_args", interrupted)
+    result = runner.invoke(app, ["onnx", "models/net.pt", "-o", "x.onnx"])
+    assert result.exit_code == 130
+    assert "bnexport: interrupted" in result.stderr
