@@ -85,17 +85,11 @@ def fold_cli(
 
     check_output_paths({"-o": output, "--report-json": report_json}, [checkpoint])
     from bnexport.export import check_program, save_program
-    from bnexport.fold import fold_model
 
     out = console()
     with stage("Loading the model"):
         source = load_model_source(checkpoint, model, input_shape, temperature)
-    with stage("Folding BatchNorm"):
-        folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
-    render_source(out, source)
-    render_fold_report(out, folded.report)
-    if strict and refuse_unfolded(out, folded.report):
-        raise typer.Exit(EXIT_MISMATCH)
+    folded = fold_and_report(out, source, no_verify, strict)
 
     with removed_on_error(output):
         with stage("Saving the torch.export program"):
@@ -127,6 +121,20 @@ def fold_cli(
     )
     render_program_check(out, check)
     raise typer.Exit(EXIT_OK if check.passed else EXIT_MISMATCH)
+
+
+def fold_and_report(out: Console, source: Any, no_verify: bool, strict: bool) -> Any:
+    """Fold the source's model and print the source and the fold report; exit 1 under --strict
+    when a BatchNorm is left (for `fold` and `onnx`)."""
+    from bnexport.fold import fold_model
+
+    with stage("Folding BatchNorm"):
+        folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
+    render_source(out, source)
+    render_fold_report(out, folded.report)
+    if strict and refuse_unfolded(out, folded.report):
+        raise typer.Exit(EXIT_MISMATCH)
+    return folded
 
 
 def source_summary(source: Any) -> dict[str, Any]:

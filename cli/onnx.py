@@ -49,9 +49,8 @@ from bnexport.cli.fold import (
     NoVerifyOpt,
     ReportJsonOpt,
     StrictOpt,
-    refuse_unfolded,
+    fold_and_report,
     removed_on_error,
-    render_fold_report,
     render_source,
     source_summary,
     stage,
@@ -150,7 +149,7 @@ def onnx_cli(
         render_source(out, source)
         out.print("Not folded (--no-fold): the model is exported as it is.")
     else:
-        folded = _fold(out, source, no_verify, strict)
+        folded = fold_and_report(out, source, no_verify, strict)
     with removed_on_error(output):
         with stage("Exporting to ONNX"):
             exported = _export(source, folded, output, out_names, opset)
@@ -188,19 +187,6 @@ def _parity_config(
     )
     resolve_providers(config)
     return config
-
-
-def _fold(out: Console, source: Any, no_verify: bool, strict: bool) -> Any:
-    """Fold and print the fold report; exit 1 under --strict when a BatchNorm is left."""
-    from bnexport.fold import fold_model
-
-    with stage("Folding BatchNorm"):
-        folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
-    render_source(out, source)
-    render_fold_report(out, folded.report)
-    if strict and refuse_unfolded(out, folded.report):
-        raise typer.Exit(EXIT_MISMATCH)
-    return folded
 
 
 def _export(
