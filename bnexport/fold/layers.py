@@ -94,7 +94,8 @@ def _probe(layer: nn.Module) -> bool:
 
 def custom_layer(cls: type | None) -> str | None:
     """The torch layer class that ``cls`` subclasses while replacing its forward (timm's
-    ``Conv2dSame``, a weight-standardized conv…), else None: such a layer is never folded into."""
+    ``Conv2dSame``, a weight-standardized conv…), else None: such a layer takes a BatchNorm after
+    it only when `folds_after` holds, and one before it never."""
     if not isinstance(cls, type):
         return None
     for base, kind in _LAYER_BASES:
