@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from bnexport.errors import FoldError
 from bnexport.fold.batchnorm import BNParams, register_batchnorm
+from bnexport.fold.graph import float64_copy
 from bnexport.fold.passes import fold_graph
 from bnexport.fold.patterns import PATTERNS, Pattern, Rule
 from bnexport.fold.report import REASONS, ChainEntry, FoldEntry, FoldReport
@@ -149,9 +150,7 @@ def run_float64(
     def as64(name: str, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point() or name in large:
             return t
-        if id(t) not in memo:
-            memo[id(t)] = t.detach().double()
-        return memo[id(t)]
+        return float64_copy(t, memo)
 
     state = {
         name: as64(name, t)

@@ -457,6 +457,16 @@ def _tensor_meta(node: Any) -> Any:
     return meta if hasattr(meta, "shape") else None
 
 
+def float64_copy(t: torch.Tensor, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` in float64, converted once per tensor: ``memo`` maps tensor id → copy (the caller
+    keeps ``t`` alive while the memo is used). A float64 tensor is itself."""
+    if t.dtype == torch.float64:
+        return t
+    if id(t) not in memo:
+        memo[id(t)] = t.detach().double()
+    return memo[id(t)]
+
+
 class FoldContext:
     """The GraphModule being folded, with the bookkeeping for safe node rewrites."""
 
@@ -493,11 +503,7 @@ class FoldContext:
         )
 
     def _f64(self, t: torch.Tensor | None) -> Any:
-        if t is None or t.dtype == torch.float64:
-            return t
-        if id(t) not in self.memo64:
-            self.memo64[id(t)] = t.detach().double()
-        return self.memo64[id(t)]
+        return None if t is None else float64_copy(t, self.memo64)
 
     def record(self, node: fx.Node, folded: fm.Folded) -> None:
         """Keep the float64 parameters of the layer ``node`` now calls (after `install`)."""
