@@ -20,33 +20,18 @@ INPUT_SHAPES = {
 DEFAULT_SHAPE = ["--input-shape", "3,64,64"]
 
 
-def _model(name: str) -> nn.Module:
-    return REAL_MODELS[MODELS[name]]()[0]
-
-
 def attribute(zoo_name: str) -> str:
     """The factory's attribute name for a zoo model (``timm/x`` → ``timm__x``)."""
     return zoo_name.replace("/", "__")
 
 
 def __getattr__(name: str) -> object:
-    zoo_name = name.replace("__", "/", 1)
+    """A factory for a short name of `MODELS` or any zoo model's `attribute` name."""
+    zoo_name = MODELS.get(name, name.replace("__", "/", 1))
     if zoo_name not in REAL_MODELS:
         raise AttributeError(name)
-    return lambda: REAL_MODELS[zoo_name]()[0]
 
+    def factory() -> nn.Module:
+        return REAL_MODELS[zoo_name]()[0]
 
-def resnet18() -> nn.Module:
-    return _model("resnet18")
-
-
-def mobilenet_v2() -> nn.Module:
-    return _model("mobilenet_v2")
-
-
-def shufflenet_v2_x1_0() -> nn.Module:
-    return _model("shufflenet_v2_x1_0")
-
-
-def two_input_net() -> nn.Module:
-    return _model("two_input_net")
+    return factory
