@@ -7,7 +7,6 @@ report table and the model options are `bnexport fold`'s, the parity table is `b
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -137,9 +136,16 @@ def onnx_cli(
     config = None
     if not no_check:
         config = _parity_config(
-            providers, opt_levels, batch_sizes, samples, tolerance, noise_factor, rtol, atol
+            providers,
+            opt_levels,
+            batch_sizes,
+            samples,
+            tolerance,
+            noise_factor,
+            rtol,
+            atol,
+            folded=not no_fold,  # no folded runner for --no-fold
         )
-        config = replace(config, folded=not no_fold)  # no folded runner for --no-fold
 
     out = console()
     with stage("Loading the model"):
@@ -173,6 +179,8 @@ def _parity_config(
     noise_factor: float | None,
     rtol: list[str] | None,
     atol: list[str] | None,
+    *,
+    folded: bool,
 ) -> Any:
     """The parity step's `CheckConfig`; CUDA asked for and not running fails here, before any
     work."""
@@ -184,6 +192,7 @@ def _parity_config(
         batch_sizes=split_ints(batch_sizes, "--batch-sizes"),
         samples=samples,
         **tolerance_config(tolerance, noise_factor, rtol, atol),
+        folded=folded,
     )
     resolve_providers(config)
     return config
