@@ -435,13 +435,21 @@ def check_program(
     specs = [TensorSpec(n, (None, *s), d) for n, s, d in zip(names, shapes, np_dtypes, strict=True)]
     ref_runner = TorchRunner(reference, names, out_names, name="torch-fp32")
     runs: dict[str, Any] = {"ref": ref_runner.infer}
+    truth_runner = None
     if isinstance(tol, NoiseTolerance):  # the truth, and a second fp32 path for the noise floor
         truth_runner = TorchRunner(reference, names, out_names, name="torch-fp64", dtype="float64")
         runs["truth"] = truth_runner.infer
         runs["ref1"] = ref_runner.infer
     config = CheckConfig(inputs=inputs or InputConfig(), batch_sizes=(batch_size,))
     feed, _, _ = build_sized_inputs(  # fp32 twice, float64, the program: a check's cost
-        ref_runner, specs, config, (batch_size,), normalize, shapes, n_ort=0
+        ref_runner,
+        specs,
+        config,
+        (batch_size,),
+        normalize,
+        shapes,
+        n_ort=0,
+        truth_runner=truth_runner,
     )
 
     def run_program(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -254,12 +254,21 @@ def _prepare(
     names = ([s.name for s in in_specs], [s.name for s in out_specs])
     ref_runner = _reference_runner(reference, *names)
     asked = _batch_sizes(in_specs, config.batch_sizes)
+    gt_runner = _ground_truth_runner(reference, *names, config, skipped)
     inputs, batch_sizes, plan = build_sized_inputs(
-        ref_runner, in_specs, config, asked, normalize, input_shape, n_ort=len(ort_runners)
+        ref_runner,
+        in_specs,
+        config,
+        asked,
+        normalize,
+        input_shape,
+        n_ort=len(ort_runners),
+        truth_runner=gt_runner,
+        ort_runner=ort_runners[0] if ort_runners else None,
     )
     if config.save_inputs is not None:
         save_inputs(inputs, config.save_inputs)
-    gt_runner, torch_runners = _torch_runners(reference, folded, names, inputs, config, skipped)
+    torch_runners = _torch_runners(reference, folded, names, inputs, config, gt_runner, skipped)
     return PreparedCheck(
         config=config,
         reference=reference,
@@ -458,16 +467,16 @@ def _torch_runners(
     names: tuple[list[str], list[str]],
     inputs: ParityInputs,
     config: CheckConfig,
+    gt_runner: TorchRunner | None,
     skipped: list[dict[str, str]],
-) -> tuple[TorchRunner | None, list[TorchRunner]]:
-    """The float64 truth, and the PyTorch candidates: the truth itself with fixed tolerances (in
-    noise mode it sets the floor instead), and the folded model."""
-    gt_runner = _ground_truth_runner(reference, *names, config, skipped)
+) -> list[TorchRunner]:
+    """The PyTorch candidates: the float64 truth itself with fixed tolerances (in noise mode it
+    sets the floor instead), and the folded model."""
     noise_mode = config.tolerance_mode == "noise"
     candidates = [gt_runner] if gt_runner is not None and not noise_mode else []
     if config.folded:
         candidates += _folded_runner(reference, folded, *names, inputs, skipped)
-    return gt_runner, candidates
+    return candidates
 
 
 def _ground_truth_runner(
@@ -539,7 +548,8 @@ def _fold(reference: Any, example: tuple[Any, ...]) -> tuple[Any | None, str]:
     except ImportError as exc:
         return None, f"bnexport.fold is not available ({exc})"
     try:
-        result = fold_model(reference, example)
+        # No self-check: this runner is itself checked against the float64 truth.
+        result = fold_model(reference, example, verify=False)
     except Exception as exc:  # folding is not what is checked: any failure skips this runner
         raise_if_interrupted(exc)
         return None, f"the model cannot be folded: {type(exc).__name__}: {exc}"

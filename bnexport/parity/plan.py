@@ -1,9 +1,17 @@
 """How much a parity check feeds: sample counts and batch sizes sized to the model's cost.
 
-One forward of the fp32 reference is timed and the default check is sized to
-``DEFAULT_TIME_BUDGET_S``: random samples shrink (never below ``MIN_RANDOM_SAMPLES``) and a slow
-model drops the largest default batch size. What the user fixed (``--samples``, ``--inputs``,
-``--batch-sizes``) is fed as asked.
+The fp32 reference's forward and the float64 truth's are timed on a sample or two, and a default
+check is sized to ``DEFAULT_TIME_BUDGET_S`` of forwards, shedding in this order until it fits:
+
+1. everything: every edge case (and the bundled images), the random samples asked for, batch
+   sizes 1, 7 and 64;
+2. the largest default batch size goes, and random samples shrink, down to
+   ``MIN_RANDOM_SAMPLES``;
+3. the core check: the core edge cases (`CORE_EDGE_CASES`: all zeros, ±large with random
+   signs) and ``MIN_RANDOM_SAMPLES`` random samples, or one when even that does not fit.
+
+Each step is named in the report's notes with ``--samples N`` as the way back. What the user
+fixed (``--samples``, ``--inputs``, ``--batch-sizes``) is fed as asked.
 """
 
 from __future__ import annotations
@@ -11,24 +19,49 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from bnexport.errors import BnexportError, ParityInputError
-from bnexport.parity.inputs import InputConfig, ParityInputs, TensorSpec, build_inputs
-from bnexport.parity.runners import TorchRunner
+from bnexport.parity.inputs import (
+    CORE_EDGE_CASES,
+    InputConfig,
+    ParityInputs,
+    TensorSpec,
+    build_inputs,
+)
+from bnexport.parity.runners import Runner, TorchRunner
 
 if TYPE_CHECKING:
     from bnexport.parity.check import CheckConfig
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
-#: Seconds of model forwards a default check aims at (``plan_inputs``): the random sample count
-#: and the batch sizes shrink for a model whose single forward is expensive.
+#: Seconds of model forwards a default check aims at (`plan_inputs`): the samples and the batch
+#: sizes shrink for a model whose forward is expensive (resnet50 at 224×224 gets the core check).
 DEFAULT_TIME_BUDGET_S = 6.0
-#: Samples of the timed forward that sizes a default check (timed twice: the first warms up).
+#: Samples of the timed fp32 forward that sizes a default check (after a warm-up call on them).
 PROBE_SAMPLES = 2
-#: Fewest random samples a default check feeds (besides the edge cases), however slow the model.
+#: A probe call faster than this is mostly call overhead: the model is timed again on
+#: ``AMORTIZED_SAMPLES`` samples for its cost per sample in a batch.
+AMORTIZED_CALL_S = 0.01
+AMORTIZED_SAMPLES = 32
+#: The float64 truth's cost per sample as a multiple of fp32's, assumed for a model cheap enough
+#: that timing it would cost more than it saves (measured 1.5–5.2× on the real-model zoo).
+FLOAT64_COST_BOUND = 6.0
+#: Fewest random samples a default check feeds (steps 2 and 3 of the module docstring; one when
+#: even the core check does not fit).
 MIN_RANDOM_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What a default check feeds (`plan_inputs`)."""
+
+    random: int  # random samples
+    core_edge_cases_only: bool  # step 3: only `CORE_EDGE_CASES`
+    all_batch_sizes: bool  # step 1: everything fits with the default batch sizes
 
 
 def plan_inputs(
@@ -36,20 +69,28 @@ def plan_inputs(
     fixed_samples: int,
     *,
     random_count: int,
-    runs_per_sample: float,
+    core_samples: int | None = None,
     budget_s: float = DEFAULT_TIME_BUDGET_S,
-) -> tuple[int, bool]:
-    """``(random samples, cheap)`` for a model whose fp32 forward takes ``seconds_per_sample``.
+) -> InputPlan:
+    """What to feed a model whose check costs ``seconds_per_sample`` per sample fed (every run
+    summed: fp32 twice, float64, each candidate at each batch size).
 
-    A check costs about ``seconds_per_sample · runs_per_sample`` per sample fed (fp32, float64 ≈ 2,
-    folded, each onnxruntime level × batch size). The ``fixed_samples`` (edge cases, images) are
-    always fed; random samples fill the rest of ``budget_s``, between ``MIN_RANDOM_SAMPLES`` and
-    ``random_count``. ``cheap``: everything fits with the default batch sizes.
+    The ``fixed_samples`` (edge cases, images) are fed when they leave room for
+    ``MIN_RANDOM_SAMPLES`` random ones, and random samples fill the rest of ``budget_s``, up to
+    ``random_count``. Otherwise, when ``core_samples`` is given (the edge cases are the default
+    ones), the check is the core one: the ``core_samples`` and ``MIN_RANDOM_SAMPLES`` random
+    samples, or one if even that does not fit.
     """
-    per_sample = max(seconds_per_sample, 1e-9) * runs_per_sample
-    room = int(budget_s / per_sample) - fixed_samples
-    random = max(min(random_count, room), min(MIN_RANDOM_SAMPLES, random_count))
-    return random, (fixed_samples + random_count) * per_sample <= budget_s
+    per_sample = max(seconds_per_sample, 1e-9)
+    room = int(budget_s / per_sample)
+    all_fit = (fixed_samples + random_count) * per_sample <= budget_s
+    floor = min(MIN_RANDOM_SAMPLES, random_count)
+    if core_samples is not None and room < fixed_samples + floor:
+        # the core check: its edge cases and the random floor, or one sample if that is too much
+        random = floor if room >= core_samples + floor else min(1, random_count)
+        return InputPlan(random=random, core_edge_cases_only=True, all_batch_sizes=all_fit)
+    random = max(min(random_count, room - fixed_samples), floor)
+    return InputPlan(random=random, core_edge_cases_only=False, all_batch_sizes=all_fit)
 
 
 def build_sized_inputs(
@@ -61,10 +102,12 @@ def build_sized_inputs(
     input_shape: Any,
     *,
     n_ort: int,
+    truth_runner: TorchRunner | None = None,
+    ort_runner: Runner | None = None,
 ) -> tuple[ParityInputs, tuple[int, ...], list[str]]:
     """The inputs and batch sizes to run: the configured ones, or sized to the model's cost
-    (`plan_inputs`): a check runs fp32 twice, float64, one torch candidate and ``n_ort``
-    onnxruntime runners per batch size."""
+    (`plan_inputs`): a check runs fp32 twice, ``truth_runner`` (float64), one torch candidate
+    and ``n_ort`` onnxruntime runners (timed on ``ort_runner``) per batch size."""
     wanted = config.inputs.random_count if config.samples is None else config.samples
     inputs_cfg = replace(config.inputs, random_count=wanted)
     build = functools.partial(build_inputs, in_specs, normalize=normalize, input_shape=input_shape)
@@ -72,26 +115,55 @@ def build_sized_inputs(
     if as_asked and batch_sizes:
         return build(inputs_cfg), batch_sizes, []
     probe = build(_probe_config(inputs_cfg))
-    per_sample = _seconds_per_sample(ref_runner, probe)
+    fp32_s = _seconds_per_sample(ref_runner, probe, PROBE_SAMPLES)
+    # per sample at batch 1 and in a larger batch, for PyTorch and onnxruntime: a call this fast
+    # is mostly overhead, so the model is timed again in a batch, and onnxruntime (whose overhead
+    # is far smaller) on its own; a slower model costs about the same in both
+    batched_s = ort_s = ort_batched_s = fp32_s
+    if fp32_s * PROBE_SAMPLES < AMORTIZED_CALL_S:
+        batched_s = min(fp32_s, _seconds_per_sample(ref_runner, probe, AMORTIZED_SAMPLES))
+        if ort_runner is not None:
+            try:
+                ort_s = _seconds_per_sample(ort_runner, probe, PROBE_SAMPLES)
+                ort_batched_s = min(
+                    ort_s, _seconds_per_sample(ort_runner, probe, AMORTIZED_SAMPLES)
+                )
+            except ParityInputError:  # a failing session is a result: its own run reports it
+                ort_s = ort_batched_s = fp32_s
     fixed = _fixed_samples(inputs_cfg, probe, build)
     n_batches = len(batch_sizes or DEFAULT_BATCH_SIZES)
-    runs = 5.0 + n_ort * n_batches  # fp32 twice, float64 (≈ 2), folded; onnxruntime
-    random, cheap = plan_inputs(
-        per_sample, fixed, random_count=wanted, runs_per_sample=runs, budget_s=config.time_budget_s
+    # PyTorch: an fp32 noise draw at batch 1, fp32 and the torch candidate batched; each
+    # onnxruntime runner at batch 1 and at the other batch sizes
+    per_sample = fp32_s + 2 * batched_s + n_ort * (ort_s + (n_batches - 1) * ort_batched_s)
+    fp64_s = 0.0 if truth_runner is None else batched_s * FLOAT64_COST_BOUND
+    if truth_runner is not None and (fixed + wanted) * (per_sample + fp64_s) > config.time_budget_s:
+        fp64_s = _seconds_per_sample(truth_runner, probe, 1, warm=False)  # it may matter: time it
+    per_sample += fp64_s
+    core = None
+    if inputs_cfg.edge_cases and not as_asked:
+        core = _fixed_samples(replace(inputs_cfg, core_edge_cases_only=True), probe, build)
+    plan = plan_inputs(
+        per_sample, fixed, random_count=wanted, core_samples=core, budget_s=config.time_budget_s
     )
-    notes: list[str] = []
-    if as_asked:
-        random = wanted
-    elif random < wanted:
-        notes.append(
-            f"{random} of {wanted} random samples (a forward takes {per_sample * 1e3:.0f} ms; "
-            f"{config.time_budget_s:g} s budget; --samples N overrides)"
-        )
+    random = wanted if as_asked else plan.random
     if batch_sizes is None:
-        batch_sizes = DEFAULT_BATCH_SIZES if cheap else DEFAULT_BATCH_SIZES[:2]
+        batch_sizes = DEFAULT_BATCH_SIZES if plan.all_batch_sizes else DEFAULT_BATCH_SIZES[:2]
     if inputs_cfg.inputs_file is not None:
-        return probe, batch_sizes, notes
-    return build(replace(inputs_cfg, random_count=random)), batch_sizes, notes
+        return probe, batch_sizes, []
+    inputs_cfg = replace(
+        inputs_cfg, random_count=random, core_edge_cases_only=plan.core_edge_cases_only
+    )
+    notes = []
+    if random < wanted or plan.core_edge_cases_only:
+        shed = f"{random} of {wanted} random samples"
+        if plan.core_edge_cases_only:
+            n_edge = fixed - (core or 0) + len(CORE_EDGE_CASES)
+            shed += f", {len(CORE_EDGE_CASES)} of {n_edge} edge cases"
+        notes.append(
+            f"{shed} (a forward takes {fp32_s * 1e3:.0f} ms; {config.time_budget_s:g} s budget; "
+            "--samples N overrides)"
+        )
+    return build(inputs_cfg), batch_sizes, notes
 
 
 def _probe_config(config: InputConfig) -> InputConfig:
@@ -103,24 +175,34 @@ def _probe_config(config: InputConfig) -> InputConfig:
     )
 
 
-def _seconds_per_sample(ref_runner: TorchRunner, probe: ParityInputs) -> float:
-    """The reference's forward time per sample over ``PROBE_SAMPLES`` samples of `probe`."""
-    one = {k: v[:PROBE_SAMPLES] for k, v in probe.arrays().items()}
-    n_probe = next(iter(one.values())).shape[0]
-    timings = []
-    for _ in range(2):  # the first call warms up
+def _seconds_per_sample(
+    runner: Runner, probe: ParityInputs, samples: int, *, warm: bool = True
+) -> float:
+    """``runner``'s forward time per sample on ``samples`` samples of `probe`, after a warm-up
+    call on them unless ``warm`` is False (the float64 truth: one call is all it can spare);
+    the fastest of three calls when one is shorter than ``AMORTIZED_CALL_S``."""
+    arrays = probe.arrays()
+    have = next(iter(arrays.values())).shape[0]
+    n = samples if have else 0
+    feed = {k: np.resize(v, (n, *v.shape[1:])) for k, v in arrays.items()}  # repeats samples
+    timings: list[float] = []
+    while True:
         t0 = time.perf_counter()
         try:
-            ref_runner.infer(one)
+            runner.infer(feed)
         except BnexportError:
             raise
         except Exception as exc:
             raise ParityInputError(
-                f"the PyTorch reference fails on the inputs: {type(exc).__name__}: "
-                f"{' '.join(str(exc).split())}"
+                f"{runner.name} fails on the inputs: "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             ) from None
         timings.append(time.perf_counter() - t0)
-    return timings[-1] / max(n_probe, 1)
+        timed = timings[1:] if warm else timings
+        # one timed call; the fastest of three when a call is so short that a hiccup of the
+        # machine would dominate it
+        if timed and (min(timed) >= AMORTIZED_CALL_S or len(timed) >= 3 or not warm):
+            return min(timed) / max(n, 1)
 
 
 def _fixed_samples(
@@ -129,6 +211,7 @@ def _fixed_samples(
     """How many samples are fed whatever the budget: edge cases, images, or the given file."""
     if config.inputs_file is not None:
         return probe.size
-    if config.edge_cases or config.bundled is not False or config.data_dir:
+    try:
         return build(replace(config, random_count=0)).size
-    return 0  # random samples only
+    except ParityInputError:  # random samples only (a bad --data fails the real build too)
+        return 0
