@@ -21,6 +21,7 @@ import numpy as np
 from bnexport.parity.tolerance import (
     NoiseTolerance,
     Tolerance,
+    gated_candidate,
     relative_error,
     sample_scale,
 )
@@ -185,6 +186,7 @@ def compare_output(
     noise: float | None = None,
     precision: float = 1.0,
     locate: Any = None,
+    ungated: np.ndarray | None = None,
 ) -> OutputComparison:
     """Compare ``candidate`` with ``truth`` and ``reference`` (same shape; first axis = samples).
 
@@ -194,6 +196,8 @@ def compare_output(
     ``ρ``. With a :class:`Tolerance`: element-wise against the
     reference (``E``/``N`` still reported when a truth is given).
     ``locate(sample) -> (input_set, index_in_set)`` names where the worst sample came from.
+    ``ungated``: samples left out of ``E`` (ill-conditioned edge cases; `noise_floor`), where
+    only a NaN/Inf the truth does not have counts.
     Smallest passing tolerances, per element with ``e = |a − r|`` and ``s`` the sample's
     ``max(1, max|ref|)``: ``min_atol_scale = max((e − rtol·|r|)⁺ / s)``,
     ``min_rtol = max((e − atol)⁺ / |r|)`` (inf where the reference is 0 and ``e > atol``).
@@ -260,7 +264,7 @@ def compare_output(
         if tru.shape != ref.shape:
             raise ValueError(f"output {name!r}: truth shape {tru.shape} vs {ref.shape}")
         eps = _eps(candidate)
-        e = relative_error(cand, tru)
+        e = relative_error(gated_candidate(cand, tru, ungated), tru)
         error = e.value
         noise = relative_error(ref, tru).value if noise is None else noise
         rule = tolerance if isinstance(tolerance, NoiseTolerance) else NoiseTolerance()

@@ -27,6 +27,10 @@ EDGE_LARGE = 1.0e4  # "large" edge-case magnitude, in the model's input units
 #: The edge cases a check keeps when the model is too slow for all of them (`bnexport.parity.plan`):
 #: all zeros (what the biases alone give) and ±EDGE_LARGE with random signs (far from the data).
 CORE_EDGE_CASES = ("zeros", "large±")
+#: The names of every edge-case set (`edge_case_inputs`): constant or ±huge inputs, far from data.
+EDGE_CASE_SETS = frozenset(
+    {"zeros", "ones", "minus-ones", "black", "gray", "white", "large+", "large-", "large±"}
+)
 INT_INPUT_HIGH = 10  # generated integer inputs (and the CLI's example inputs) lie in [0, this)
 IMAGE_SHAPE = (1, 28, 28)  # the shape the bundled images and IDX files fit
 META_SETS = "__sets__"
@@ -120,6 +124,12 @@ class ParityInputs:
                 return s.name, sample - start
             start += s.size
         raise IndexError(f"sample {sample} out of range ({self.size} samples)")
+
+    def edge_case_mask(self) -> np.ndarray:
+        """Per sample fed: True for an edge case (`EDGE_CASE_SETS`), False for data-like ones."""
+        return np.concatenate(
+            [np.full(s.size, s.name in EDGE_CASE_SETS) for s in self.sets] or [np.zeros(0, bool)]
+        )
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Consecutive chunks of ``batch_size`` samples (the last may be shorter)."""

@@ -50,6 +50,8 @@ def test_correct_export_passes_and_writes_reports(
         checkpoint,
         "--providers",
         "cpu",
+        "--batch-sizes",  # the default adapts to the machine's speed at the time
+        "1,7,64",
         "--json",
         j,
         "--junit",

@@ -152,13 +152,13 @@ def test_ctrl_c_inside_torch_export_is_an_interrupt(monkeypatch, net_pt, tmp_pat
 def test_ctrl_c_after_the_onnx_file_is_written_removes_it(
     monkeypatch, net_pt: Path, tmp_path: Path
 ) -> None:
-    """The file is in place but not yet hashed nor checked: an interrupt leaves nothing."""
-    import bnexport.export
+    """The file is in place but not yet reported nor checked: an interrupt leaves nothing."""
+    import bnexport.cli.onnx
 
-    def interrupted(path):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bnexport.export, "sha256_file", interrupted)
+    monkeypatch.setattr(bnexport.cli.onnx, "render_export", interrupted)
     out = tmp_path / "net.onnx"
     result = runner.invoke(app, ["onnx", str(net_pt), "-o", str(out), "--no-check"])
     assert result.exit_code == 130, result.output

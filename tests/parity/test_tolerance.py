@@ -12,9 +12,12 @@ from bnexport.parity.tolerance import (
     DEFAULT_TOLERANCES,
     NoiseTolerance,
     Tolerance,
+    gated_candidate,
+    noise_floor,
     parse_tolerance_overrides,
     relative_error,
     resolve_tolerances,
+    sample_errors,
 )
 
 
@@ -128,3 +131,53 @@ def test_fixed_rule_boundary_equal_passes_next_float_fails() -> None:
     ref = np.array([[2.0, 1.0]])  # allowed: 0.25 · max(1, 2) = 0.5, exact in binary
     assert tol.passes(np.array([[2.5, 1.0]]), ref).all()
     assert not tol.passes(np.array([[np.nextafter(2.5, 3.0), 1.0]]), ref)[0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ill-conditioned edge cases (noise_floor, gated_candidate)
+
+
+def _outputs(errors: list[float], scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """A truth of ``len(errors)`` samples × 3 values (max |t| = scale) and a draw off by
+    ``errors[i] · scale`` in sample i's first value."""
+    truth = np.tile(np.array([scale, -1.0, 0.5]), (len(errors), 1))
+    draw = truth.copy()
+    draw[:, 0] += np.asarray(errors) * scale
+    return draw, truth
+
+
+def test_sample_errors_are_each_samples_relative_error() -> None:
+    draw, truth = _outputs([1e-6, 3e-5, 0.0])
+    np.testing.assert_allclose(sample_errors(draw, truth), [1e-6, 3e-5, 0.0], rtol=1e-9)
+
+
+def test_an_edge_case_far_worse_than_the_data_is_left_out_of_the_floor() -> None:
+    # samples: 2 data-like (worst 2e-6), then edge cases at 10× (kept, the boundary) and 11×
+    draw, truth = _outputs([1e-6, 2e-6, 2e-5, 2.2e-5])
+    edge = np.array([False, False, True, True])
+    noise, ungated = noise_floor([draw], truth, edge)
+    assert ungated.tolist() == [False, False, False, True]
+    assert noise == pytest.approx(2e-5)  # the worst gated sample
+
+
+def test_the_worst_draw_counts_per_sample() -> None:
+    a, truth = _outputs([1e-6, 1e-6])
+    b, _ = _outputs([3e-6, 1e-5])
+    noise, ungated = noise_floor([a, b], truth, np.array([False, True]))
+    assert noise == pytest.approx(1e-5) and not ungated.any()  # 1e-5 ≤ 10 × 3e-6
+
+
+def test_without_data_like_samples_nothing_is_left_out() -> None:
+    draw, truth = _outputs([1e-6, 1e-3])
+    noise, ungated = noise_floor([draw], truth, np.array([True, True]))
+    assert noise == pytest.approx(1e-3) and not ungated.any()
+    noise, ungated = noise_floor([draw], truth, None)
+    assert noise == pytest.approx(1e-3) and not ungated.any()
+
+
+def test_a_left_out_sample_counts_for_nothing_but_a_nan_there_still_fails() -> None:
+    cand, truth = _outputs([1e-6, 0.5])
+    ungated = np.array([False, True])
+    assert relative_error(gated_candidate(cand, truth, ungated), truth).value == pytest.approx(1e-6)
+    cand[1, 2] = np.nan
+    assert relative_error(gated_candidate(cand, truth, ungated), truth).value == np.inf
