@@ -108,10 +108,9 @@ def _baseline(
 def _ungated_note(output: str, ungated: np.ndarray, inputs: ParityInputs) -> str:
     """Which edge cases an output's precision verdict leaves out, and why."""
     names = sorted({inputs.locate(int(i))[0] for i in np.flatnonzero(ungated)})
-    return (
-        f"edge case(s) {', '.join(names)}: ill-conditioned in float32 (fp32 errs over "
-        f"{ILL_CONDITIONED_RATIO:g}× its error on data-like samples); output {output!r} checks "
-        "them for NaN/Inf only"
+    return (  # fits 100 columns after "note: " for short names
+        f"edge cases {', '.join(names)}: ill-conditioned (fp32 error >{ILL_CONDITIONED_RATIO:g}× "
+        f"the data's); {output!r}: NaN/Inf only"
     )
 
 
