@@ -1,7 +1,8 @@
 """How much a parity check feeds: sample counts and batch sizes sized to the model's cost.
 
-The fp32 reference's forward and the float64 truth's are timed on a sample or two, and a default
-check is sized to ``DEFAULT_TIME_BUDGET_S`` of forwards, shedding in this order until it fits:
+The fp32 reference's forward is timed on a few samples (onnxruntime's too, and in a batch, when
+call overhead dominates), the float64 truth's on one when it could matter, and a default check is
+sized to ``DEFAULT_TIME_BUDGET_S`` of forwards, shedding in this order until it fits:
 
 1. everything: every edge case (and the bundled images), the random samples asked for, batch
    sizes 1, 7 and 64;
