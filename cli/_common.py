@@ -333,8 +333,9 @@ SamplesOpt = Annotated[
         "--samples",
         "--random",
         min=0,
-        help="Seeded random samples to feed (besides edge cases). Default: 64, fewer for a model "
-        "whose forward is slow (the check is sized to a few seconds).",
+        help="Seeded random samples to feed, with every edge case. Default: 64, fewer for a "
+        "model whose forward is slow (the check is sized to a few seconds; the slowest get 2 "
+        "with only the zeros and ±large edge cases, and a note says so).",
         show_default=False,
     ),
 ]
