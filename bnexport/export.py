@@ -468,8 +468,9 @@ def check_program(
     got: dict[str, dict[str, np.ndarray]] = {}
     for key, run in runs.items():
         got[key] = _run_batches(run, feed, 1 if key == "ref1" else batch_size, key, names[0])
+    edge = feed.edge_case_mask()
     floors = {  # `bnexport check`'s noise floor, ill-conditioned edge cases left out
-        n: noise_floor([got[k][n] for k in ("ref", "ref1")], got["truth"][n], feed.edge_case_mask())
+        n: noise_floor([got[k][n] for k in ("ref", "ref1")], got["truth"][n], edge)
         for n in out_names
         if "truth" in got
     }

@@ -131,7 +131,7 @@ def build_sized_inputs(
                 )
             except ParityInputError:  # a failing session is a result: its own run reports it
                 ort_s = ort_batched_s = fp32_s
-    fixed = _fixed_samples(inputs_cfg, probe, build)
+    fixed, n_edge = _fixed_samples(inputs_cfg, probe, build)
     n_batches = len(batch_sizes or DEFAULT_BATCH_SIZES)
     # PyTorch: an fp32 noise draw at batch 1, fp32 and the torch candidate batched; each
     # onnxruntime runner at batch 1 and at the other batch sizes
@@ -140,9 +140,9 @@ def build_sized_inputs(
     if truth_runner is not None and (fixed + wanted) * (per_sample + fp64_s) > config.time_budget_s:
         fp64_s = _seconds_per_sample(truth_runner, probe, 1, warm=False)  # it may matter: time it
     per_sample += fp64_s
-    core = None
-    if inputs_cfg.edge_cases and not as_asked:
-        core = _fixed_samples(replace(inputs_cfg, core_edge_cases_only=True), probe, build)
+    core = None  # the fixed samples of the core check (the default edge cases only)
+    if n_edge and not as_asked:
+        core = fixed - n_edge + len(CORE_EDGE_CASES)
     plan = plan_inputs(
         per_sample, fixed, random_count=wanted, core_samples=core, budget_s=config.time_budget_s
     )
@@ -158,7 +158,6 @@ def build_sized_inputs(
     if random < wanted or plan.core_edge_cases_only:
         shed = f"random samples {random} of {wanted}"
         if plan.core_edge_cases_only:
-            n_edge = fixed - (core or 0) + len(CORE_EDGE_CASES)
             shed += f", edge cases {len(CORE_EDGE_CASES)} of {n_edge}"
         notes.append(  # fits 100 columns after "note: "
             f"{shed} (forward {fp32_s * 1e3:.0f} ms, budget {config.time_budget_s:g} s; "
@@ -209,11 +208,13 @@ def _seconds_per_sample(
 
 def _fixed_samples(
     config: InputConfig, probe: ParityInputs, build: Callable[[InputConfig], ParityInputs]
-) -> int:
-    """How many samples are fed whatever the budget: edge cases, images, or the given file."""
+) -> tuple[int, int]:
+    """``(samples fed whatever the budget, how many of them are edge cases)``: edge cases,
+    images, or the given file."""
     if config.inputs_file is not None:
-        return probe.size
+        return probe.size, 0
     try:
-        return build(replace(config, random_count=0)).size
+        fixed = build(replace(config, random_count=0))
     except ParityInputError:  # random samples only (a bad --data fails the real build too)
-        return 0
+        return 0, 0
+    return fixed.size, int(fixed.edge_case_mask().sum())
