@@ -152,16 +152,14 @@ def run_float64(
             return t
         return float64_copy(t, memo)
 
+    overrides = overrides or {}
     state = {
-        name: as64(name, t)
+        name: overrides[name].double() if name in overrides else as64(name, t)
         for name, t in [
             *module.named_parameters(remove_duplicate=False),
             *module.named_buffers(remove_duplicate=False),
         ]
     }
-    for name, value in (overrides or {}).items():
-        if name in state:
-            state[name] = value.double()
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

@@ -497,9 +497,10 @@ class FoldContext:
         folded, else float64 copies of its parameters."""
         layer: Any = self.module(node)
         path = str(node.target)
+        weight, bias = self.exact.get(f"{path}.weight"), self.exact.get(f"{path}.bias")
         return (
-            self.exact.get(f"{path}.weight", self._f64(layer.weight)),
-            self.exact.get(f"{path}.bias", self._f64(layer.bias)),
+            self._f64(layer.weight) if weight is None else weight,
+            self._f64(layer.bias) if bias is None else bias,
         )
 
     def _f64(self, t: torch.Tensor | None) -> Any:

@@ -266,7 +266,8 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
     info = torch.finfo(dtype)
     out = v.to(dtype)  # one pass; the checks below read the (smaller) result
     magnitude = out.abs()
-    peak = float(magnitude.amax()) if out.numel() else 0.0  # a NaN propagates through amax
+    # One more read gives both bounds (a NaN propagates through aminmax).
+    low, peak = (float(b) for b in torch.aminmax(magnitude)) if out.numel() else (1.0, 0.0)
     if not math.isfinite(peak):
         if not bool(torch.isfinite(v).all()):
             raise FoldError(
@@ -281,7 +282,7 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
             "after folding), or keep this layer in float32"
         )
     flushed = 0
-    if bool((magnitude < info.tiny).any()):  # zeros, or subnormals to flush
+    if low < info.tiny:  # zeros, or subnormals to flush
         tiny = (magnitude < info.tiny) & (out != 0)
         flushed = int(tiny.sum())
         out = out.masked_fill(tiny, 0)

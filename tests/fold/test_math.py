@@ -219,6 +219,16 @@ def test_cast_checked_flushes_and_counts_subnormals(dtype: torch.dtype) -> None:
     assert out.tensor[2] != 0
 
 
+def test_cast_checked_keeps_the_smallest_normal_and_takes_empty_tensors() -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    values = torch.tensor([tiny, -tiny], dtype=F64)
+    out = fm.cast_checked(values, torch.float32, layer="l", what="w")
+    assert out.subnormals_flushed == 0
+    assert out.tensor.tolist() == [tiny, -tiny]
+    empty = fm.cast_checked(torch.empty(0, 3, dtype=F64), torch.float32, layer="l", what="w")
+    assert empty.tensor.shape == (0, 3) and empty.subnormals_flushed == 0
+
+
 def test_max_relative_change_is_max_scale_deviation() -> None:
     w = torch.tensor([[1.0, -2.0], [0.0, 4.0]])
     new = torch.tensor([[1.5, -3.0], [0.0, 1.0]])
