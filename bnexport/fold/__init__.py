@@ -1,9 +1,10 @@
 """Fold BatchNorm — with temperature and any constant scale/shift chain after it — into the adjacent
 Conv/ConvTranspose/Linear layer of any traceable PyTorch model, and report every BatchNorm.
 
-``fold_model(model, example_inputs)`` deep-copies the model, traces it with torch.fx, propagates
-shapes with the example inputs, applies the patterns of `bnexport.fold.patterns` by rewriting
-*nodes* (a shared module is never mutated), checks the fold (:func:`self_check`), and returns
+``fold_model(model, example_inputs)`` copies the model (its modules; the Parameters it keeps are
+copied at the end, the folded ones are new), traces it with torch.fx, propagates shapes with the
+example inputs, applies the patterns of `bnexport.fold.patterns` by rewriting *nodes* (a shared
+module is never mutated), checks the fold (:func:`self_check`), and returns
 ``FoldResult(module, report)``. Math: `bnexport.fold.math`.
 
 **Self-check.** Folding is exact algebra, so the folded graph, run in float64 with the fold's own
@@ -367,7 +368,10 @@ def fold_model(
         raise FoldError(f"fold_model needs a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     was_training = any(m.training for m in model.modules())
-    work = copy.deepcopy(model).eval()
+    # The copy shares the model's Parameters while folding (nothing writes to them, and most are
+    # replaced); the result gets its own copies of those it keeps (`_own_parameters`).
+    originals = {id(p): p for p in model.parameters()}
+    work = copy.deepcopy(model, dict(originals)).eval()
     fold = _fold_copy(work, inputs, leaf_modules)
     gm, entries, chains, removed = fold.gm, fold.entries, fold.chains, fold.removed
     report = FoldReport(entries=entries, chains=chains)
@@ -393,4 +397,15 @@ def fold_model(
     if strict and report.left:
         listed = "; ".join(f"{e.bn}: {e.reason}" for e in report.left)
         raise FoldError(f"{len(report.left)} BatchNorm(s) could not be folded: {listed}")
+    _own_parameters(gm, originals)
     return FoldResult(gm, report)
+
+
+def _own_parameters(module: nn.Module, originals: Mapping[int, nn.Parameter]) -> None:
+    """Replace every Parameter of ``module`` that is one of ``originals`` (the input model's) by a
+    deep copy, once per Parameter (tied parameters stay tied)."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in originals:
+                m._parameters[name] = copy.deepcopy(p, memo)

@@ -458,6 +458,38 @@ def test_train_mode_model_folds_with_eval_semantics_and_is_not_modified() -> Non
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
 
 
+class TiedHead(nn.Module):
+    """A folded conv, and a Linear head whose weight is tied to a second one (kept as it is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, bias=False)
+        self.bn = randomize_bn(nn.BatchNorm2d(3))
+        self.head = nn.Linear(12, 4)
+        self.head2 = nn.Linear(12, 4)
+        self.head2.weight = self.head.weight
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)).flatten(1)
+        return self.head(y) + self.head2(y)
+
+
+def test_folded_module_owns_its_parameters_and_keeps_them_tied() -> None:
+    model = TiedHead().eval()
+    result = fold_model(model, torch.randn(2, 2, 4, 4))
+    mine = {id(p) for p in model.parameters()}
+    kept = dict(result.module.named_parameters(remove_duplicate=False))
+    assert not mine & {id(p) for p in kept.values()}
+    assert kept["head.weight"] is kept["head2.weight"]
+    assert torch.equal(kept["head.weight"], model.head.weight)
+    before = model.head.weight.detach().clone()
+    with torch.no_grad():
+        kept["head.bias"].add_(1.0)
+        kept["head.weight"].mul_(2.0)
+    assert torch.equal(model.head.weight, before)
+    assert not torch.equal(model.head.bias, kept["head.bias"])
+
+
 class WithWeightNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()
