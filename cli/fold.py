@@ -189,32 +189,52 @@ def _entry_row(e: Any) -> list[str]:
     return [escape(c) for c in [*cells, "; ".join(why) or "-"]]
 
 
-def _grouped_rows(folded: list[Any]) -> list[list[str]]:
-    """One row per (type, layer type, direction, chain) group of plain folds; a fold with notes
-    (shared layer, chain stop, subnormals) keeps its own row."""
-    groups: dict[tuple[str, ...], list[Any]] = {}
-    rows = []
-    for e in folded:
+def _group_label(entries: list[Any]) -> str:
+    """``32 × BatchNorm2d:`` and the first and last module paths, a line each."""
+    return f"{len(entries)} × {entries[0].bn_type}:\n{entries[0].bn} …\n{entries[-1].bn}"
+
+
+def _grouped_rows(report: Any) -> tuple[list[list[str]], list[str]]:
+    """Rows for a long report: one per (type, layer type, direction, chain) group of plain folds
+    and one per (type, reason code, chain) group of left BatchNorms; an entry with notes (shared
+    layer, chain stop, subnormals) keeps its own row. Also returns a line per group of left
+    BatchNorms: the reason code's meaning and its first entry's full reason."""
+    from bnexport.fold.report import REASONS
+
+    rows: list[list[str]] = []
+    folded: dict[tuple[Any, ...], list[Any]] = {}
+    left: dict[tuple[Any, ...], list[Any]] = {}
+    for e in report.entries:
         if e.notes or e.chain_stop or e.subnormals_flushed or e.new_module:
             rows.append(_entry_row(e))
-            continue
-        groups.setdefault((e.bn_type, e.layer_type, e.direction, e.chain), []).append(e)
-    for (bn_type, layer_type, direction, chain), entries in groups.items():
+        elif e.status == "folded":
+            folded.setdefault((e.bn_type, e.layer_type, e.direction, e.chain), []).append(e)
+        else:
+            left.setdefault((e.bn_type, e.reason_code, e.chain), []).append(e)
+    for (_, layer_type, direction, chain), entries in folded.items():
         change = max(e.max_rel_weight_change or 0.0 for e in entries)
-        first = entries[0].bn if len(entries) == 1 else f"{entries[0].bn} … {entries[-1].bn}"
-        what = f"{len(entries)} × {bn_type}: {first}"
-        cells = [what, "folded", f"{layer_type}, {direction}", chain, f"≤ {change:.3g}", "-"]
+        cells = [_group_label(entries), "folded", f"{layer_type}, {direction}", chain]
+        rows.append([escape(c) for c in [*cells, f"≤ {change:.3g}", "-"]])
+    examples = []
+    for (_, code, chain), entries in left.items():
+        if len(entries) == 1:
+            rows.append(_entry_row(entries[0]))
+            continue
+        cells = [_group_label(entries), "left", "-", chain or "-", "-", str(code)]
         rows.append([escape(c) for c in cells])
-    return rows
+        meaning = f" ({REASONS[code]})" if code in REASONS else ""
+        examples.append(f"{code}{meaning}, e.g. {entries[0].bn}: {entries[0].reason}")
+    return rows, examples
 
 
 def render_fold_report(out: Console, report: Any) -> None:
-    """The fold report as a table: a row per BatchNorm folded (grouped when there are many) or
-    left (always with its reason), then the scale/shift chains folded without a BatchNorm."""
+    """The fold report as a table: a row per BatchNorm folded or left (always with its reason),
+    grouped when there are many, then the scale/shift chains folded without a BatchNorm."""
+    examples: list[str] = []
     if len(report.entries) <= FULL_REPORT_ROWS:
         rows = [_entry_row(e) for e in report.entries]
     else:
-        rows = _grouped_rows(report.folded) + [_entry_row(e) for e in report.left]
+        rows, examples = _grouped_rows(report)
     n = len(report.entries)
     title = (
         f"Fold report: {len(report.folded)} folded, {len(report.left)} left "
@@ -223,11 +243,11 @@ def render_fold_report(out: Console, report: Any) -> None:
     if n > FULL_REPORT_ROWS:
         title += "; --report-json lists each"
     if rows:
-        out.print(
-            table(title, ["BN", "status", "into", "chain", "max rel weight change", "reason"], rows)
-        )
+        out.print(table(title, ["BN", "status", "into", "chain", "max |ΔW|/|W|", "reason"], rows))
     else:
         out.print(f"{title}: nothing to fold", markup=False)
+    for example in examples:
+        out.print(f"  left: {example}", markup=False, highlight=False)
     for c in report.chains:
         out.print(f"Scale/shift chain: {c}", markup=False, highlight=False)
     v = report.verification

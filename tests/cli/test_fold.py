@@ -4,6 +4,7 @@ reference, the fold report, `--model`, `--strict`, and bad input (exit 2, one li
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,43 @@ def test_missing_keys_exit_2_and_leave_no_file(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "missing keys: bn1.bn.running_var" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
+
+
+def test_a_long_fold_report_groups_folded_and_left_batchnorms_in_100_columns() -> None:
+    import io
+
+    from rich.console import Console
+    from torch import nn
+
+    from bnexport.cli.fold import render_fold_report
+    from bnexport.fold import fold_model
+
+    layers: list[nn.Module] = []
+    for _ in range(14):  # paths 0…27: conv, bn
+        layers += [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)]
+    for _ in range(4):  # paths 28…35: relu, bn
+        layers += [nn.ReLU(), nn.BatchNorm2d(4)]
+    model = nn.Sequential(*layers, nn.ReLU()).eval()
+    report = fold_model(model, torch.randn(2, 4, 6, 6)).report
+    codes = [e.reason_code for e in report.left]
+    # The first left BN follows conv → BN → ReLU; the other three have no layer near them at all.
+    assert len(report.folded) == 14
+    assert codes[0] != codes[1] and codes[1:] == [codes[1]] * 3
+
+    buffer = io.StringIO()
+    render_fold_report(Console(file=buffer, width=100), report)
+    lines = buffer.getvalue().splitlines()
+    text = "\n".join(lines)
+    flat = " ".join(text.split())
+    assert lines[0].rstrip() == (
+        "Fold report: 14 folded, 4 left (of 18 BatchNorms); --report-json lists each"
+    )
+    # A group's first cell is its count and type, then its first and last paths, a line each.
+    assert re.search(r"14 × BatchNorm2d: folded Conv2d, after BatchNorm2d ≤ \S+ - 1 … 27 ", flat)
+    assert re.search(rf"3 × BatchNorm2d: left - BatchNorm2d - {codes[1]} 31 … 35 ", flat)
+    single, grouped = report.left[0], report.left[1]
+    assert " ".join(single.reason.split()) in flat  # a left BN on its own row has its full reason
+    assert f"left: {codes[1]} (" in flat
+    assert " ".join(f"e.g. {grouped.bn}: {grouped.reason}".split()) in flat
+    assert all(len(line) <= 100 for line in lines), text
+    assert len(lines) <= 20, text
