@@ -197,8 +197,8 @@ def _group_label(entries: list[Any]) -> str:
 def _grouped_rows(report: Any) -> tuple[list[list[str]], list[str]]:
     """Rows for a long report: one per (type, layer type, direction, chain) group of plain folds
     and one per (type, reason code, chain) group of left BatchNorms; an entry with notes (shared
-    layer, chain stop, subnormals) keeps its own row. Also returns a line per group of left
-    BatchNorms: the reason code's meaning and its first entry's full reason."""
+    layer, chain stop, subnormals) or alone in its group keeps its own row. Also returns a line
+    per group of left BatchNorms: the reason code's meaning and its first entry's full reason."""
     from bnexport.fold.report import REASONS
 
     rows: list[list[str]] = []
@@ -212,6 +212,9 @@ def _grouped_rows(report: Any) -> tuple[list[list[str]], list[str]]:
         else:
             left.setdefault((e.bn_type, e.reason_code, e.chain), []).append(e)
     for (_, layer_type, direction, chain), entries in folded.items():
+        if len(entries) == 1:
+            rows.append(_entry_row(entries[0]))
+            continue
         change = max(e.max_rel_weight_change or 0.0 for e in entries)
         cells = [_group_label(entries), "folded", f"{layer_type}, {direction}", chain]
         rows.append([escape(c) for c in [*cells, f"≤ {change:.3g}", "-"]])

@@ -188,13 +188,14 @@ def test_a_long_fold_report_groups_folded_and_left_batchnorms_in_100_columns() -
     layers: list[nn.Module] = []
     for _ in range(14):  # paths 0…27: conv, bn
         layers += [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)]
-    for _ in range(4):  # paths 28…35: relu, bn
+    layers += [nn.ConvTranspose2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)]  # 28, 29: a group of 1
+    for _ in range(4):  # paths 30…37: relu, bn
         layers += [nn.ReLU(), nn.BatchNorm2d(4)]
     model = nn.Sequential(*layers, nn.ReLU()).eval()
     report = fold_model(model, torch.randn(2, 4, 6, 6)).report
     codes = [e.reason_code for e in report.left]
     # The first left BN follows conv → BN → ReLU; the other three have no layer near them at all.
-    assert len(report.folded) == 14
+    assert len(report.folded) == 15
     assert codes[0] != codes[1] and codes[1:] == [codes[1]] * 3
 
     buffer = io.StringIO()
@@ -203,11 +204,12 @@ def test_a_long_fold_report_groups_folded_and_left_batchnorms_in_100_columns() -
     text = "\n".join(lines)
     flat = " ".join(text.split())
     assert lines[0].rstrip() == (
-        "Fold report: 14 folded, 4 left (of 18 BatchNorms); --report-json lists each"
+        "Fold report: 15 folded, 4 left (of 19 BatchNorms); --report-json lists each"
     )
     # A group's first cell is its count and type, then its first and last paths, a line each.
     assert re.search(r"14 × BatchNorm2d: folded Conv2d, after BatchNorm2d ≤ \S+ - 1 … 27 ", flat)
-    assert re.search(rf"3 × BatchNorm2d: left - BatchNorm2d - {codes[1]} 31 … 35 ", flat)
+    assert re.search(rf"3 × BatchNorm2d: left - BatchNorm2d - {codes[1]} 33 … 37 ", flat)
+    assert "29 (BatchNorm2d) folded 28 (ConvTranspose2d," in flat  # alone in its group: own row
     single, grouped = report.left[0], report.left[1]
     assert " ".join(single.reason.split()) in flat  # a left BN on its own row has its full reason
     assert f"left: {codes[1]} (" in flat
