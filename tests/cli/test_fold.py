@@ -215,4 +215,4 @@ def test_a_long_fold_report_groups_folded_and_left_batchnorms_in_100_columns() -
     assert f"left: {codes[1]} (" in flat
     assert " ".join(f"e.g. {grouped.bn}: {grouped.reason}".split()) in flat
     assert all(len(line) <= 100 for line in lines), text
-    assert len(lines) <= 20, text
+    assert len(lines) <= 24, text  # a row per BatchNorm would take over 35
