@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from bnexport import __version__
-from bnexport.cli import _common
+from bnexport.cli import errors
 
 
 class _Group(TyperGroup):
@@ -31,7 +31,7 @@ class _Group(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        _common.State.interrupt_reported = False
+        errors.State.interrupt_reported = False
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
@@ -39,14 +39,14 @@ class _Group(TyperGroup):
         except typer.TyperException as exc:  # Click's errors (Typer vendors Click)
             if type(exc).__name__ != "NoArgsIsHelpError":  # else Typer printed the help already
                 typer.echo(f"bnexport: error: {usage_error_line(exc)}", err=True)
-            sys.exit(getattr(exc, "exit_code", _common.EXIT_ERROR))
+            sys.exit(getattr(exc, "exit_code", errors.EXIT_ERROR))
         except typer.Abort as exc:  # Click turns Ctrl-C during parsing into Abort
             if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
-                raise _common.interrupted() from None
+                raise errors.interrupted() from None
             typer.echo("bnexport: aborted", err=True)
             sys.exit(1)
-        if code == _common.EXIT_INTERRUPTED:  # Typer's silent 130 for a Ctrl-C while parsing
-            _common.interrupted()
+        if code == errors.EXIT_INTERRUPTED:  # Typer's silent 130 for a Ctrl-C while parsing
+            errors.interrupted()
         sys.exit(code if isinstance(code, int) else 0)  # a command's Exit code, or success
 
 
@@ -85,7 +85,7 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Fold BatchNorm and temperature into PyTorch layers, export to ONNX, prove parity."""
-    _common.State.debug = debug
+    errors.State.debug = debug
 
 
 def _register() -> None:
@@ -115,7 +115,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    _common.State.console_script = True
+    errors.State.console_script = True
     try:
         app()
     finally:

@@ -7,22 +7,19 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import (
+from bnexport.cli.errors import handle_errors
+from bnexport.cli.fold import CheckpointArg
+from bnexport.cli.options import (
     CooldownOpt,
     InputShapeOpt,
     MinTimeOpt,
     ModelOpt,
     TemperatureOpt,
     WarmupOpt,
-    console,
-    duration,
-    handle_errors,
-    load_averages,
     load_model_source,
-    table,
 )
-from bnexport.cli._progress import StageProgress
-from bnexport.cli.fold import CheckpointArg
+from bnexport.cli.progress import StageProgress
+from bnexport.cli.render import console, duration, load_averages, table
 from bnexport.defaults import (
     DEFAULT_BENCH_BATCH_SIZES,
     DEFAULT_BENCH_REPEATS,
@@ -30,8 +27,6 @@ from bnexport.defaults import (
     DEFAULT_MIN_TIME_S,
     DEFAULT_WARMUP_S,
 )
-
-DEFAULT_BATCH_SIZES = ",".join(str(b) for b in DEFAULT_BENCH_BATCH_SIZES)
 
 
 @handle_errors
@@ -67,7 +62,7 @@ def bench_cli(
     batch_sizes: Annotated[
         str,
         typer.Option("--batch-sizes", help="Comma-separated batch sizes (1 is the latency one)."),
-    ] = DEFAULT_BATCH_SIZES,
+    ] = ",".join(map(str, DEFAULT_BENCH_BATCH_SIZES)),
     min_time: MinTimeOpt = DEFAULT_MIN_TIME_S,
     warmup: WarmupOpt = DEFAULT_WARMUP_S,
     cooldown: CooldownOpt = DEFAULT_COOLDOWN_S,

@@ -11,12 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import (
+from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
+from bnexport.cli.options import (
     DEFAULT_OPT_LEVELS,
     DEFAULT_PROVIDERS,
     DEFAULT_TOLERANCE,
-    EXIT_MISMATCH,
-    EXIT_OK,
     AtolOpt,
     BatchSizesOpt,
     InputShapeOpt,
@@ -29,15 +28,13 @@ from bnexport.cli._common import (
     TemperatureOpt,
     ToleranceOpt,
     VerboseOpt,
-    console,
-    handle_errors,
     load_model_source,
     split_ints,
     split_values,
-    table,
     tolerance_config,
 )
-from bnexport.cli._progress import parity_progress
+from bnexport.cli.progress import parity_progress
+from bnexport.cli.render import console, table
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)]
 AgainstOpt = Annotated[

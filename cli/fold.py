@@ -16,17 +16,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnexport.cli._common import (
-    EXIT_MISMATCH,
-    EXIT_OK,
-    InputShapeOpt,
-    ModelOpt,
-    TemperatureOpt,
-    console,
-    handle_errors,
-    load_model_source,
-    table,
-)
+from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
+from bnexport.cli.options import InputShapeOpt, ModelOpt, TemperatureOpt, load_model_source
+from bnexport.cli.render import console, table
 
 # Options shared with `bnexport onnx` (same names, same meaning).
 CheckpointArg = Annotated[

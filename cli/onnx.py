@@ -14,12 +14,23 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnexport.cli._common import (
+from bnexport.cli.check import render_report
+from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
+from bnexport.cli.fold import (
+    CheckpointArg,
+    NoVerifyOpt,
+    ReportJsonOpt,
+    StrictOpt,
+    fold_and_report,
+    removed_on_error,
+    render_source,
+    source_summary,
+    stage,
+)
+from bnexport.cli.options import (
     DEFAULT_OPT_LEVELS,
     DEFAULT_PROVIDERS,
     DEFAULT_TOLERANCE,
-    EXIT_MISMATCH,
-    EXIT_OK,
     AtolOpt,
     BatchSizesOpt,
     InputShapeOpt,
@@ -32,28 +43,14 @@ from bnexport.cli._common import (
     TemperatureOpt,
     ToleranceOpt,
     VerboseOpt,
-    console,
-    handle_errors,
     load_model_source,
     split_ints,
     split_names,
     split_values,
-    table,
     tolerance_config,
 )
-from bnexport.cli._progress import parity_progress
-from bnexport.cli.check import render_report
-from bnexport.cli.fold import (
-    CheckpointArg,
-    NoVerifyOpt,
-    ReportJsonOpt,
-    StrictOpt,
-    fold_and_report,
-    removed_on_error,
-    render_source,
-    source_summary,
-    stage,
-)
+from bnexport.cli.progress import parity_progress
+from bnexport.cli.render import console, table
 from bnexport.defaults import DEFAULT_OPSET, OPSET_MAX, OPSET_MIN, opset_problem
 
 

@@ -8,8 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import choices, console, handle_errors
-from bnexport.cli._progress import TrainProgress
+from bnexport.cli.errors import handle_errors
+from bnexport.cli.options import choices
+from bnexport.cli.progress import TrainProgress
+from bnexport.cli.render import console
 from bnexport.defaults import (
     DEFAULT_DEVICE,
     DEFAULT_EPOCHS,

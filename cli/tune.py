@@ -8,17 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli._common import (
-    EXIT_MISMATCH,
-    CooldownOpt,
-    MinTimeOpt,
-    WarmupOpt,
-    console,
-    duration,
-    handle_errors,
-    load_averages,
-    table,
-)
+from bnexport.cli.errors import EXIT_MISMATCH, handle_errors
+from bnexport.cli.options import CooldownOpt, MinTimeOpt, WarmupOpt
+from bnexport.cli.render import console, duration, load_averages, table
 from bnexport.defaults import (
     DEFAULT_CONFIRM_REPEATS,
     DEFAULT_COOLDOWN_S,

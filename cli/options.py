@@ -1,183 +1,22 @@
-"""Shared CLI plumbing: the error boundary, output rendering and exit codes.
+"""Options the commands share (same names, same meaning) and the parsers that turn their text into
+library arguments: the model selection, parity and timing options, validated choices with shell
+completion, and comma-separated lists.
 
-The library never prints and never exits; this module turns its results and errors into text and
-exit codes: 0 pass, 1 mismatch (a result), 2 bad input or an unavailable request (an error).
+Parsers raise `BnexportError` (exit 2 through `handle_errors`); a choice outside its list is a
+Typer usage error (exit 2) naming the choices.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
-import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from bnexport import defaults
-from bnexport.errors import BnexportError, interrupt_in
-
-EXIT_OK = 0
-EXIT_MISMATCH = 1
-EXIT_ERROR = 2
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class State:
-    """Global options set by the app callback."""
-
-    debug: bool = False
-    interrupt_reported: bool = False  # "interrupted" already printed (by `interrupted`)
-    console_script: bool = False  # run as the `bnexport` program (`main`), not in-process
-
-
-PIPED_WIDTH = 200  # columns of plain output when piped (COLUMNS overrides)
-
-
-def console() -> Console:
-    """stdout console; plain (no colour, no box drawing; COLUMNS or 200 wide) when piped."""
-    if sys.stdout.isatty():
-        return Console()
-    width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
-    return Console(no_color=True, width=width, soft_wrap=True, highlight=False)
-
-
-def fail(message: str) -> typer.Exit:
-    """Print one line on stderr and return the exit to raise (exit 2)."""
-    typer.echo(f"bnexport: error: {message}", err=True)
-    return typer.Exit(EXIT_ERROR)
-
-
-def handle_errors(func: F) -> F:
-    """Decorator: `BnexportError` → one line on stderr, exit 2; tracebacks only with --debug.
-
-    Ctrl-C (also one a library wrapped in another exception) → ``bnexport: interrupted``, exit
-    130. A closed stdout (``bnexport onnx … | head``) drops the rest of the output, not the work:
-    the command finishes and its exit code stands.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        guard = _ClosedPipeGuard(sys.stdout)
-        sys.stdout = guard  # type: ignore[assignment]
-        try:
-            return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            raise interrupted() from None
-        except BnexportError as exc:
-            if interrupt_in(exc):
-                raise interrupted() from None
-            if State.debug:
-                raise
-            raise fail(_one_line(str(exc))) from None
-        except Exception as exc:  # a bug or an unexpected library failure
-            if interrupt_in(exc):
-                raise interrupted() from None
-            if State.debug:
-                raise
-            raise fail(
-                f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug)"
-            ) from None
-        finally:
-            sys.stdout = guard.stream
-
-    return wrapper  # type: ignore[return-value]
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
-
-def interrupted() -> typer.Exit:
-    """Say so on stderr (once) and return the exit to raise (130)."""
-    if not State.interrupt_reported:
-        typer.echo("bnexport: interrupted", err=True)
-        State.interrupt_reported = True
-    return typer.Exit(EXIT_INTERRUPTED)
-
-
-class _ClosedPipeGuard:
-    """``sys.stdout`` while a command runs: once the reader has gone (BrokenPipeError), output is
-    dropped and the command carries on; the real stdout is pointed at /dev/null so the flush at
-    exit cannot fail either."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.closed_pipe = False
-
-    def write(self, text: str) -> int:
-        if not self.closed_pipe:
-            try:
-                return int(self.stream.write(text))
-            except BrokenPipeError:
-                self._drop()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.closed_pipe:
-            try:
-                self.stream.flush()
-            except BrokenPipeError:
-                self._drop()
-
-    def _drop(self) -> None:
-        self.closed_pipe = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-        except OSError:
-            return
-        try:
-            os.dup2(devnull, self.stream.fileno())
-        except (OSError, ValueError, AttributeError):  # no real file descriptor (tests)
-            pass
-        finally:
-            os.close(devnull)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    """A rich table: boxed on a terminal, plain aligned columns when piped."""
-    boxed = sys.stdout.isatty()
-    kwargs: dict[str, Any] = {} if boxed else {"box": None, "show_edge": False}
-    t = Table(title=title, title_justify="left", **kwargs)
-    for col in columns:
-        t.add_column(col, overflow="fold")
-    for row in rows:
-        t.add_row(*(str(v) for v in row))
-    return t
-
-
-def duration(seconds: float) -> str:
-    """Seconds in µs, ms or s, whichever reads best."""
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
-
-
-def load_averages(environment: Mapping[str, Any]) -> str:
-    """A run's load averages before and after, as ``1.00/0.50/0.25 → 1.20/0.60/0.30`` (``?``
-    where the OS gave none)."""
-
-    def text(values: list[float] | None) -> str:
-        return "?" if not values else "/".join(f"{v:.2f}" for v in values)
-
-    before = environment.get("load_average_before")
-    return f"{text(before)} → {text(environment.get('load_average_after'))}"
-
+from bnexport.cli.errors import State
 
 # Model selection, shared by fold, onnx, check and bench (same names, same meaning).
 ModelOpt = Annotated[
