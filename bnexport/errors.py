@@ -23,6 +23,11 @@ class ExportError(BnexportError):
     """The ONNX export failed or produced an invalid model."""
 
 
+class OnnxFileError(BnexportError):
+    """An ONNX file given as input is missing, a directory, not ONNX, or keeps its external data
+    where bnexport will not read it (outside the model's folder, or missing)."""
+
+
 class ModelSpecError(BnexportError):
     """A `--model package.module:factory` string cannot be resolved or its model is unusable."""
 
