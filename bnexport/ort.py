@@ -1,19 +1,29 @@
-"""onnxruntime sessions for bnexport: one place that creates them, and a CUDA probe that never lies.
+"""onnxruntime sessions: the one factory that creates them, and a CUDA probe that never lies.
 
-A session asked for CUDA whose ``get_providers()[0]`` is not ``CUDAExecutionProvider`` has silently
-fallen back to the CPU; :func:`make_session` refuses it (``ProviderUnavailableError``) instead of
-letting a CPU run pass as a GPU run. :func:`probe_cuda` says *why* CUDA does not run: the CPU-only
-``onnxruntime`` package, missing CUDA libraries, or no driver/device.
+Every onnxruntime session bnexport opens comes from :func:`make_session` (the CUDA probe's tiny
+one too, through the same private call). A session asked for CUDA whose ``get_providers()[0]`` is
+not ``CUDAExecutionProvider`` has silently fallen back to the CPU; :func:`make_session` refuses it
+(``ProviderUnavailableError``) instead of letting a CPU run pass as a GPU run. :func:`probe_cuda`
+says *why* CUDA does not run: the CPU-only ``onnxruntime`` package, missing CUDA libraries, or no
+driver/device.
 
-The default session options are the named constants below (the bench helper tunes them).
+The settings an ONNX file carries in its ``ort_config`` (`bnexport.ort_config`) are applied only
+when asked (``file_settings``): ``"ignore"`` (the default) never reads them, ``"apply"`` lays the
+file's keys over bnexport's options, ``"opt_in"`` opens the file exactly as a deployer who sets
+``ORT_LOAD_CONFIG_FROM_MODEL=1`` does.
+
+The default session options are the named constants below (the bench helper tunes them);
+:data:`ORT_DEFAULTS` is onnxruntime's own ``SessionOptions()``, what tune and bench compare with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.metadata
 import os
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,27 +35,25 @@ from bnexport.errors import (
     ProviderUnavailableError,
     raise_if_interrupted,
 )
+from bnexport.onnx_file import check_model_bytes, external_data_files, load_onnx
+from bnexport.ort_config import LOAD_CONFIG_ENV, SESSION_OPTIONS_KEY, OrtSettings, read_ort_config
+from bnexport.ort_names import (
+    EXECUTION_MODE_ATTRS,
+    OPT_LEVEL_ATTRS,
+    PROVIDER_NAMES,
+    ExecutionMode,
+    OptLevel,
+    Provider,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterator
 
-    import onnx
     import onnxruntime
 
-Provider = Literal["cpu", "cuda"]
-OptLevel = Literal["disabled", "basic", "extended", "all"]
-ExecutionMode = Literal["sequential", "parallel"]
-
-PROVIDER_NAMES: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-}
-_ORT_OPT_LEVEL_ATTR = {
-    "disabled": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
+#: How `make_session` treats the settings a file carries in its ``ort_config``.
+FileSettings = Literal["ignore", "apply", "opt_in"]
+FILE_SETTINGS: tuple[str, ...] = ("ignore", "apply", "opt_in")
 
 # Defaults (named so they are data, not literals buried in code; the bench helper tunes them).
 DEFAULT_PROVIDER: Provider = "cpu"
@@ -61,6 +69,7 @@ DEFAULT_CUDA_OPTIONS: dict[str, str] = {
     "use_tf32": "0",  # TF32 would make fp32 convs/GEMMs ~1e-3 accurate; strict parity needs it off
     "cudnn_conv_algo_search": "HEURISTIC",  # no run-to-run algorithm changes
 }
+_ENV_LOCK = threading.Lock()  # os.environ is process-wide: one session creation at a time
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class SessionConfig:
 
     ``provider_options`` are merged over the provider's defaults (:data:`DEFAULT_CUDA_OPTIONS` for
     CUDA; values are strings as onnxruntime wants them, e.g. ``{"use_tf32": "1"}``).
+    ``allow_spinning=None`` leaves onnxruntime's own default (no config entry set);
+    ``session_config_entries`` are added with ``add_session_config_entry`` after it.
     """
 
     provider: Provider = DEFAULT_PROVIDER
@@ -77,10 +88,11 @@ class SessionConfig:
     inter_op_num_threads: int = DEFAULT_INTER_OP_THREADS
     execution_mode: ExecutionMode = DEFAULT_EXECUTION_MODE
     enable_mem_arena: bool = DEFAULT_ENABLE_MEM_ARENA
-    allow_spinning: bool = DEFAULT_ALLOW_SPINNING
+    allow_spinning: bool | None = DEFAULT_ALLOW_SPINNING
     device_id: int = DEFAULT_CUDA_DEVICE_ID
     provider_options: dict[str, str] = field(default_factory=dict)
     log_severity_level: int = DEFAULT_LOG_SEVERITY
+    session_config_entries: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_NAMES:
@@ -92,10 +104,14 @@ class SessionConfig:
                 f"unknown graph optimization level {self.graph_optimization_level!r}; "
                 f"choose one of {list(OPT_LEVELS)}"
             )
-        if self.execution_mode not in ("sequential", "parallel"):
+        if self.execution_mode not in EXECUTION_MODE_ATTRS:
             raise BnexportError(
                 f"unknown execution mode {self.execution_mode!r}; choose sequential or parallel"
             )
+
+    def carrying(self, settings: OrtSettings) -> SessionConfig:
+        """This config with the keys an ``ort_config`` carries set to ``settings``'s."""
+        return replace(self, **settings.to_dict())
 
     def resolved_provider_options(self) -> dict[str, str]:
         """The options actually handed to the provider (defaults, then overrides)."""
@@ -110,6 +126,18 @@ class SessionConfig:
         d = asdict(self)
         d["provider_options"] = self.resolved_provider_options()
         return d
+
+
+#: onnxruntime's own ``SessionOptions()`` (its defaults, spelled out; the log level aside, which
+#: keeps onnxruntime's warnings off the console): the baseline tune's and bench's ratios use.
+ORT_DEFAULTS = SessionConfig(
+    graph_optimization_level="all",
+    intra_op_num_threads=0,
+    inter_op_num_threads=0,
+    execution_mode="sequential",
+    enable_mem_arena=True,
+    allow_spinning=None,
+)
 
 
 @dataclass(frozen=True)
@@ -127,25 +155,25 @@ class ProbeResult:
 
 
 def session_options(config: SessionConfig) -> onnxruntime.SessionOptions:
-    """The ``SessionOptions`` for ``config`` (optimization level, threads, arena, logging)."""
+    """The ``SessionOptions`` for ``config``: level, threads, mode, arena, logging, config entries
+    (the one place bnexport builds them)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, _ORT_OPT_LEVEL_ATTR[config.graph_optimization_level]
+        ort.GraphOptimizationLevel, OPT_LEVEL_ATTRS[config.graph_optimization_level]
     )
     so.intra_op_num_threads = config.intra_op_num_threads
     so.inter_op_num_threads = config.inter_op_num_threads
-    so.execution_mode = (
-        ort.ExecutionMode.ORT_PARALLEL
-        if config.execution_mode == "parallel"
-        else ort.ExecutionMode.ORT_SEQUENTIAL
-    )
+    so.execution_mode = getattr(ort.ExecutionMode, EXECUTION_MODE_ATTRS[config.execution_mode])
     so.enable_cpu_mem_arena = config.enable_mem_arena
     so.log_severity_level = config.log_severity_level
-    so.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if config.allow_spinning else "0"
-    )
+    if config.allow_spinning is not None:
+        so.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if config.allow_spinning else "0"
+        )
+    for key, value in config.session_config_entries.items():
+        so.add_session_config_entry(key, str(value))
     return so
 
 
@@ -153,49 +181,43 @@ def make_session(
     path_or_bytes: str | os.PathLike[str] | bytes,
     config: SessionConfig | None = None,
     *,
-    model_config: bool = False,
+    file_settings: FileSettings = "ignore",
 ) -> onnxruntime.InferenceSession:
     """Create an ``InferenceSession`` exactly as ``config`` asks, or raise.
 
-    CUDA sessions are checked after creation: ``get_providers()[0]`` must be
-    ``CUDAExecutionProvider`` — otherwise ``ProviderUnavailableError`` with the probe's reason.
-    ``model_config=True`` honours the model's ``ort_config`` (what ``bnexport tune`` writes): the
-    keys onnxruntime reads from it (`bnexport.ort_config.CARRIED_KEYS`) override ``config``'s;
-    the rest of ``config`` stays (onnxruntime's own opt-in would reset it to its defaults).
+    A path is checked first (`bnexport.onnx_file`: it exists, is ONNX, keeps its external data
+    beside it); bytes with external data are refused. CUDA sessions are checked after creation:
+    ``get_providers()[0]`` must be ``CUDAExecutionProvider`` — otherwise
+    ``ProviderUnavailableError``. ``file_settings`` (the file's ``ort_config``):
+
+    * ``"ignore"``: ``config`` alone (even when ``ORT_LOAD_CONFIG_FROM_MODEL=1`` is set);
+    * ``"apply"``: the keys onnxruntime reads from it (`bnexport.ort_config.CARRIED_KEYS`)
+      override ``config``'s; the rest of ``config`` stays;
+    * ``"opt_in"``: what a deployer gets with ``ORT_LOAD_CONFIG_FROM_MODEL=1``: onnxruntime's
+      default options plus the file's keys; of ``config`` only the provider applies.
     """
     import onnxruntime as ort
 
     config = config or SessionConfig()
-    if model_config:
-        config = _with_model_config(path_or_bytes, config)
+    if file_settings not in FILE_SETTINGS:
+        raise BnexportError(f"file_settings {file_settings!r}: choose one of {FILE_SETTINGS}")
+    if file_settings == "apply":
+        config = _with_file_settings(path_or_bytes, config)
     # Process-wide: ORT 1.31 warns on the default logger ("No registered plugin EP device found")
     # for every CUDA session; the session's own level does not cover it.
     ort.set_default_logger_severity(config.log_severity_level)
-    if config.provider == "cuda":
-        probe = probe_cuda(config.device_id)
-        if not probe.available:
-            raise ProviderUnavailableError(f"CUDA was asked for but does not run: {probe.reason}")
-        providers: list[Any] = [
-            (PROVIDER_NAMES["cuda"], config.resolved_provider_options()),
-            PROVIDER_NAMES["cpu"],  # nodes CUDA lacks kernels for; the first provider stays CUDA
-        ]
-    else:
-        providers = [(PROVIDER_NAMES["cpu"], config.resolved_provider_options())]
-
+    providers = _providers(config)
     model: str | bytes
     if isinstance(path_or_bytes, bytes):
         model = path_or_bytes
-        _refuse_external_data_in_bytes(model)
+        check_model_bytes(model)
     else:
-        path = Path(path_or_bytes)
-        if not path.is_file():
-            raise ExportError(f"ONNX model {path} not found; check the path")
-        external_data_files(path)  # beside the model, never outside its folder
-        model = str(path)  # by path: onnxruntime finds external data beside the model
+        external_data_files(path_or_bytes)  # a model file, its data beside it and nowhere else
+        model = str(path_or_bytes)  # by path: onnxruntime finds external data beside the model
+    options = None if file_settings == "opt_in" else session_options(config)
     try:
-        sess = ort.InferenceSession(
-            model, sess_options=session_options(config), providers=providers
-        )
+        with _config_from_model(file_settings == "opt_in"):
+            sess = _inference_session(model, options, providers)
     except Exception as exc:
         where = "the given bytes" if isinstance(model, bytes) else model
         raise ExportError(
@@ -212,111 +234,63 @@ def make_session(
     return sess
 
 
-def _with_model_config(
+def _inference_session(
+    model: str | bytes, options: onnxruntime.SessionOptions | None, providers: list[Any]
+) -> onnxruntime.InferenceSession:
+    """The one ``InferenceSession`` call in bnexport (`make_session` and the CUDA probe)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
+
+
+def _providers(config: SessionConfig) -> list[Any]:
+    """The providers list for ``config``; CUDA first only once the probe proved it runs."""
+    if config.provider == "cuda":
+        probe = probe_cuda(config.device_id)
+        if not probe.available:
+            raise ProviderUnavailableError(f"CUDA was asked for but does not run: {probe.reason}")
+        return [
+            (PROVIDER_NAMES["cuda"], config.resolved_provider_options()),
+            PROVIDER_NAMES["cpu"],  # nodes CUDA lacks kernels for; the first provider stays CUDA
+        ]
+    return [(PROVIDER_NAMES["cpu"], config.resolved_provider_options())]
+
+
+@contextlib.contextmanager
+def _config_from_model(read: bool) -> Iterator[None]:
+    """``ORT_LOAD_CONFIG_FROM_MODEL`` set to 1 (``read``) or unset while the block runs,
+    restored afterwards; serialised across threads (the environment is process-wide)."""
+    with _ENV_LOCK:
+        old = os.environ.get(LOAD_CONFIG_ENV)
+        if read:
+            os.environ[LOAD_CONFIG_ENV] = "1"
+        else:
+            os.environ.pop(LOAD_CONFIG_ENV, None)
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(LOAD_CONFIG_ENV, None)
+            else:
+                os.environ[LOAD_CONFIG_ENV] = old
+
+
+def _with_file_settings(
     path_or_bytes: str | os.PathLike[str] | bytes, config: SessionConfig
 ) -> SessionConfig:
     """``config`` with the carried keys of the model's ``ort_config`` (unchanged without one)."""
     import onnx
 
-    from bnexport.ort_config import SESSION_OPTIONS_KEY, OrtSettings, read_ort_config
-
     if isinstance(path_or_bytes, bytes):
         model, where = onnx.load_from_string(path_or_bytes), "the given bytes"
     else:
-        if not Path(path_or_bytes).is_file():
-            raise ExportError(f"ONNX model {path_or_bytes} not found; check the path")
-        model = onnx.load(str(path_or_bytes), load_external_data=False)
-        where = str(path_or_bytes)
+        model, where = load_onnx(path_or_bytes), str(path_or_bytes)
     data = read_ort_config(model, where)
     options = (data or {}).get(SESSION_OPTIONS_KEY)
     if not isinstance(options, dict):
         return config
     settings = OrtSettings.from_session_options_json(options, where)
     return replace(config, **{k: getattr(settings, k) for k in options if hasattr(settings, k)})
-
-
-def external_data_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
-    """The external-data files (``.data`` beside the ``.onnx``) the model at `path` uses.
-
-    Every tensor's ``location`` must be a relative path inside the model's folder: an absolute
-    path or one that leaves the folder through ``..`` is refused (`ExportError`) before
-    onnxruntime reads anything, and so is a missing file. Cached per file version.
-    """
-    st = Path(path).stat()
-    return _external_data_files(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _external_data_files(path: str, _mtime_ns: int, _size: int) -> tuple[Path, ...]:
-    import onnx
-
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise ExportError(f"{path} is not an ONNX model: {' '.join(str(exc).split())}") from exc
-    folder = Path(path).parent
-    files: dict[Path, None] = {}
-    for tensor in _tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = Path(os.path.normpath(folder / location))
-        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
-            raise ExportError(
-                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
-                f"model's folder {folder}; bnexport reads external data only beside the model: "
-                "save it with a relative location (onnx.save(..., save_as_external_data=True, "
-                "location='model.onnx.data'))"
-            )
-        if not target.is_file():
-            raise ExportError(
-                f"{path}: tensor {tensor.name!r} keeps its data in {target}, which is missing; "
-                "copy the .data file beside the model"
-            )
-        files[target] = None
-    return tuple(files)
-
-
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of `model`: initializers, sparse ones, and node attributes, in subgraphs and
-    functions too."""
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        yield from _node_tensors(function.node)
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    yield from _node_tensors(graph.node)
-
-
-def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for graph in attr.graphs:
-                yield from _graph_tensors(graph)
-
-
-def _refuse_external_data_in_bytes(data: bytes) -> None:
-    """A model given as bytes has no folder: onnxruntime would look for its external data in the
-    working directory. Refuse it (`ExportError`)."""
-    import onnx
-
-    if b"location" not in data:  # the key every external-data tensor serializes: none here
-        return
-    proto = onnx.load_model_from_string(data)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto)):
-        raise ExportError(
-            "an ONNX model given as bytes uses external data, which onnxruntime would look for in "
-            "the working directory; pass the model's path instead"
-        )
 
 
 def _tiny_model_bytes() -> bytes:
@@ -408,16 +382,13 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
         return ProbeResult(False, reason, **common)
 
     ort.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
+    so = session_options(replace(ORT_DEFAULTS, log_severity_level=4))
     opts = {"device_id": str(device_id), **DEFAULT_CUDA_OPTIONS}
     preloaded = ""
     for attempt in range(2):
         try:
-            sess = ort.InferenceSession(
-                _tiny_model_bytes(),
-                sess_options=so,
-                providers=[(cuda, opts), PROVIDER_NAMES["cpu"]],
+            sess = _inference_session(
+                _tiny_model_bytes(), so, [(cuda, opts), PROVIDER_NAMES["cpu"]]
             )
         except Exception as exc:
             raise_if_interrupted(exc)

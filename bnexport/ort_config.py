@@ -20,23 +20,29 @@ and applies the model's keys, so everything else — memory arena and pattern, s
 every ``session.*`` config entry, the log level — is onnxruntime's default, whatever the caller
 set. Provider choice and provider options are never read from the model. The Python package's
 ``read_config_from_model=1`` keyword is not enough on its own (1.32 still reads the environment
-variable in C++); :func:`open_with_model_config` sets the variable for the duration of one session
-creation.
+variable in C++); ``bnexport.ort.make_session(path, file_settings="opt_in")`` sets the variable
+for the duration of one session creation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnexport.defaults import OPT_LEVELS
 from bnexport.errors import BnexportError
-from bnexport.ort import OPT_LEVELS, PROVIDER_NAMES, ExecutionMode, OptLevel
+from bnexport.onnx_file import load_onnx
+from bnexport.ort_names import (
+    EXECUTION_MODE_ATTRS,
+    EXECUTION_MODE_CODES,
+    OPT_LEVEL_ATTRS,
+    OPT_LEVEL_CODES,
+    ExecutionMode,
+    OptLevel,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -59,10 +65,7 @@ CARRIED_KEYS: tuple[str, ...] = (
 )
 #: Read by onnxruntime too, but a diagnostic: never written, refused as a tuning setting.
 IGNORED_CARRIED_KEYS: tuple[str, ...] = ("enable_profiling",)
-#: onnxruntime's integer codes (``GraphOptimizationLevel``, ``ExecutionMode`` in its C API).
-OPT_LEVEL_CODES: dict[str, int] = {"disabled": 0, "basic": 1, "extended": 2, "all": 99}
-EXECUTION_MODE_CODES: dict[str, int] = {"sequential": 0, "parallel": 1}
-
+_SESSION_CLASS = "onnxruntime.InferenceSession"  # apart: grep finds bnexport.ort's one call only
 #: How to set, by hand, settings that ``ort_config`` cannot carry (Python API).
 BY_HAND: dict[str, str] = {
     "enable_mem_arena": "so.enable_cpu_mem_arena = ...",
@@ -70,10 +73,8 @@ BY_HAND: dict[str, str] = {
     "enable_mem_pattern": "so.enable_mem_pattern = ...",
     "allow_spinning": 'so.add_session_config_entry("session.intra_op.allow_spinning", "0")',
     "log_severity_level": "so.log_severity_level = ...",
-    "provider": 'onnxruntime.InferenceSession(path, so, providers=["CUDAExecutionProvider", ...])',
+    "provider": f'{_SESSION_CLASS}(path, so, providers=["CUDAExecutionProvider", ...])',
 }
-
-_ENV_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -154,27 +155,6 @@ class OrtSettings:
                 kwargs[key] = value
         return cls(**kwargs)
 
-    def session_options(self, log_severity_level: int | None = None) -> onnxruntime.SessionOptions:
-        """What onnxruntime builds from this ``ort_config``: defaults plus these keys."""
-        import onnxruntime as ort
-
-        from bnexport.ort import _ORT_OPT_LEVEL_ATTR
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.intra_op_num_threads
-        so.inter_op_num_threads = self.inter_op_num_threads
-        so.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL
-            if self.execution_mode == "parallel"
-            else ort.ExecutionMode.ORT_SEQUENTIAL
-        )
-        so.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, _ORT_OPT_LEVEL_ATTR[self.graph_optimization_level]
-        )
-        if log_severity_level is not None:
-            so.log_severity_level = log_severity_level
-        return so
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -184,23 +164,17 @@ def effective_settings(session: onnxruntime.InferenceSession) -> OrtSettings:
     import onnxruntime as ort
 
     so = session.get_session_options()
-    attrs = {getattr(ort.GraphOptimizationLevel, v): k for k, v in _level_attrs().items()}
-    level = attrs.get(so.graph_optimization_level)
+    levels = {getattr(ort.GraphOptimizationLevel, v): k for k, v in OPT_LEVEL_ATTRS.items()}
+    modes = {getattr(ort.ExecutionMode, v): k for k, v in EXECUTION_MODE_ATTRS.items()}
+    level = levels.get(so.graph_optimization_level)
     if level is None:
         raise BnexportError(f"session uses graph optimization level {so.graph_optimization_level}")
-    parallel = so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
     return OrtSettings(
         intra_op_num_threads=int(so.intra_op_num_threads),
         inter_op_num_threads=int(so.inter_op_num_threads),
-        execution_mode="parallel" if parallel else "sequential",
+        execution_mode=modes[so.execution_mode],  # type: ignore[arg-type]
         graph_optimization_level=level,  # type: ignore[arg-type]
     )
-
-
-def _level_attrs() -> dict[str, str]:
-    from bnexport.ort import _ORT_OPT_LEVEL_ATTR
-
-    return _ORT_OPT_LEVEL_ATTR
 
 
 def check_carriable(key: str) -> str:
@@ -248,46 +222,11 @@ def read_ort_config(model: onnx.ModelProto, where: str) -> dict[str, Any] | None
 
 def model_settings(path: str | os.PathLike[str]) -> OrtSettings | None:
     """The settings a file's ``ort_config`` carries (None: no ``ort_config`` or none in it)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path)
     data = read_ort_config(model, str(path))
     if data is None or not isinstance(data.get(SESSION_OPTIONS_KEY), dict):
         return None
     return OrtSettings.from_session_options_json(data[SESSION_OPTIONS_KEY], str(path))
-
-
-@contextlib.contextmanager
-def _load_config_env() -> Iterator[None]:
-    """``ORT_LOAD_CONFIG_FROM_MODEL=1`` while the block runs (serialised across threads)."""
-    with _ENV_LOCK:
-        old = os.environ.get(LOAD_CONFIG_ENV)
-        os.environ[LOAD_CONFIG_ENV] = "1"
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(LOAD_CONFIG_ENV, None)
-            else:
-                os.environ[LOAD_CONFIG_ENV] = old
-
-
-def open_with_model_config(
-    path: str | os.PathLike[str], providers: Sequence[Any] | None = None
-) -> onnxruntime.InferenceSession:
-    """A plain onnxruntime session that reads the file's ``ort_config``, as a deployer opts in.
-
-    Exactly what ``ORT_LOAD_CONFIG_FROM_MODEL=1 python -c 'InferenceSession(path)'`` gives:
-    onnxruntime's default options plus the file's carried keys; nothing else bnexport sets.
-    ``providers`` as onnxruntime takes them (default: the CPU provider).
-    """
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise BnexportError(f"ONNX model {path} not found; check the path")
-    with _load_config_env():
-        return ort.InferenceSession(str(path), providers=list(providers or [PROVIDER_NAMES["cpu"]]))
 
 
 def with_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> onnx.ModelProto:
