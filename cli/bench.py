@@ -83,6 +83,7 @@ def bench_cli(
     """Benchmark PyTorch eager (unfolded, folded) and onnxruntime (torch's export, bnexport's)."""
     from bnexport.errors import BnexportError
     from bnexport.files import check_output_paths, write_json
+    from bnexport.onnx_file import check_onnx_path
 
     check_output_paths({"--json": json_path}, [checkpoint, onnx, *(tuned or ())])
     from bnexport.bench import BenchConfig, check_benchable, run_bench
@@ -93,8 +94,8 @@ def bench_cli(
         raise BnexportError(
             f"--batch-sizes {batch_sizes!r} is not a comma-separated list of integers (e.g. 1,64)"
         ) from None
-    if onnx is not None and not onnx.is_file():
-        raise BnexportError(f"--onnx {onnx} not found; check the path")
+    if onnx is not None:
+        check_onnx_path(onnx, "--onnx")
     config = BenchConfig(
         batch_sizes=sizes,
         warmup_s=warmup,

@@ -12,7 +12,7 @@ bnexport's folded export (same weights, same ops per image) keep the working set
 
 Each runs at onnxruntime's defaults (level ``all``; ``scan64`` and the plain file also at
 ``extended``), timed with bench's interleaved, paired, cooled-down rounds
-(`bnexport.bench.measure_interleaved`). Printed per batch: images/s, the paired ratio against the
+(`bnexport.timing.measure_interleaved`). Printed per batch: images/s, the paired ratio against the
 plain file at the same batch, and the paired ratio of throughput against the plain file at batch 64
 (1.0 = batch-64 throughput held). Outputs are checked against the plain file first.
 
@@ -36,8 +36,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from bnexport.bench import BenchConfig, measure_interleaved, paired_ratio
-from bnexport.tune import FeedRunner
+from bnexport.runners import OnnxRuntimeRunner
+from bnexport.timing import TimingConfig, measure_interleaved, paired_ratio
 
 CHUNK = 64
 
@@ -110,15 +110,16 @@ def session(model: onnx.ModelProto, threads: int, level: str = "all") -> Any:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-class _Fed(FeedRunner):
+class _Fed:
     """A runner with its own feed (the batch-64 reference runs beside the large batch)."""
 
     def __init__(self, name: str, sess: Any, feed: dict[str, np.ndarray]) -> None:
-        super().__init__(name, sess)
+        self.name = name
+        self.runner = OnnxRuntimeRunner.wrap(sess, name=name)
         self.feed = feed
 
     def prepare(self, batch: Any) -> Callable[[], Any]:
-        return super().prepare(self.feed)
+        return self.runner.prepare(self.feed)
 
 
 def measure(base: onnx.ModelProto, batch: int, threads: int, repeats: int) -> None:
@@ -141,8 +142,7 @@ def measure(base: onnx.ModelProto, batch: int, threads: int, repeats: int) -> No
             diff = float(np.abs(sess.run(None, feed)[0] - want).max())
             assert diff <= 1e-4 * float(np.abs(want).max()), (key, diff)
     runners = [_Fed(k, s, f) for k, (s, f) in runs.items()]
-    config = BenchConfig(batch_sizes=(batch,), repeats=repeats)
-    raw = measure_interleaved(runners, {batch: x}, config)  # type: ignore[arg-type, dict-item]
+    raw = measure_interleaved(runners, {batch: x}, TimingConfig(repeats))
     t = {k: raw[(k, batch)][0] for k in runs}
     for key in runs:
         size = CHUNK if key == "plain@64" else batch

@@ -123,10 +123,11 @@ def tuned_candidates(
 
 
 def _tuned_candidate(path: Path, name: str) -> tuple[CandidateInfo, OrtRunner]:
-    from bnexport.ort_config import model_settings, open_with_model_config
+    from bnexport.onnx_file import check_onnx_path
+    from bnexport.ort import make_session
+    from bnexport.ort_config import model_settings
 
-    if not path.is_file():
-        raise BnexportError(f"--tuned {path} not found; check the path")
+    check_onnx_path(path, "--tuned")
     settings = model_settings(path)
     if settings is None:
         raise BnexportError(
@@ -134,7 +135,7 @@ def _tuned_candidate(path: Path, name: str) -> tuple[CandidateInfo, OrtRunner]:
             "(bnexport tune MODEL.onnx -o TUNED.onnx)"
         )
     t0 = time.perf_counter()
-    session = open_with_model_config(path)
+    session = make_session(path, file_settings="opt_in")
     init_s = time.perf_counter() - t0
     info = CandidateInfo(
         name,
@@ -203,17 +204,15 @@ def _torch_default_export(model: torch.nn.Module, example_input: torch.Tensor, p
 def _default_ort_session(path: Path, config: BenchConfig) -> tuple[Any, dict[str, Any], float]:
     """``path`` in a session with onnxruntime's default options (that is the comparison): the
     session, the options described, and the seconds it took to create."""
-    import onnxruntime as ort
+    from bnexport.ort import ORT_DEFAULTS, make_session
 
-    from bnexport.ort import DEFAULT_LOG_SEVERITY
-
-    options = ort.SessionOptions()
-    options.log_severity_level = DEFAULT_LOG_SEVERITY  # logging only: ORT warnings off the console
+    session_config = ORT_DEFAULTS  # the log level aside: ORT's warnings off the console
     if config.threads is not None:
-        options.intra_op_num_threads = config.threads
+        session_config = replace(session_config, intra_op_num_threads=config.threads)
     t0 = time.perf_counter()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = make_session(path, session_config)
     init_s = time.perf_counter() - t0
+    options = session.get_session_options()
     described = {
         "defaults": "onnxruntime.SessionOptions()",
         "intra_op_num_threads": options.intra_op_num_threads,

@@ -1,8 +1,7 @@
-"""What a bench run measures and how long (`BenchConfig`), the candidates' names, progress."""
+"""What a bench run measures and how long (`BenchConfig`), and the candidates' names."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from bnexport.defaults import (
     DEFAULT_WARMUP_S,
 )
 from bnexport.errors import BnexportError
+from bnexport.timing import TimingConfig
 
 LATENCY_BATCH = 1  # the batch size reported as latency; the others as throughput
 
@@ -78,20 +78,12 @@ class BenchConfig:
             if not ok:
                 raise BnexportError(f"bench: {message}")
 
+    @property
+    def timing(self) -> TimingConfig:
+        """The timing core's part of this config."""
+        return TimingConfig(self.repeats, self.warmup_s, self.min_time_s, self.cooldown_s)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["batch_sizes"] = list(self.batch_sizes)
         return d
-
-
-@dataclass(frozen=True)
-class BenchEvent:
-    """Progress: ``stage`` is "setup", "peak" or "measure"; ``done`` of ``total`` steps."""
-
-    stage: str
-    done: int
-    total: int
-    message: str
-
-
-ProgressCallback = Callable[[BenchEvent], None]

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from bnexport.bench.timing import calibrate, no_gc, time_calls
 from bnexport.defaults import DEFAULT_MIN_TIME_S, DEFAULT_PEAK_N, DEFAULT_PEAK_REPEATS
+from bnexport.timing import calibrate, no_gc, time_calls
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ from bnexport.bench.config import (
     TUNED_PREFIX,
     BenchConfig,
 )
-from bnexport.bench.timing import Ratio, RawTimes, paired_ratio, percentile
+from bnexport.timing import Ratio, RawTimes, paired_ratio, percentile
 
 if TYPE_CHECKING:
     from bnexport.bench.flops import FlopCount, PeakResult

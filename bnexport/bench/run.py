@@ -27,16 +27,14 @@ from bnexport.bench.config import (
     FOLDED_EAGER,
     LABELS,
     BenchConfig,
-    BenchEvent,
-    ProgressCallback,
 )
-from bnexport.bench.environment import collect_environment
 from bnexport.bench.flops import PeakResult, count_flops, measure_peak
 from bnexport.bench.report import BenchReport, CandidateInfo, summarise
 from bnexport.bench.runners import OrtRunner, Runner, TorchRunner
-from bnexport.bench.timing import RawTimes, measure_interleaved
 from bnexport.errors import BnexportError
 from bnexport.machine import load_average
+from bnexport.progress import Progress, ProgressEvent
+from bnexport.timing import RawTimes, collect_environment, measure_interleaved
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +60,7 @@ def run_bench(
     source: ModelSource,
     config: BenchConfig | None = None,
     onnx_path: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     tuned_paths: Sequence[str | os.PathLike[str]] = (),
 ) -> BenchReport:
     """Measure ``source.model`` as PyTorch eager (unfolded, folded) and on onnxruntime.
@@ -104,7 +102,7 @@ def run_bench(
         candidates=tuple(infos),
         measurements=tuple(measurements),
         comparisons=tuple(comparisons),
-        environment=collect_environment(config, load_before),
+        environment=collect_environment(config.threads, load_before),
         seconds=time.perf_counter() - started,
     )
 
@@ -112,7 +110,7 @@ def run_bench(
 class _SetupSteps:
     """Reports the numbered steps of the "setup" stage to ``progress``."""
 
-    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+    def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress = progress
         self.total = total
         self.done = 0
@@ -120,7 +118,7 @@ class _SetupSteps:
     def __call__(self, message: str) -> None:
         self.done += 1
         if self.progress is not None:
-            self.progress(BenchEvent("setup", self.done, self.total, message))
+            self.progress(ProgressEvent("setup", self.done, self.total, message))
 
 
 @contextlib.contextmanager
@@ -182,14 +180,14 @@ def _measure(
     runners: Sequence[Runner],
     input_shape: tuple[int, ...],
     config: BenchConfig,
-    progress: ProgressCallback | None,
+    progress: Progress | None,
 ) -> tuple[list[CandidateInfo], RawTimes, PeakResult]:
     """The fp32 peak, each candidate's output error, the interleaved timings, the peak again
     (the better of the two probes: one noisy probe must not inflate "of peak")."""
     peak = _peak(config)
     batches = _random_batches(input_shape, config)
     infos = with_output_errors(infos, runners, batches[int(config.batch_sizes[0])])
-    raw = measure_interleaved(runners, batches, config, progress)
+    raw = measure_interleaved(runners, batches, config.timing, progress)
     peak = max(peak, _peak(config), key=lambda p: p.gflops)
     return infos, raw, peak
 

@@ -1,4 +1,5 @@
-"""Interleaved, cooled-down, paired timing: what `bnexport bench` and `bnexport tune` measure with.
+"""The timing core: interleaved, cooled-down, paired timing that `bnexport bench` and `tune`
+measure with, and the environment a figure needs to be reproduced.
 
 Per batch size, every runner is warmed up, then timed ``repeats`` times. One *repeat* times each
 runner once, in an order from a balanced Latin square (Williams design), so machine drift and the
@@ -7,29 +8,56 @@ idles ``cooldown_s``: onnxruntime's and OpenMP's worker threads spin for tens of
 a call and would otherwise slow down whichever runner comes next. One timing runs the call ``n``
 times back to back (``n`` chosen during warm-up so it lasts at least ``min_time_s``) and records
 seconds per call. Ratios are *paired*: ``t_baseline[r] / t_runner[r]`` within the same repeat
-``r``, summarised by their median (and 10th/90th percentiles).
+``r``, summarised by their median (and 10th/90th percentiles). `TimingConfig` holds the knobs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import gc
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from bnexport.bench.config import BenchConfig, BenchEvent, ProgressCallback
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from bnexport.bench.runners import Runner
+from bnexport.defaults import DEFAULT_COOLDOWN_S, DEFAULT_MIN_TIME_S, DEFAULT_WARMUP_S
+from bnexport.errors import BnexportError
+from bnexport.machine import cpu_flags, cpu_model, cpus_available, load_average, versions
+from bnexport.progress import Progress, ProgressEvent
 
 #: ``{(runner name, batch size): (seconds per call, one per repeat; calls per timing)}``
 RawTimes = dict[tuple[str, int], tuple[list[float], int]]
+
+
+class Timed(Protocol):
+    """What the timing core times: ``prepare`` binds a batch and returns the call to time."""
+
+    name: str
+
+    def prepare(self, batch: Any) -> Callable[[], Any]: ...
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How long to warm up, how long one timing lasts at least, the idle time before each timing,
+    and how many interleaved rounds (repeats) to time."""
+
+    repeats: int
+    warmup_s: float = DEFAULT_WARMUP_S
+    min_time_s: float = DEFAULT_MIN_TIME_S
+    cooldown_s: float = DEFAULT_COOLDOWN_S
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup_s < 0 or self.min_time_s <= 0 or self.cooldown_s < 0:
+            raise BnexportError(
+                f"timing: repeats >= 1, warmup >= 0 s, min time > 0 s and cooldown >= 0 s, got "
+                f"{self.repeats}, {self.warmup_s}, {self.min_time_s}, {self.cooldown_s}"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,10 +146,10 @@ def paired_ratio(reference: Sequence[float], candidate: Sequence[float]) -> Rati
 
 
 def measure_interleaved(
-    runners: Sequence[Runner],
-    batches: Mapping[int, np.ndarray],
-    config: BenchConfig,
-    progress: ProgressCallback | None = None,
+    runners: Sequence[Timed],
+    batches: Mapping[int, Any],
+    config: TimingConfig,
+    progress: Progress | None = None,
 ) -> RawTimes:
     """Time every runner on every batch, interleaved; ``{(name, batch): (seconds/call, calls)}``.
 
@@ -145,7 +173,44 @@ def measure_interleaved(
                     times[i].append(time_calls(calls_[i], counts[i]))
                 done += 1
                 if progress is not None:
-                    progress(BenchEvent("measure", done, total, f"batch {size}"))
+                    progress(ProgressEvent("measure", done, total, f"batch {size}"))
             for i, r in enumerate(runners):
                 results[(r.name, size)] = (times[i], counts[i])
     return results
+
+
+def collect_environment(
+    threads: int | None = None, load_before: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """What a figure needs to be reproduced: versions, CPU, thread counts (``threads``: the count
+    asked for, None: each backend's default), the date, and the load average before
+    (``load_before``, as `bnexport.machine.load_average` read it when the run started) and now."""
+    import onnxruntime as ort
+    import torch
+
+    from bnexport.ort import DEFAULT_INTRA_OP_THREADS
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": cpus_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "threads": {
+            "requested": threads,
+            "torch_intra_op": threads or torch.get_num_threads(),
+            "torch_inter_op": torch.get_num_interop_threads(),
+            "ort_bnexport_intra_op": threads or DEFAULT_INTRA_OP_THREADS,
+            "ort_default_intra_op": threads or 0,
+            "note": "0 = onnxruntime picks one thread per physical core",
+        },
+        "onnxruntime_providers": list(ort.get_available_providers()),
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+        },
+        "load_average_before": None if load_before is None else list(load_before),
+        "load_average_after": load_average(),
+    }
