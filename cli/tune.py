@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,6 +20,9 @@ from bnexport.defaults import (
     DEFAULT_TUNE_BUDGET_S,
     DEFAULT_WARMUP_S,
 )
+
+if TYPE_CHECKING:
+    from bnexport.progress import ProgressEvent
 
 
 @handle_errors
@@ -100,17 +102,14 @@ def tune_cli(
     Exit 0: written; 1: the tuned outputs differ (nothing written); 2: bad input.
     """
     from bnexport.errors import BnexportError
-    from bnexport.files import write_json
+    from bnexport.files import check_output_paths, write_json
+    from bnexport.onnx_file import external_data_files
     from bnexport.tune import TuneConfig, tune_model
 
     if providers not in ("cpu", "cuda"):
         raise BnexportError(f"--providers {providers!r}: choose cpu or cuda (one provider)")
-    if json_path is not None:
-        if json_path.resolve() in (model.resolve(), output.resolve()):
-            raise BnexportError(f"--json {json_path} would overwrite a model; choose another path")
-        parent = json_path.parent
-        if json_path.is_dir() or (parent.exists() and not os.access(parent, os.W_OK)):
-            raise BnexportError(f"--json {json_path}: cannot write there; choose another path")
+    data_files = external_data_files(model)  # the model is checked first: it exists, is ONNX
+    check_output_paths({"-o": output, "--json": json_path}, [model, *data_files])
     config = TuneConfig(
         batch_size=batch_size,
         max_threads=threads,
@@ -150,7 +149,7 @@ class _StageLines:
     def __init__(self) -> None:
         self.seen: set[str] = set()
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if event.stage in self.seen:
             return
         self.seen.add(event.stage)

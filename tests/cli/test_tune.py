@@ -11,8 +11,9 @@ from tiny_onnx import conv_net, save
 from typer.testing import CliRunner
 
 from bnexport.cli.app import app
-from bnexport.ort_config import model_settings, open_with_model_config
-from bnexport.tune import TUNE_RECORD_KEY, read_record
+from bnexport.ort import make_session
+from bnexport.ort_config import model_settings
+from bnexport.tune import TUNE_RECORD_KEY
 
 runner = CliRunner()
 TINY = ["--budget", "2", "--screen-repeats", "3", "--repeats", "5", "--finalists", "2"]
@@ -46,7 +47,8 @@ def test_progress_line_per_stage_and_the_tables(run: tuple[object, Path, Path, d
 
 def test_the_record_carries_machine_batch_and_ratio(run: tuple[object, Path, Path, dict]) -> None:
     _, _, out, data = run
-    record = read_record(out)
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    record = json.loads(props[TUNE_RECORD_KEY])
     assert record == data["record"]
     assert record["batch_size"] == 4 and record["provider"] == "cpu"
     assert set(record["machine"]) >= {"cpu_model", "cpu_flags", "logical_cpus", "cpus_available"}
@@ -71,7 +73,7 @@ def test_the_tuned_file_runs_in_a_plain_session_and_only_metadata_changed(
     for m in (src, dst):
         del m.metadata_props[:]
     assert src.SerializeToString() == dst.SerializeToString()
-    assert open_with_model_config(out).get_inputs()[0].name == "x"
+    assert make_session(out, file_settings="opt_in").get_inputs()[0].name == "x"
 
 
 def test_refuses_an_uncarriable_setting_with_exit_2(tmp_path: Path) -> None:
@@ -93,11 +95,15 @@ def test_bad_fix_and_provider_are_errors(tmp_path: Path) -> None:
     result = runner.invoke(app, [*base, "--providers", "tpu"])
     assert result.exit_code == 2 and "choose cpu or cuda" in result.stderr
     result = runner.invoke(app, [*base, "--json", str(model)])
-    assert result.exit_code == 2 and "would overwrite a model" in result.stderr
+    assert result.exit_code == 2 and "--json" in result.stderr
+    assert "would destroy the input" in result.stderr
+    result = runner.invoke(app, [*base, "--json", str(tmp_path / "t.onnx")])
+    assert result.exit_code == 2 and "both write" in result.stderr
     result = runner.invoke(app, [*base, "--json", str(tmp_path)])
-    assert result.exit_code == 2 and "cannot write there" in result.stderr
+    assert result.exit_code == 2 and "is a directory" in result.stderr
     result = runner.invoke(app, ["tune", str(tmp_path / "missing.onnx"), "-o", "x.onnx"])
-    assert result.exit_code == 2 and "not found" in result.stderr
+    assert result.exit_code == 2 and "missing.onnx not found; check the path" in result.stderr
+    assert not any(tmp_path.glob("*.json"))
 
 
 def test_bench_measures_the_tuned_file_beside_the_others(tmp_path: Path) -> None:
