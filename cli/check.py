@@ -198,7 +198,7 @@ def check_cli(
 def _check_paths(model: Path, inputs: list[Path | None], outputs: dict[str, Path | None]) -> None:
     """Every output path is writable and none is an input (the model's .data files included)."""
     from bnexport.files import check_output_paths
-    from bnexport.ort import external_data_files
+    from bnexport.onnx_file import external_data_files
 
     sidecars = external_data_files(model) if model.is_file() else ()
     check_output_paths(outputs, [model, *sidecars, *inputs])

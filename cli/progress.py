@@ -1,6 +1,6 @@
 """Progress on stderr for the long commands: transient rich bars, so stdout stays the result.
 
-`ProgressBar` owns the bar; `StageProgress` (one bar per stage of `BenchEvent`-like events) and
+`ProgressBar` owns the bar; `StageProgress` (one bar per stage of `ProgressEvent`s) and
 `TrainProgress` (`TrainEvent`s) render what their library reports; `parity_progress` renders a
 parity check's ``progress(stage, done, total)`` calls. rich is imported only when one is made.
 """
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from bnexport.progress import ProgressEvent
 
 
 class ProgressBar:
@@ -33,7 +36,7 @@ class ProgressBar:
 
 
 class StageProgress(ProgressBar):
-    """Renders events with ``stage``, ``done``, ``total`` and ``message``: one bar per stage."""
+    """Renders `ProgressEvent`s: one bar per stage."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -43,7 +46,7 @@ class StageProgress(ProgressBar):
         )
         self.tasks: dict[str, Any] = {}
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         task = self.tasks.get(event.stage)
         if task is None:
             task = self.tasks[event.stage] = self.bar.add_task(event.stage, total=event.total)
