@@ -40,6 +40,9 @@ DEFAULT_TEMPERATURE = 1.0
 
 #: Seed of the random inputs `bnexport check`, `bench` and `tune` feed.
 DEFAULT_SEED = 0
+#: Generated integer inputs (parity's and the CLI's example inputs) lie in ``[0, INT_INPUT_HIGH)``:
+#: valid indices of any embedding that large.
+INT_INPUT_HIGH = 10
 
 #: `bnexport bench`'s and `bnexport tune`'s timing (`bnexport.bench.timing`): warm-up seconds per
 #: runner and batch size before any timing; one timing lasts at least ``DEFAULT_MIN_TIME_S`` (many
@@ -49,6 +52,10 @@ DEFAULT_SEED = 0
 DEFAULT_WARMUP_S = 0.2
 DEFAULT_MIN_TIME_S = 0.02
 DEFAULT_COOLDOWN_S = 0.05
+
+#: `bnexport check`: the batch sizes a default check runs onnxruntime at (the last one goes for a
+#: model too slow for the time budget, `bnexport.parity.plan`).
+DEFAULT_CHECK_BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
 
 #: `bnexport bench`: the batch sizes (1 is the latency one), timed rounds per batch size, and the
 #: fp32 peak probe (two ``n × n`` float32 matrices multiplied, best of the repeats).

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -38,19 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from bnexport import __version__
 from bnexport.defaults import DEFAULT_OPSET, opset_problem
 from bnexport.errors import ExportError, raise_if_interrupted
 from bnexport.files import atomic_path, sha256_file
+from bnexport.signature import default_input_names, default_output_names
 
 if TYPE_CHECKING:
     import onnx
     import onnx_ir
     import torch
 
-DEFAULT_CHECK_BATCH = 64  # batch size check_program feeds
 BATCH_DIM = "batch"
 PRODUCER_NAME = "bnexport"
 # ONNX protobufs cannot exceed 2 GiB; bigger models would need an external-data sidecar.
@@ -110,7 +107,6 @@ _BN_FUSION_RULE_NAMES = (
     "fuse_batchnorm_into_conv_transpose_rule",
     "fuse_batchnorm_into_gemm_rule",
 )
-SINGLE_OUTPUT_NAME = "output"
 
 
 @dataclass(frozen=True)
@@ -127,11 +123,6 @@ class ExportResult:
     size_bytes: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     bn_fused_by_onnxscript: int = 0  # BatchNormalization nodes the second stage fused
-
-    @property
-    def input_name(self) -> str:
-        """The first input's name."""
-        return self.input_names[0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -165,33 +156,6 @@ class ProgramResult:
             "num_nodes": self.num_nodes,
             "op_counts": dict(self.op_counts),
             "size_bytes": self.size_bytes,
-        }
-
-
-@dataclass(frozen=True)
-class ProgramCheck:
-    """The saved program, loaded back as a user would, against the unfolded model (fp32, CPU).
-
-    One comparison per output over every input sample (`bnexport.parity.compare`): max abs error,
-    error relative to the output's scale, cosine, argmax agreement, and the tolerance that would
-    have passed.
-    """
-
-    passed: bool
-    outputs: list[Any]  # bnexport.parity.compare.OutputComparison, one per output
-    samples: int
-    batch_size: int
-    tolerance: Any  # bnexport.parity.tolerance.NoiseTolerance (default) or Tolerance
-    inputs: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "samples": self.samples,
-            "batch_size": self.batch_size,
-            "tolerance": self.tolerance.to_dict(),
-            "outputs": [o.to_dict() for o in self.outputs],
-            "inputs": dict(self.inputs),
         }
 
 
@@ -277,63 +241,6 @@ def export_onnx(
     )
 
 
-Parameters = list[inspect.Parameter]
-
-
-def forward_signature(model: Any) -> tuple[Parameters, Parameters] | None:
-    """``(all parameters, positional ones)`` of `model.forward`; None for ``*args`` or a forward
-    without a signature."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    kinds = inspect.Parameter
-    if any(p.kind == kinds.VAR_POSITIONAL for p in params):
-        return None
-    positional = [
-        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
-    ]
-    return params, positional
-
-
-def forward_parameters(model: Any) -> tuple[tuple[str, ...], int] | None:
-    """``(names, required)`` of `model.forward`'s positional parameters; None for ``*args``."""
-    signature = forward_signature(model)
-    if signature is None:
-        return None
-    _, positional = signature
-    required = sum(p.default is inspect.Parameter.empty for p in positional)
-    return tuple(p.name for p in positional), required
-
-
-def default_input_names(model: Any, count: int) -> tuple[str, ...]:
-    """The forward's first `count` positional parameter names (``input_0``, … for ``*args``)."""
-    params = forward_parameters(model)
-    if params is None:
-        return tuple(f"input_{i}" for i in range(count))
-    names, _ = params
-    if count > len(names):
-        raise ExportError(
-            f"{count} example inputs, but {type(model).__name__}.forward takes "
-            f"{len(names)} positional input(s) ({', '.join(names)})"
-        )
-    return names[:count]
-
-
-def default_output_names(out_spec: Any) -> tuple[str, ...]:
-    """Output names for a pytree output structure: ``output`` for one tensor, a flat dict's keys,
-    else ``output_0``, ``output_1``, … in flattening order."""
-    from torch.utils._pytree import tree_unflatten
-
-    n = out_spec.num_leaves
-    structure = tree_unflatten(list(range(n)), out_spec)
-    if isinstance(structure, int):
-        return (SINGLE_OUTPUT_NAME,)
-    if isinstance(structure, Mapping) and all(isinstance(v, int) for v in structure.values()):
-        return tuple(str(k) for k in structure)
-    return tuple(f"output_{i}" for i in range(n))
-
-
 def _names(names: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
     if names is None:
         return None
@@ -383,137 +290,6 @@ def save_program(
         num_nodes=len(nodes),
         size_bytes=final.stat().st_size,
     )
-
-
-def check_program(
-    path: str | os.PathLike[str],
-    reference: torch.nn.Module,
-    *,
-    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]],
-    input_dtypes: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    normalize: Any = None,
-    batch_size: int = DEFAULT_CHECK_BATCH,
-    tolerance: Any = None,
-    inputs: Any = None,
-) -> ProgramCheck:
-    """Compare the program saved at `path` with the unfolded `reference` on the same inputs.
-
-    The program is loaded with `torch.export.load` (as a user would), so this checks the artifact,
-    not the in-memory module. `input_shape`: one shape, or one per positional input (no batch
-    dim); `input_dtypes` their numpy dtype names (default float32); `output_names` name the
-    outputs in the report (default: as `export_onnx` names them). Inputs are `bnexport.parity`'s
-    (the bundled Fashion-MNIST images when `normalize` is known and the input is one 28×28 image,
-    seeded random samples and edge cases), as many as `bnexport check` would feed in its time
-    budget. The decision is `bnexport check`'s: by default the noise-relative rule
-    (`bnexport.parity.tolerance.NoiseTolerance`: the program's error against the float64 forward
-    of `reference`, within a multiple of PyTorch fp32's own error); a fixed `Tolerance` compares
-    element-wise with the fp32 reference instead. Raises `ExportError` when the program cannot be
-    loaded or run.
-    """
-    import torch
-
-    from bnexport.parity import CheckConfig, build_sized_inputs
-    from bnexport.parity.compare import compare_output
-    from bnexport.parity.inputs import InputConfig, TensorSpec, as_shapes
-    from bnexport.parity.runners import TorchRunner, name_outputs
-    from bnexport.parity.tolerance import NoiseTolerance, noise_floor
-
-    tol = tolerance or NoiseTolerance()
-    with quiet_exporter() as log:
-        try:
-            program = torch.export.load(str(path))
-            module = program.module()
-        except Exception as exc:
-            raise _export_failure(
-                f"loading {path} with torch.export.load", exc, log.getvalue()
-            ) from exc
-    out_names = list(output_names or default_output_names(program.call_spec.out_spec))
-    shapes = as_shapes(input_shape) or []
-    dtypes = list(input_dtypes or ["float32"] * len(shapes))
-    if len(dtypes) != len(shapes):
-        raise ExportError(f"{len(shapes)} input shapes but {len(dtypes)} input dtypes")
-    names = ["input"] if len(shapes) == 1 else [f"input_{i}" for i in range(len(shapes))]
-    try:
-        np_dtypes = [np.dtype(d) for d in dtypes]
-    except TypeError as exc:
-        raise ExportError(f"cannot feed inputs of dtypes {dtypes} to the check: {exc}") from None
-    specs = [TensorSpec(n, (None, *s), d) for n, s, d in zip(names, shapes, np_dtypes, strict=True)]
-    ref_runner = TorchRunner(reference, names, out_names, name="torch-fp32")
-    runs: dict[str, Any] = {"ref": ref_runner.infer}
-    truth_runner = None
-    if isinstance(tol, NoiseTolerance):  # the truth, and a second fp32 path for the noise floor
-        truth_runner = TorchRunner(reference, names, out_names, name="torch-fp64", dtype="float64")
-        runs["truth"] = truth_runner.infer
-        runs["ref1"] = ref_runner.infer
-    config = CheckConfig(inputs=inputs or InputConfig(), batch_sizes=(batch_size,))
-    feed, _, _ = build_sized_inputs(  # fp32 twice, float64, the program: a check's cost
-        ref_runner,
-        specs,
-        config,
-        (batch_size,),
-        normalize,
-        shapes,
-        n_ort=0,
-        truth_runner=truth_runner,
-    )
-
-    def run_program(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # An exported program's module refuses .eval(): call it as is (it has no modes).
-        xs = [torch.from_numpy(np.array(batch[n], copy=True)) for n in names]
-        with torch.inference_mode():
-            return name_outputs(module(*xs), out_names, "the saved program")
-
-    runs["cand"] = run_program
-    got: dict[str, dict[str, np.ndarray]] = {}
-    for key, run in runs.items():
-        got[key] = _run_batches(run, feed, 1 if key == "ref1" else batch_size, key, names[0])
-    edge = feed.edge_case_mask()
-    floors = {  # `bnexport check`'s noise floor, ill-conditioned edge cases left out
-        n: noise_floor([got[k][n] for k in ("ref", "ref1")], got["truth"][n], edge)
-        for n in out_names
-        if "truth" in got
-    }
-    comparisons = [
-        compare_output(
-            name,
-            got["cand"][name],
-            got["ref"][name],
-            tol,
-            truth=got["truth"][name] if "truth" in got else None,
-            noise=floors[name][0] if name in floors else None,
-            locate=feed.locate,
-            ungated=floors[name][1] if name in floors else None,
-        )
-        for name in out_names
-    ]
-    return ProgramCheck(
-        passed=all(c.passed for c in comparisons),
-        outputs=comparisons,
-        samples=feed.size,
-        batch_size=batch_size,
-        tolerance=tol,
-        inputs=feed.summary(),
-    )
-
-
-def _run_batches(
-    run: Any, feed: Any, batch_size: int, key: str, first_input: str
-) -> dict[str, np.ndarray]:
-    """``run`` over ``feed`` in batches, outputs concatenated; a failure is an `ExportError`."""
-    chunks: dict[str, list[np.ndarray]] = {}
-    for batch in feed.batches(batch_size):
-        try:
-            out = run(batch)
-        except Exception as exc:
-            what = "the saved program" if key == "cand" else "the unfolded model"
-            raise ExportError(
-                f"running {what} on a batch of {len(batch[first_input])} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        for name, arr in out.items():
-            chunks.setdefault(name, []).append(arr)
-    return {name: np.concatenate(arrays) for name, arrays in chunks.items()}
 
 
 def build_metadata(source: Any, fold_report: Any = None) -> dict[str, Any]:

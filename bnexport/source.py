@@ -139,7 +139,7 @@ def example_inputs(specs: Sequence[InputSpec], batch: int = EXAMPLE_BATCH) -> tu
     uniform in ``[0, INT_INPUT_HIGH)`` (valid indices of any embedding that large), random bools."""
     import torch
 
-    from bnexport.parity.inputs import INT_INPUT_HIGH
+    from bnexport.defaults import INT_INPUT_HIGH
 
     gen = torch.Generator().manual_seed(EXAMPLE_SEED)
     out = []
@@ -205,8 +205,8 @@ def _user_source(
     import torch
 
     from bnexport.checkpoint import load_state_dict_strict, read_torch_file
-    from bnexport.export import forward_parameters
     from bnexport.files import sha256_file
+    from bnexport.signature import forward_parameters
 
     if temperature is not None:
         raise ModelSpecError(

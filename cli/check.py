@@ -179,6 +179,7 @@ def check_cli(
         folded=folded,
     )
     source = load_model_source(against, model_spec, input_shape, temperature)
+    folded_module, folded_reason = _fold_for_check(source) if folded else (None, "")
     with parity_progress() as progress:
         report = check_parity(
             model,
@@ -186,6 +187,8 @@ def check_cli(
             config,
             normalize=source.normalize,
             input_shape=[s.shape for s in source.input_specs],
+            folded=folded_module,
+            folded_reason=folded_reason,
             reference_name=source.name,
             progress=progress,
             rebuild=source.rebuild,
@@ -193,6 +196,20 @@ def check_cli(
     report.write_reports(json_path=json_path, junit_path=junit_path, markdown_path=markdown_path)
     render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
+
+
+def _fold_for_check(source: Any) -> tuple[Any, str]:
+    """The BN-folded model `check` runs as a candidate, or None and why: folding is not what
+    `check` checks, so a model that cannot be folded only skips that runner."""
+    from bnexport.errors import raise_if_interrupted
+    from bnexport.fold import fold_model
+
+    try:
+        # No self-check: the folded runner is itself checked against the float64 truth.
+        return fold_model(source.model, source.example_inputs, verify=False).module, ""
+    except Exception as exc:
+        raise_if_interrupted(exc)
+        return None, f"the model cannot be folded: {type(exc).__name__}: {exc}"
 
 
 def _check_paths(model: Path, inputs: list[Path | None], outputs: dict[str, Path | None]) -> None:

@@ -76,7 +76,8 @@ def fold_cli(
     from bnexport.files import check_output_paths, write_json
 
     check_output_paths({"-o": output, "--report-json": report_json}, [checkpoint])
-    from bnexport.export import check_program, save_program
+    from bnexport.export import save_program
+    from bnexport.parity.program import check_program
 
     out = console()
     with stage("Loading the model"):

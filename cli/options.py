@@ -229,7 +229,8 @@ def tolerance_config(
     tolerance: str, noise_factor: float | None, rtol: list[str] | None, atol: list[str] | None
 ) -> dict[str, Any]:
     """``CheckConfig`` keyword arguments for the tolerance options."""
-    from bnexport.parity.tolerance import NoiseTolerance, parse_tolerance_overrides
+    from bnexport.noise import NoiseTolerance
+    from bnexport.parity.tolerance import parse_tolerance_overrides
 
     mode = tolerance.strip().lower()
     out: dict[str, Any] = {

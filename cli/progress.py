@@ -2,7 +2,7 @@
 
 `ProgressBar` owns the bar; `StageProgress` (one bar per stage of `ProgressEvent`s) and
 `TrainProgress` (`TrainEvent`s) render what their library reports; `parity_progress` renders a
-parity check's ``progress(stage, done, total)`` calls. rich is imported only when one is made.
+parity check's `ProgressEvent`s. rich is imported only when one is made.
 """
 
 from __future__ import annotations
@@ -100,16 +100,16 @@ class TrainProgress(ProgressBar):
 
 
 @contextlib.contextmanager
-def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
-    """Progress of the parity check on stderr: a rich bar on a terminal, else one line per stage."""
+def parity_progress() -> Iterator[Callable[[ProgressEvent], None] | None]:
+    """Progress of the parity check on stderr: a rich bar on a terminal, else one line per run."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     err = Console(stderr=True)
     if not err.is_terminal:
 
-        def line(stage_name: str, done: int, total: int) -> None:
-            typer.echo(f"parity [{done}/{total}] {stage_name}", err=True)
+        def line(event: ProgressEvent) -> None:
+            typer.echo(f"parity [{event.done}/{event.total}] {event.message}", err=True)
 
         yield line
         return
@@ -122,7 +122,7 @@ def parity_progress() -> Iterator[Callable[[str, int, int], None] | None]:
     ) as bar:
         task = bar.add_task("starting", total=None)
 
-        def update(stage_name: str, done: int, total: int) -> None:
-            bar.update(task, description=stage_name, completed=done, total=total)
+        def update(event: ProgressEvent) -> None:
+            bar.update(task, description=event.message, completed=event.done, total=event.total)
 
         yield update

@@ -56,15 +56,15 @@ from real.zoo import REAL_MODELS  # noqa: E402  (the zoo lives with its tests)
 
 from bnexport.export import export_onnx  # noqa: E402
 from bnexport.fold import fold_model  # noqa: E402
-from bnexport.ort import OPT_LEVELS, SessionConfig, make_session  # noqa: E402
-from bnexport.parity.inputs import InputConfig, TensorSpec, build_inputs  # noqa: E402
-from bnexport.parity.runners import name_outputs  # noqa: E402
-from bnexport.parity.tolerance import (  # noqa: E402
+from bnexport.noise import (  # noqa: E402
     NOISE_FLOOR_ULPS,
     gated_candidate,
     noise_floor,
     relative_error,
 )
+from bnexport.ort import OPT_LEVELS, SessionConfig, make_session  # noqa: E402
+from bnexport.parity.inputs import InputConfig, build_inputs  # noqa: E402
+from bnexport.signature import TensorSpec, name_outputs  # noqa: E402
 from bnexport.source import load_source  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)

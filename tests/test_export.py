@@ -276,8 +276,8 @@ def test_the_measured_opset_range_exports(net: Net, tmp_path: Path) -> None:
 
 def test_check_program_explains_a_mismatch(exported: dict, net: Net, tmp_path: Path) -> None:
     """A program that is not the model (one weight nudged) fails, saying where and by how much."""
-    from bnexport.export import check_program
     from bnexport.parity.inputs import InputConfig
+    from bnexport.parity.program import check_program
 
     path = tmp_path / "net.pt2"
     save_program(exported["folded_module"], _inputs(2, 0), path)
@@ -321,10 +321,11 @@ def test_check_program_judges_by_the_noise_floor(tmp_path: Path) -> None:
     """A correct program of an ill-conditioned model passes `check`'s noise rule (its error
     against float64 is far below fp32's own), where the fixed tolerance blames the program for
     the fp32 reference's rounding."""
-    from bnexport.export import check_program
     from bnexport.fold import fold_model
+    from bnexport.noise import NoiseTolerance
     from bnexport.parity.inputs import InputConfig
-    from bnexport.parity.tolerance import DEFAULT_TOLERANCES, NoiseTolerance
+    from bnexport.parity.program import check_program
+    from bnexport.parity.tolerance import DEFAULT_TOLERANCES
 
     model, x = _Offset(), torch.randn(2, 3, 16, 16)
     path = tmp_path / "offset.pt2"
@@ -459,8 +460,8 @@ def test_example_inputs_of_different_batch_sizes_are_refused(tmp_path: Path) -> 
 
 
 def test_saved_program_takes_several_inputs(tmp_path: Path) -> None:
-    from bnexport.export import check_program
     from bnexport.parity.inputs import InputConfig
+    from bnexport.parity.program import check_program
 
     model = _ImageAndIds().eval()
     path = tmp_path / "m.pt2"

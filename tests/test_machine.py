@@ -39,9 +39,9 @@ def test_without_cpuinfo_the_platform_names_the_cpu(
 
 
 def test_parity_reports_the_same_cpu_as_the_machine_module() -> None:
-    from bnexport.parity.check import _device
+    from bnexport.parity import device_info
 
-    assert _device(cuda=False)["cpu"] == machine.cpu_model()
+    assert device_info(cuda=False)["cpu"] == machine.cpu_model()
 
 
 def test_cpus_available_and_load_average_describe_this_process() -> None:

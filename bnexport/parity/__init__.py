@@ -21,46 +21,43 @@ A mismatch is a result (``report.passed`` False); bad input raises ``ParityInput
 mismatch ``WeightsMismatchError``); CUDA asked for and not running raises
 ``ProviderUnavailableError`` — never a silent CPU pass.
 
-The work lives in named modules: :mod:`~bnexport.parity.check` (the config and the stages of a
-check), :mod:`~bnexport.parity.plan` (input sizing), :mod:`~bnexport.parity.run` (running and
-comparing the runners), ``inputs``, ``runners``, ``compare``, ``tolerance`` and ``report``; this
-package re-exports their public names.
+The work lives in named modules: :mod:`~bnexport.parity.config` (`CheckConfig`,
+`PreparedCheck`), :mod:`~bnexport.parity.prepare` (the model, its runners and the inputs),
+:mod:`~bnexport.parity.plan` (input sizing), :mod:`~bnexport.parity.engine` (the one comparison
+under the noise rule, also used by `bnexport fold`'s :mod:`~bnexport.parity.program` check and
+`bnexport tune`), :mod:`~bnexport.parity.run` (running the runners), :mod:`~bnexport.parity.check`
+(the stages in order), ``inputs``, ``compare``, ``tolerance`` and ``report``; this package
+re-exports their public names. The runners are `bnexport.runners`', the noise rule
+`bnexport.noise`'s.
 """
 
 from __future__ import annotations
 
-from bnexport.parity.check import (
+from bnexport.parity.check import check_parity, device_info
+from bnexport.parity.compare import OutputComparison, compare_output
+from bnexport.parity.config import (
     CUDA_OPT_LEVEL,
     DEFAULT_ORT_SPINNING,
     DEFAULT_ORT_THREADS,
+    DEFAULT_TIME_BUDGET_S,
     DEFAULT_TORCH_THREADS,
     CheckConfig,
-    Progress,
-    check_parity,
-    resolve_providers,
 )
-from bnexport.parity.compare import OutputComparison, compare_output
+from bnexport.parity.engine import Baseline, check_candidate, compare_outputs, measure_baseline
 from bnexport.parity.inputs import InputConfig, ParityInputs, load_inputs, save_inputs
 from bnexport.parity.plan import (
-    DEFAULT_BATCH_SIZES,
-    DEFAULT_TIME_BUDGET_S,
     MIN_RANDOM_SAMPLES,
     PROBE_SAMPLES,
     build_sized_inputs,
     plan_inputs,
 )
+from bnexport.parity.prepare import resolve_providers
+from bnexport.parity.program import ProgramCheck, check_program
 from bnexport.parity.report import ParityReport, RunnerResult
-from bnexport.parity.runners import OnnxRuntimeRunner, TorchRunner
-from bnexport.parity.tolerance import (
-    DEFAULT_TOLERANCES,
-    NoiseTolerance,
-    Tolerance,
-    parse_tolerance_overrides,
-)
+from bnexport.parity.tolerance import DEFAULT_TOLERANCES, Tolerance, parse_tolerance_overrides
 
 __all__ = [
     "CUDA_OPT_LEVEL",
-    "DEFAULT_BATCH_SIZES",
     "DEFAULT_ORT_SPINNING",
     "DEFAULT_ORT_THREADS",
     "DEFAULT_TIME_BUDGET_S",
@@ -68,21 +65,24 @@ __all__ = [
     "DEFAULT_TORCH_THREADS",
     "MIN_RANDOM_SAMPLES",
     "PROBE_SAMPLES",
+    "Baseline",
     "CheckConfig",
     "InputConfig",
-    "NoiseTolerance",
-    "OnnxRuntimeRunner",
     "OutputComparison",
     "ParityInputs",
     "ParityReport",
-    "Progress",
+    "ProgramCheck",
     "RunnerResult",
     "Tolerance",
-    "TorchRunner",
     "build_sized_inputs",
+    "check_candidate",
     "check_parity",
+    "check_program",
     "compare_output",
+    "compare_outputs",
+    "device_info",
     "load_inputs",
+    "measure_baseline",
     "parse_tolerance_overrides",
     "plan_inputs",
     "resolve_providers",

@@ -18,13 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.parity.tolerance import (
-    NoiseTolerance,
-    Tolerance,
-    gated_candidate,
-    relative_error,
-    sample_scale,
-)
+from bnexport.noise import NoiseTolerance, gated_candidate, relative_error, sample_scale
+from bnexport.parity.tolerance import Tolerance
 
 # Histogram of |a − r|: exact zeros, then decades 1e-9 … 1e1, then the rest and the non-finite.
 HISTOGRAM_DECADES: tuple[int, ...] = tuple(range(-9, 2))
@@ -61,7 +56,7 @@ class WorstElement:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["index"] = list(self.index)
-        d["ratio"] = _finite_or_str(self.ratio())
+        d["ratio"] = finite_or_str(self.ratio())
         return d
 
 
@@ -116,16 +111,16 @@ class OutputComparison:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
         for key, value in asdict(self).items():
-            d[key] = _finite_or_str(value) if isinstance(value, float) else value
+            d[key] = finite_or_str(value) if isinstance(value, float) else value
         d["shape"] = list(self.shape)
         d["tolerance"] = self.tolerance.to_dict()
         d["worst"] = self.worst.to_dict() if self.worst else None
         ratio = self.noise_ratio
-        d["noise_ratio"] = None if ratio is None else _finite_or_str(ratio)
+        d["noise_ratio"] = None if ratio is None else finite_or_str(ratio)
         return d
 
 
-def _finite_or_str(value: float) -> float | str:
+def finite_or_str(value: float) -> float | str:
     """JSON has no inf/nan: spell them."""
     if math.isnan(value):
         return "nan"
@@ -208,101 +203,32 @@ def compare_output(
     ref = np.asarray(reference, dtype=np.float64)
     if cand.shape != ref.shape:
         raise ValueError(f"output {name!r}: shape {cand.shape} vs reference {ref.shape}")
-
-    both_nan = np.isnan(cand) & np.isnan(ref)
-    same_inf = np.isinf(cand) & (cand == ref)
-    agree_nonfinite = both_nan | same_inf
-    with np.errstate(invalid="ignore"):
-        abs_err = np.abs(cand - ref)
-    abs_err = np.where(agree_nonfinite, 0.0, abs_err)
-    abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)  # NaN vs a number: infinitely wrong
-    finite_err = bool(np.all(np.isfinite(abs_err)))
-
     if isinstance(tolerance, NoiseTolerance) and truth is None:
         raise ValueError("the noise-relative tolerance needs the float64 truth")
+    abs_err, agree_nonfinite = _abs_errors(cand, ref)
     # Fixed-tolerance statistics (against the reference) use the default fixed tolerance's rtol
     # when the noise rule decides: "would pass with --tolerance fixed --atol X" at that rtol.
     fixed = tolerance if isinstance(tolerance, Tolerance) else Tolerance(0.0, 0.0)
-    scale = np.broadcast_to(np.maximum(1.0, sample_scale(ref)), ref.shape)
-    abs_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
-    atol = fixed.atol_scale * scale
-    allowed = atol + fixed.rtol * abs_ref
-    ok = fixed.passes(cand, ref)
-    violations = int(ok.size - np.count_nonzero(ok))
-
-    if finite_err:
-        min_atol_scale = float(np.max(np.maximum(abs_err - fixed.rtol * abs_ref, 0.0) / scale))
-        over = np.maximum(abs_err - atol, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            need = np.where(over > 0, over / abs_ref, 0.0)
-        min_rtol = float(np.max(need)) if need.size else 0.0
-    else:
-        min_atol_scale = min_rtol = math.inf
-
-    # Relative error of the worst sample: max|a−r| / max|ref| within each sample.
-    raw_scale = np.broadcast_to(sample_scale(ref), ref.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(abs_err == 0, 0.0, abs_err / raw_scale)
-    rel_err = float(np.max(rel)) if rel.size else 0.0
-
-    # Cosine over values that are comparable: agreeing non-finite pairs count as equal zeros.
-    cand_c = np.where(agree_nonfinite, 0.0, cand)
-    ref_c = np.where(agree_nonfinite, 0.0, ref)
-    n = ref.shape[0] if ref.ndim >= 1 else 1
-    sample_cos = row_cosines(cand_c.reshape(n, -1), ref_c.reshape(n, -1))
-    argmax: float | None = None
-    classifier = ref.ndim == 2 and ref.shape[-1] > 1
-    against = ref if truth is None else np.asarray(truth, dtype=np.float64)
-    if ref.ndim >= 2 and ref.shape[-1] > 1 and ref.size:
-        argmax = float(np.mean(np.argmax(cand, axis=-1) == np.argmax(against, axis=-1)))
-
-    error = floor = limit = None
+    allowed, violations, min_atol_scale, min_rtol = _fixed_stats(cand, ref, abs_err, fixed)
     passed = violations == 0
-    worst: WorstElement | None = None
+    stats = _TruthStats(noise=noise)
     if truth is not None:
-        tru = np.asarray(truth, dtype=np.float64)
-        if tru.shape != ref.shape:
-            raise ValueError(f"output {name!r}: truth shape {tru.shape} vs {ref.shape}")
-        eps = _eps(candidate)
-        e = relative_error(gated_candidate(cand, tru, ungated), tru)
-        error = e.value
-        noise = relative_error(ref, tru).value if noise is None else noise
-        rule = tolerance if isinstance(tolerance, NoiseTolerance) else NoiseTolerance()
-        floor, limit = rule.floor(noise, eps), rule.limit(noise, eps, precision)
-        if isinstance(tolerance, NoiseTolerance):
-            passed = tolerance.passes(error, noise, eps, precision)
-            if tru.size:
-                pos = (e.sample, *e.index) if tru.ndim else ()
-                set_name, set_index = locate(e.sample) if locate is not None else ("", -1)
-                worst = WorstElement(
-                    sample=e.sample,
-                    index=e.index,
-                    candidate=float(cand[pos]),
-                    reference=float(tru[pos]),
-                    abs_err=e.value * e.scale,
-                    allowed=limit * e.scale,
-                    input_set=set_name,
-                    set_index=int(set_index),
-                )
-
-    if worst is None and abs_err.size:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
-        flat = int(np.argmax(ratio))
-        pos = np.unravel_index(flat, ref.shape)
-        sample = int(pos[0]) if ref.ndim >= 1 else 0
-        set_name, set_index = locate(sample) if locate is not None else ("", -1)
-        worst = WorstElement(
-            sample=sample,
-            index=tuple(int(i) for i in pos[1:]),
-            candidate=float(cand[pos]),
-            reference=float(ref[pos]),
-            abs_err=float(abs_err[pos]),
-            allowed=float(allowed[pos]),
-            input_set=set_name,
-            set_index=int(set_index),
+        stats = _against_truth(
+            name,
+            candidate,
+            ref,
+            truth,
+            tolerance,
+            noise=noise,
+            precision=precision,
+            ungated=ungated,
+            locate=locate,
         )
-
+        if isinstance(tolerance, NoiseTolerance):
+            passed = stats.passed
+    worst = stats.worst
+    if worst is None and abs_err.size:
+        worst = _fixed_worst(ref, cand, abs_err, allowed, locate)
     return OutputComparison(
         name=name,
         shape=tuple(int(d) for d in ref.shape),
@@ -314,25 +240,160 @@ def compare_output(
         max_abs_err=float(abs_err.max()) if abs_err.size else 0.0,
         mean_abs_err=float(abs_err.mean()) if abs_err.size else 0.0,
         median_abs_err=float(np.median(abs_err)) if abs_err.size else 0.0,
-        rel_err=rel_err,
+        rel_err=_worst_relative(abs_err, ref),
         ref_max_abs=float(np.max(np.abs(ref[np.isfinite(ref)]))) if np.isfinite(ref).any() else 0.0,
-        cosine=cosine_similarity(cand_c, ref_c),
-        min_sample_cosine=float(np.min(sample_cos)) if sample_cos.size else 1.0,
-        argmax_agreement=argmax,
-        nan_candidate=int(np.count_nonzero(np.isnan(cand))),
-        inf_candidate=int(np.count_nonzero(np.isinf(cand))),
-        nan_reference=int(np.count_nonzero(np.isnan(ref))),
-        inf_reference=int(np.count_nonzero(np.isinf(ref))),
         min_atol_scale=min_atol_scale,
         min_rtol=min_rtol,
         histogram=error_histogram(abs_err),
         worst=worst,
-        error=error,
-        noise=noise,
-        floor=floor,
-        limit=limit,
-        classifier=classifier,
+        error=stats.error,
+        noise=stats.noise,
+        floor=stats.floor,
+        limit=stats.limit,
+        **_similarity(cand, ref, truth, agree_nonfinite),
     )
+
+
+@dataclass
+class _TruthStats:
+    """Against the truth: ``N``, ``E``, ``F``, the limit, the noise rule's verdict and its worst
+    element (`compare_output`)."""
+
+    noise: float | None = None
+    error: float | None = None
+    floor: float | None = None
+    limit: float | None = None
+    passed: bool = True
+    worst: WorstElement | None = None
+
+
+def _against_truth(
+    name: str,
+    candidate: np.ndarray,
+    ref: np.ndarray,
+    truth: np.ndarray,
+    tolerance: Tolerance | NoiseTolerance,
+    *,
+    noise: float | None,
+    precision: float,
+    ungated: np.ndarray | None,
+    locate: Any,
+) -> _TruthStats:
+    """``E`` (ungated samples left out), ``N`` (the reference's error, unless measured),
+    ``F`` and the limit; with the noise rule, its verdict and worst element."""
+    cand = np.asarray(candidate, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    if tru.shape != ref.shape:
+        raise ValueError(f"output {name!r}: truth shape {tru.shape} vs {ref.shape}")
+    eps = _eps(candidate)
+    e = relative_error(gated_candidate(cand, tru, ungated), tru)
+    noise = relative_error(ref, tru).value if noise is None else noise
+    rule = tolerance if isinstance(tolerance, NoiseTolerance) else NoiseTolerance()
+    limit = rule.limit(noise, eps, precision)
+    stats = _TruthStats(noise, e.value, rule.floor(noise, eps), limit)
+    if not isinstance(tolerance, NoiseTolerance):
+        return stats
+    stats.passed = tolerance.passes(e.value, noise, eps, precision)
+    if tru.size:
+        pos = (e.sample, *e.index) if tru.ndim else ()
+        set_name, set_index = locate(e.sample) if locate is not None else ("", -1)
+        stats.worst = WorstElement(
+            sample=e.sample,
+            index=e.index,
+            candidate=float(cand[pos]),
+            reference=float(tru[pos]),
+            abs_err=e.value * e.scale,
+            allowed=limit * e.scale,
+            input_set=set_name,
+            set_index=int(set_index),
+        )
+    return stats
+
+
+def _fixed_worst(
+    ref: np.ndarray, cand: np.ndarray, abs_err: np.ndarray, allowed: np.ndarray, locate: Any
+) -> WorstElement:
+    """The element with the largest ``|a − r| / allowed`` under the fixed tolerance."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(allowed > 0, abs_err / allowed, np.where(abs_err > 0, np.inf, 0.0))
+    pos = np.unravel_index(int(np.argmax(ratio)), ref.shape)
+    sample = int(pos[0]) if ref.ndim >= 1 else 0
+    set_name, set_index = locate(sample) if locate is not None else ("", -1)
+    return WorstElement(
+        sample=sample,
+        index=tuple(int(i) for i in pos[1:]),
+        candidate=float(cand[pos]),
+        reference=float(ref[pos]),
+        abs_err=float(abs_err[pos]),
+        allowed=float(allowed[pos]),
+        input_set=set_name,
+        set_index=int(set_index),
+    )
+
+
+def _abs_errors(cand: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``|a − r|`` (0 where both are NaN or the same infinity, inf where only one is NaN), and
+    where the two agree on a non-finite value."""
+    agree_nonfinite = (np.isnan(cand) & np.isnan(ref)) | (np.isinf(cand) & (cand == ref))
+    with np.errstate(invalid="ignore"):
+        abs_err = np.abs(cand - ref)
+    abs_err = np.where(agree_nonfinite, 0.0, abs_err)
+    abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)  # NaN vs a number: infinitely wrong
+    return abs_err, agree_nonfinite
+
+
+def _fixed_stats(
+    cand: np.ndarray, ref: np.ndarray, abs_err: np.ndarray, fixed: Tolerance
+) -> tuple[np.ndarray, int, float, float]:
+    """Against the reference under ``fixed``: the allowed error per element, the violations, and
+    the smallest passing ``atol_scale`` and ``rtol`` (`compare_output`)."""
+    scale = np.broadcast_to(np.maximum(1.0, sample_scale(ref)), ref.shape)
+    abs_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
+    atol = fixed.atol_scale * scale
+    allowed = atol + fixed.rtol * abs_ref
+    ok = fixed.passes(cand, ref)
+    violations = int(ok.size - np.count_nonzero(ok))
+    if not np.all(np.isfinite(abs_err)):
+        return allowed, violations, math.inf, math.inf
+    min_atol_scale = float(np.max(np.maximum(abs_err - fixed.rtol * abs_ref, 0.0) / scale))
+    over = np.maximum(abs_err - atol, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(over > 0, over / abs_ref, 0.0)
+    min_rtol = float(np.max(need)) if need.size else 0.0
+    return allowed, violations, min_atol_scale, min_rtol
+
+
+def _worst_relative(abs_err: np.ndarray, ref: np.ndarray) -> float:
+    """The worst sample's ``max|a−r| / max|ref|`` (that sample's)."""
+    raw_scale = np.broadcast_to(sample_scale(ref), ref.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(abs_err == 0, 0.0, abs_err / raw_scale)
+    return float(np.max(rel)) if rel.size else 0.0
+
+
+def _similarity(
+    cand: np.ndarray, ref: np.ndarray, truth: np.ndarray | None, agree_nonfinite: np.ndarray
+) -> dict[str, Any]:
+    """Cosine (whole output, worst sample) over comparable values (agreeing non-finite pairs count
+    as equal zeros) and argmax agreement with the truth (else the reference)."""
+    cand_c = np.where(agree_nonfinite, 0.0, cand)
+    ref_c = np.where(agree_nonfinite, 0.0, ref)
+    n = ref.shape[0] if ref.ndim >= 1 else 1
+    sample_cos = row_cosines(cand_c.reshape(n, -1), ref_c.reshape(n, -1))
+    argmax: float | None = None
+    against = ref if truth is None else np.asarray(truth, dtype=np.float64)
+    if ref.ndim >= 2 and ref.shape[-1] > 1 and ref.size:
+        argmax = float(np.mean(np.argmax(cand, axis=-1) == np.argmax(against, axis=-1)))
+    return {
+        "cosine": cosine_similarity(cand_c, ref_c),
+        "min_sample_cosine": float(np.min(sample_cos)) if sample_cos.size else 1.0,
+        "argmax_agreement": argmax,
+        "nan_candidate": int(np.count_nonzero(np.isnan(cand))),
+        "inf_candidate": int(np.count_nonzero(np.isinf(cand))),
+        "nan_reference": int(np.count_nonzero(np.isnan(ref))),
+        "inf_reference": int(np.count_nonzero(np.isinf(ref))),
+        "classifier": ref.ndim == 2 and ref.shape[-1] > 1,
+    }
 
 
 def _eps(array: np.ndarray) -> float:

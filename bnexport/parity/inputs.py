@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.defaults import DEFAULT_SEED
+from bnexport.defaults import DEFAULT_SEED, INT_INPUT_HIGH
 from bnexport.errors import ParityInputError
+from bnexport.signature import TensorSpec
 
 DEFAULT_RANDOM_COUNT = 64
 EDGE_LARGE = 1.0e4  # "large" edge-case magnitude, in the model's input units
@@ -31,49 +32,10 @@ CORE_EDGE_CASES = ("zeros", "large±")
 EDGE_CASE_SETS = frozenset(
     {"zeros", "ones", "minus-ones", "black", "gray", "white", "large+", "large-", "large±"}
 )
-INT_INPUT_HIGH = 10  # generated integer inputs (and the CLI's example inputs) lie in [0, this)
 IMAGE_SHAPE = (1, 28, 28)  # the shape the bundled images and IDX files fit
 META_SETS = "__sets__"
 META_SIZES = "__set_sizes__"
 META_DESCRIPTIONS = "__set_descriptions__"
-
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output: name, shape (``None`` for a symbolic dimension) and dtype."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: np.dtype
-
-    @classmethod
-    def from_ort(cls, node: Any) -> TensorSpec:
-        """From an onnxruntime ``NodeArg`` (``session.get_inputs()[i]``)."""
-        if node.type not in _ORT_DTYPES:
-            raise ParityInputError(
-                f"ONNX tensor {node.name!r} has type {node.type}, which bnexport check cannot feed"
-            )
-        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (node.shape or ()))
-        return cls(node.name, shape, np.dtype(_ORT_DTYPES[node.type]))
-
-    def describe(self) -> str:
-        dims = ",".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} [{dims}] {self.dtype}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype)}
 
 
 @dataclass(frozen=True)

@@ -21,27 +21,17 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from bnexport.defaults import DEFAULT_CHECK_BATCH_SIZES
 from bnexport.errors import BnexportError, ParityInputError
-from bnexport.parity.inputs import (
-    CORE_EDGE_CASES,
-    InputConfig,
-    ParityInputs,
-    TensorSpec,
-    build_inputs,
-)
-from bnexport.parity.runners import Runner, TorchRunner
+from bnexport.parity.config import DEFAULT_TIME_BUDGET_S, CheckConfig
+from bnexport.parity.inputs import CORE_EDGE_CASES, InputConfig, ParityInputs, build_inputs
+from bnexport.runners import Runner, TorchRunner
+from bnexport.signature import TensorSpec
 
-if TYPE_CHECKING:
-    from bnexport.parity.check import CheckConfig
-
-DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
-#: Seconds of model forwards a default check aims at (`plan_inputs`): the samples and the batch
-#: sizes shrink for a model whose forward is expensive (resnet50 at 224×224 gets the core check).
-DEFAULT_TIME_BUDGET_S = 6.0
 #: Samples of the timed fp32 forward that sizes a default check (after a warm-up call on them).
 PROBE_SAMPLES = 2
 #: A probe call faster than this is mostly call overhead: the model is timed again on
@@ -116,23 +106,9 @@ def build_sized_inputs(
     if as_asked and batch_sizes:
         return build(inputs_cfg), batch_sizes, []
     probe = build(_probe_config(inputs_cfg))
-    fp32_s = _seconds_per_sample(ref_runner, probe, PROBE_SAMPLES)
-    # per sample at batch 1 and in a larger batch, for PyTorch and onnxruntime: a call this fast
-    # is mostly overhead, so the model is timed again in a batch, and onnxruntime (whose overhead
-    # is far smaller) on its own; a slower model costs about the same in both
-    batched_s = ort_s = ort_batched_s = fp32_s
-    if fp32_s * PROBE_SAMPLES < AMORTIZED_CALL_S:
-        batched_s = min(fp32_s, _seconds_per_sample(ref_runner, probe, AMORTIZED_SAMPLES))
-        if ort_runner is not None:
-            try:
-                ort_s = _seconds_per_sample(ort_runner, probe, PROBE_SAMPLES)
-                ort_batched_s = min(
-                    ort_s, _seconds_per_sample(ort_runner, probe, AMORTIZED_SAMPLES)
-                )
-            except ParityInputError:  # a failing session is a result: its own run reports it
-                ort_s = ort_batched_s = fp32_s
+    fp32_s, batched_s, ort_s, ort_batched_s = _probe_costs(ref_runner, ort_runner, probe)
     fixed, n_edge = _fixed_samples(inputs_cfg, probe, build)
-    n_batches = len(batch_sizes or DEFAULT_BATCH_SIZES)
+    n_batches = len(batch_sizes or DEFAULT_CHECK_BATCH_SIZES)
     # PyTorch: an fp32 noise draw at batch 1, fp32 and the torch candidate batched; each
     # onnxruntime runner at batch 1 and at the other batch sizes
     per_sample = fp32_s + 2 * batched_s + n_ort * (ort_s + (n_batches - 1) * ort_batched_s)
@@ -148,7 +124,7 @@ def build_sized_inputs(
     )
     random = wanted if as_asked else plan.random
     if batch_sizes is None:
-        batch_sizes = DEFAULT_BATCH_SIZES if plan.all_batch_sizes else DEFAULT_BATCH_SIZES[:2]
+        batch_sizes = DEFAULT_CHECK_BATCH_SIZES[: None if plan.all_batch_sizes else 2]
     if inputs_cfg.inputs_file is not None:
         return probe, batch_sizes, []
     inputs_cfg = replace(
@@ -164,6 +140,29 @@ def build_sized_inputs(
             "--samples N overrides)"
         )
     return build(inputs_cfg), batch_sizes, notes
+
+
+def _probe_costs(
+    ref_runner: Runner, ort_runner: Runner | None, probe: ParityInputs
+) -> tuple[float, float, float, float]:
+    """Seconds per sample: fp32 at batch 1 and batched, onnxruntime at batch 1 and batched.
+
+    A call this fast is mostly overhead, so the model is timed again in a batch, and onnxruntime
+    (whose overhead is far smaller) on its own; a slower model costs about the same in both.
+    """
+    fp32_s = _seconds_per_sample(ref_runner, probe, PROBE_SAMPLES)
+    batched_s = ort_s = ort_batched_s = fp32_s
+    if fp32_s * PROBE_SAMPLES < AMORTIZED_CALL_S:
+        batched_s = min(fp32_s, _seconds_per_sample(ref_runner, probe, AMORTIZED_SAMPLES))
+        if ort_runner is not None:
+            try:
+                ort_s = _seconds_per_sample(ort_runner, probe, PROBE_SAMPLES)
+                ort_batched_s = min(
+                    ort_s, _seconds_per_sample(ort_runner, probe, AMORTIZED_SAMPLES)
+                )
+            except ParityInputError:  # a failing session is a result: its own run reports it
+                ort_s = ort_batched_s = fp32_s
+    return fp32_s, batched_s, ort_s, ort_batched_s
 
 
 def _probe_config(config: InputConfig) -> InputConfig:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnexport.parity.compare import OutputComparison, _finite_or_str
-from bnexport.parity.tolerance import NoiseTolerance, Tolerance
+from bnexport.noise import NoiseTolerance
+from bnexport.parity.compare import OutputComparison, finite_or_str
+from bnexport.parity.tolerance import Tolerance
 
 REPORT_FORMAT = "bnexport.parity/2"
 NOISE_NOTE = (
@@ -108,10 +109,10 @@ class RunnerResult:
             "seconds": self.seconds,
             "passed": self.passed,
             "tolerance": self.tolerance.to_dict(),
-            "max_abs_err": _finite_or_str(max((o.max_abs_err for o in self.outputs), default=0.0)),
+            "max_abs_err": finite_or_str(max((o.max_abs_err for o in self.outputs), default=0.0)),
             "outputs": [o.to_dict() for o in self.outputs],
             "ground_truth_max_abs_err": {
-                k: _finite_or_str(v) for k, v in self.ground_truth_max_abs_err.items()
+                k: finite_or_str(v) for k, v in self.ground_truth_max_abs_err.items()
             },
             "error": self.error,
         }
@@ -366,7 +367,7 @@ def failure_lines(report: ParityReport) -> list[str]:
 
 def _limit(tol: Tolerance | NoiseTolerance, kind: str) -> str:
     if isinstance(tol, NoiseTolerance):
-        from bnexport.parity.tolerance import KIND_PRECISION
+        from bnexport.noise import KIND_PRECISION
 
         return f"{tol.factor * KIND_PRECISION.get(kind, 1.0):g}×"
     return tol.short()

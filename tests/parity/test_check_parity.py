@@ -78,7 +78,8 @@ def test_ground_truth_error_matches_an_independent_float64_forward(
     net: torch.nn.Module,  # type: ignore[no-untyped-def]
 ) -> None:
     """The report's 'vs float64' figure equals max|ORT − F-based float64 forward|."""
-    from bnexport.parity.inputs import TensorSpec, build_inputs
+    from bnexport.parity.inputs import build_inputs
+    from bnexport.signature import TensorSpec
 
     spec = (TensorSpec("input", (None, 1, 28, 28), np.dtype(np.float32)),)
     x = build_inputs(spec, InputConfig(), normalize=FASHION_MNIST_NORMALIZE).arrays()["input"]
@@ -139,11 +140,20 @@ def test_a_fault_fails_the_onnx_runners_with_an_explanation(
     assert len(failures) == 2 and "ort-cpu" in failures[0].get("message", "")
 
 
-def test_folded_reference_is_folded_by_bnexport_fold(onnx_path: Path, net: torch.nn.Module) -> None:
+def test_the_model_bnexport_fold_folded_is_checked_and_none_is_listed_as_skipped(
+    onnx_path: Path, net: torch.nn.Module
+) -> None:
+    from bnexport.fold import fold_model
+
     cfg = CheckConfig(providers=("cpu",), opt_levels=("all",), batch_sizes=(64,), inputs=FAST)
-    rep = check_parity(onnx_path, net, cfg, normalize=FASHION_MNIST_NORMALIZE)
+    module = fold_model(net, (torch.randn(2, 1, 28, 28),), verify=False).module
+    rep = check_parity(onnx_path, net, cfg, normalize=FASHION_MNIST_NORMALIZE, folded=module)
     folded = [r for r in rep.results if r.runner == "torch-folded"]
     assert folded and folded[0].passed, rep.skipped
+    why = "the model cannot be folded: ValueError: no"
+    rep = check_parity(onnx_path, net, cfg, normalize=FASHION_MNIST_NORMALIZE, folded_reason=why)
+    assert not [r for r in rep.results if r.runner == "torch-folded"]
+    assert {"runner": "torch-folded", "reason": why} in rep.skipped
 
 
 def test_static_batch_onnx_with_other_batch_sizes_is_an_input_error(
@@ -325,7 +335,7 @@ def test_other_weights_are_refused_before_any_run(mixer_onnx: Path) -> None:
             mixer_onnx,
             other,
             CheckConfig(providers=("cpu",), inputs=FAST),
-            progress=lambda stage, done, total: calls.append(stage),
+            progress=lambda event: calls.append(event.message),
         )
     assert calls == []
 

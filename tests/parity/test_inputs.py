@@ -120,7 +120,7 @@ def test_symbolic_dims_need_an_input_shape() -> None:
 
 
 def test_integer_and_bool_inputs_are_generated_in_range() -> None:
-    from bnexport.parity.inputs import INT_INPUT_HIGH
+    from bnexport.defaults import INT_INPUT_HIGH
 
     specs = (
         TensorSpec("image", (None, 3, 4, 4), np.dtype(np.float32)),

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from bnexport.parity import CheckConfig
-from bnexport.parity.inputs import CORE_EDGE_CASES, InputConfig, ParityInputs, TensorSpec
+from bnexport.parity.inputs import CORE_EDGE_CASES, InputConfig, ParityInputs
 from bnexport.parity.plan import MIN_RANDOM_SAMPLES, build_sized_inputs, plan_inputs
-from bnexport.parity.runners import TorchRunner
+from bnexport.runners import TorchRunner
+from bnexport.signature import TensorSpec
 
 # --------------------------------------------------------------------------------------------
 # plan_inputs: the arithmetic (1 s per sample, so the budget is the number of samples that fit)

@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 
 from bnexport.errors import ParityInputError
-from bnexport.parity.tolerance import (
-    DEFAULT_TOLERANCES,
+from bnexport.noise import (
     NoiseTolerance,
-    Tolerance,
     gated_candidate,
     noise_floor,
-    parse_tolerance_overrides,
     relative_error,
-    resolve_tolerances,
     sample_errors,
+)
+from bnexport.parity.tolerance import (
+    DEFAULT_TOLERANCES,
+    Tolerance,
+    parse_tolerance_overrides,
+    resolve_tolerances,
 )
 
 
