@@ -44,7 +44,7 @@ DEFAULT_SEED = 0
 #: valid indices of any embedding that large.
 INT_INPUT_HIGH = 10
 
-#: `bnexport bench`'s and `bnexport tune`'s timing (`bnexport.bench.timing`): warm-up seconds per
+#: `bnexport bench`'s and `bnexport tune`'s timing (`bnexport.timing`): warm-up seconds per
 #: runner and batch size before any timing; one timing lasts at least ``DEFAULT_MIN_TIME_S`` (many
 #: calls at batch 1); idle seconds before each timing: onnxruntime's intra-op workers keep spinning
 #: for 20-50 ms after a run (measured here), stealing a core from whatever is timed next, and 50 ms

@@ -109,7 +109,7 @@ def choices(values: Sequence[str], flag: str, *, multiple: bool = False) -> dict
 DEFAULT_PROVIDERS = ",".join(defaults.DEFAULT_PROVIDERS)
 DEFAULT_OPT_LEVELS = ",".join(defaults.DEFAULT_OPT_LEVELS)
 DEFAULT_TOLERANCE = defaults.DEFAULT_TOLERANCE_MODE
-#: bench's and tune's timing (`bnexport.bench.timing`); defaults in `bnexport.defaults`.
+#: bench's and tune's timing (`bnexport.timing`); defaults in `bnexport.defaults`.
 MinTimeOpt = Annotated[
     float,
     typer.Option("--min-time", help="Seconds one timing lasts at least (many calls if fast)."),

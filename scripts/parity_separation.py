@@ -54,6 +54,7 @@ from real.faults import (  # noqa: E402  (the faults the fault tests inject)
 )
 from real.zoo import REAL_MODELS  # noqa: E402  (the zoo lives with its tests)
 
+from bnexport.defaults import OPT_LEVELS  # noqa: E402
 from bnexport.export import export_onnx  # noqa: E402
 from bnexport.fold import fold_model  # noqa: E402
 from bnexport.noise import (  # noqa: E402
@@ -62,7 +63,7 @@ from bnexport.noise import (  # noqa: E402
     noise_floor,
     relative_error,
 )
-from bnexport.ort import OPT_LEVELS, SessionConfig, make_session  # noqa: E402
+from bnexport.ort import SessionConfig, make_session  # noqa: E402
 from bnexport.parity.inputs import InputConfig, build_inputs  # noqa: E402
 from bnexport.signature import TensorSpec, name_outputs  # noqa: E402
 from bnexport.source import load_source  # noqa: E402
