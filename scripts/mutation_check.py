@@ -62,8 +62,8 @@ MUTANTS = (
     ),
     Mutant(
         "fold self-check never fails",
-        "bnexport/fold/__init__.py",
-        "        raise FoldError(_self_check_message(result, deterministic))",
+        "bnexport/fold/verify.py",
+        "        raise FoldError(_self_check_message(result, worst, deterministic))",
         "        pass",
         ("tests/fold/test_self_check.py",),
     ),

@@ -124,15 +124,15 @@ def test_large_linear_weights_are_converted_blockwise_to_the_same_float64_result
     rows at a time; the output is torch's own float64 forward, to float64 rounding."""
     import copy
 
-    import bnexport.fold as fold
+    import bnexport.fold.verify as verify
 
-    monkeypatch.setattr(fold, "LARGE_WEIGHT", 64)
-    monkeypatch.setattr(fold, "_BLOCK", 40)  # 2 rows of 20 per block, an uneven last block
+    monkeypatch.setattr(verify, "LARGE_WEIGHT", 64)
+    monkeypatch.setattr(verify, "_BLOCK", 40)  # 2 rows of 20 per block, an uneven last block
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(20, 33, bias=bias), nn.ReLU(), nn.Linear(33, 5)).eval()
     x = torch.randn(4, 20)
     expected = copy.deepcopy(model).double()(x.double())
-    (got,) = fold.run_float64(model, (x.double(),))
+    (got,) = verify.run_float64(model, (x.double(),))
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
     assert model[0].weight.dtype == torch.float32  # the model is untouched
