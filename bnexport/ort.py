@@ -363,51 +363,16 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
         "onnxruntime_version": ort.__version__,
         "packages": packages,
     }
-    cuda = PROVIDER_NAMES["cuda"]
-    if cuda not in available:
-        if "onnxruntime-gpu" not in packages:
-            cpu_pkg = f"onnxruntime {packages['onnxruntime']}" if "onnxruntime" in packages else ""
-            reason = (
-                f"onnxruntime-gpu is not installed (only the CPU package {cpu_pkg}; "
-                f"providers {list(available)}); install it with `pip install onnxruntime-gpu` "
-                "(bnexport[gpu]) in place of onnxruntime"
-            )
-        else:
-            reason = (
-                f"onnxruntime-gpu {packages['onnxruntime-gpu']} is installed but the imported "
-                f"onnxruntime ({ort.__file__}) offers no CUDA provider "
-                f"(providers {list(available)}); if both onnxruntime and onnxruntime-gpu are "
-                "installed, uninstall both and reinstall onnxruntime-gpu alone"
-            )
-        return ProbeResult(False, reason, **common)
-
-    ort.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
-    so = session_options(replace(ORT_DEFAULTS, log_severity_level=4))
-    opts = {"device_id": str(device_id), **DEFAULT_CUDA_OPTIONS}
-    preloaded = ""
-    for attempt in range(2):
-        try:
-            sess = _inference_session(
-                _tiny_model_bytes(), so, [(cuda, opts), PROVIDER_NAMES["cpu"]]
-            )
-        except Exception as exc:
-            raise_if_interrupted(exc)
-            return ProbeResult(
-                False, f"creating a CUDA session failed: {' '.join(str(exc).split())}", **common
-            )
-        got = sess.get_providers()
-        if got and got[0] == cuda:
-            break
-        if attempt == 0 and hasattr(ort, "preload_dlls"):
-            # CUDA/cuDNN from pip (nvidia-* wheels) are not on the loader path until preloaded.
-            try:
-                ort.preload_dlls()
-                preloaded = " (CUDA libraries loaded with onnxruntime.preload_dlls())"
-            except Exception:
-                break
-        else:
-            break
-    if not got or got[0] != cuda:
+    if PROVIDER_NAMES["cuda"] not in available:
+        return ProbeResult(False, _no_cuda_provider(packages, available), **common)
+    try:
+        sess, preloaded = _cuda_probe_session(device_id)
+    except Exception as exc:
+        raise_if_interrupted(exc)
+        return ProbeResult(
+            False, f"creating a CUDA session failed: {' '.join(str(exc).split())}", **common
+        )
+    if sess is None:
         return ProbeResult(False, _diagnose_fallback(), **common)
     try:
         x = np.array([1.5, -2.0], dtype=np.float32)
@@ -422,3 +387,48 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
     return ProbeResult(
         True, f"CUDAExecutionProvider runs on device {device_id}{preloaded}", **common
     )
+
+
+def _no_cuda_provider(packages: dict[str, str], available: tuple[str, ...]) -> str:
+    """Why onnxruntime offers no CUDA provider: the CPU package, or both packages installed."""
+    import onnxruntime as ort
+
+    if "onnxruntime-gpu" not in packages:
+        cpu_pkg = f"onnxruntime {packages['onnxruntime']}" if "onnxruntime" in packages else ""
+        return (
+            f"onnxruntime-gpu is not installed (only the CPU package {cpu_pkg}; "
+            f"providers {list(available)}); install it with `pip install onnxruntime-gpu` "
+            "(bnexport[gpu]) in place of onnxruntime"
+        )
+    return (
+        f"onnxruntime-gpu {packages['onnxruntime-gpu']} is installed but the imported "
+        f"onnxruntime ({ort.__file__}) offers no CUDA provider "
+        f"(providers {list(available)}); if both onnxruntime and onnxruntime-gpu are "
+        "installed, uninstall both and reinstall onnxruntime-gpu alone"
+    )
+
+
+def _cuda_probe_session(device_id: int) -> tuple[onnxruntime.InferenceSession | None, str]:
+    """The probe's tiny session on CUDA and a note when onnxruntime had to preload the CUDA
+    libraries first; ``None`` when onnxruntime placed it on the CPU even after that."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
+    so = session_options(replace(ORT_DEFAULTS, log_severity_level=4))
+    cuda = PROVIDER_NAMES["cuda"]
+    options = {"device_id": str(device_id), **DEFAULT_CUDA_OPTIONS}
+    providers = [(cuda, options), PROVIDER_NAMES["cpu"]]
+    preloaded = ""
+    for attempt in range(2):
+        sess = _inference_session(_tiny_model_bytes(), so, providers)
+        if sess.get_providers()[:1] == [cuda]:
+            return sess, preloaded
+        if attempt or not hasattr(ort, "preload_dlls"):
+            break
+        # CUDA/cuDNN from pip (nvidia-* wheels) are not on the loader path until preloaded.
+        try:
+            ort.preload_dlls()
+        except Exception:
+            break
+        preloaded = " (CUDA libraries loaded with onnxruntime.preload_dlls())"
+    return None, ""
