@@ -94,6 +94,8 @@ def _register() -> None:
     from bnexport.cli.check import check_cli
     from bnexport.cli.fold import fold_cli
     from bnexport.cli.onnx import onnx_cli
+    from bnexport.cli.package import package_cli
+    from bnexport.cli.serve import serve_cli
     from bnexport.cli.train import train_cli
     from bnexport.cli.tune import tune_cli
 
@@ -104,6 +106,8 @@ def _register() -> None:
         ("check", check_cli),
         ("bench", bench_cli),
         ("tune", tune_cli),
+        ("package", package_cli),
+        ("serve", serve_cli),
     ):
         # check's extra positionals reach it, to refuse a checkpoint there with the fix
         settings = {"allow_extra_args": True} if name == "check" else None
