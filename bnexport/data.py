@@ -40,19 +40,6 @@ SPLITS: dict[str, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
 SAMPLE_PER_CLASS = 100
 SAMPLE_FILES = (SPLITS["test"][0] + ".gz", SPLITS["test"][1] + ".gz")
 

@@ -29,8 +29,9 @@ from torch.utils._pytree import tree_leaves
 from bnexport.errors import FoldError
 from bnexport.fold.batchnorm import BNParams, register_batchnorm
 from bnexport.fold.passes import fold_graph
-from bnexport.fold.patterns import PATTERNS, Pattern, Rule
+from bnexport.fold.patterns import PATTERNS
 from bnexport.fold.report import REASONS, ChainEntry, FoldEntry, FoldReport
+from bnexport.fold.rules import Pattern, Rule
 from bnexport.fold.trace import remove_eval_identities, trace
 from bnexport.fold.verify import clone_inputs, self_check
 

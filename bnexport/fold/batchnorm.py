@@ -10,7 +10,7 @@ without a temperature). bnexport recognises it by what it computes, not by class
   registered this way), or any module shaped like a frozen BatchNorm (buffers ``weight``, ``bias``,
   ``running_mean``, ``running_var`` and a float ``eps``, no parameters, no submodules: torchvision's
   ``FrozenBatchNorm2d``); these are checked numerically against the formula before folding
-  (`bnexport.fold.graph.FoldContext.bn_site`);
+  (`bnexport.fold.sites.bn_site`);
 * a call of ``F.batch_norm``, ``torch.batch_norm`` or ``aten.batch_norm`` whose statistics and
   affine parameters are constants (buffers/parameters) and whose ``training`` is ``False`` — what a
   BatchNorm subclass with its own forward (timm's ``BatchNormAct2d``) traces to.

@@ -41,7 +41,6 @@ import torch
 from bnexport.errors import FoldError
 
 LayerKind = Literal["conv", "conv_transpose", "linear"]
-LAYER_KINDS: tuple[LayerKind, ...] = ("conv", "conv_transpose", "linear")
 
 #: How many offending channels an error message lists.
 MAX_LISTED = 5
@@ -53,7 +52,7 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=F64)
 
 
-def _offenders(bad: torch.Tensor, values: torch.Tensor) -> str:
+def offenders(bad: torch.Tensor, values: torch.Tensor) -> str:
     """``channels [3, 7] (values nan, -0.5)`` for the first few True entries of ``bad``."""
     idx = torch.nonzero(bad.reshape(-1)).reshape(-1)
     n = int(idx.numel())
@@ -94,14 +93,14 @@ def validate_bn(
         if bool(bad.any()):
             fix = fix_stats if label.startswith("running") else "retrain or reload the parameters"
             raise FoldError(
-                f"BatchNorm {name!r}: {label} has non-finite values at {_offenders(bad, t64)}; "
+                f"BatchNorm {name!r}: {label} has non-finite values at {offenders(bad, t64)}; "
                 f"fix: {fix}"
             )
     var_eps = _f64(running_var) + float(eps)
     bad = var_eps <= 0
     if bool(bad.any()):
         raise FoldError(
-            f"BatchNorm {name!r}: running_var + eps <= 0 at {_offenders(bad, var_eps)} "
+            f"BatchNorm {name!r}: running_var + eps <= 0 at {offenders(bad, var_eps)} "
             f"(eps={eps:g}); a variance can't be negative, so {fix_stats}"
         )
 
@@ -272,12 +271,12 @@ def cast_checked(values: torch.Tensor, dtype: torch.dtype, *, layer: str, what: 
         if not bool(torch.isfinite(v).all()):
             raise FoldError(
                 f"folding into {layer!r} gives a non-finite {what} at "
-                f"{_offenders(~torch.isfinite(v), v)}; fix: check the BatchNorm statistics and the "
+                f"{offenders(~torch.isfinite(v), v)}; fix: check the BatchNorm statistics and the "
                 "constants after it (a division by zero, an infinite temperature)"
             )
         raise FoldError(
             f"folding into {layer!r} overflows {str(dtype).removeprefix('torch.')}: {what} at "
-            f"{_offenders(~torch.isfinite(out), v)} exceeds the largest finite value "
+            f"{offenders(~torch.isfinite(out), v)} exceeds the largest finite value "
             f"{info.max:.6g}; fix: fold while the model is in float32 (call .half()/.bfloat16() "
             "after folding), or keep this layer in float32"
         )

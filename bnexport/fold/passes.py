@@ -10,18 +10,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bnexport.fold import math as fm
+from bnexport.fold.affine import arith_op
 from bnexport.fold.batchnorm import FUNCTIONAL_BATCHNORMS, is_batchnorm_class, is_batchnorm_like
-from bnexport.fold.graph import BNSite, FoldContext, arith_op, const_of
+from bnexport.fold.constants import const_of
+from bnexport.fold.context import FoldContext
 from bnexport.fold.layers import custom_layer, layer_kind, new_layer
-from bnexport.fold.patterns import (
-    PATTERNS,
-    Refusal,
-    Rule,
-    cast_folded,
-    expected_rank,
-    layer_refusal,
-)
+from bnexport.fold.patterns import PATTERNS
 from bnexport.fold.report import ChainEntry, Direction, FoldEntry
+from bnexport.fold.rules import Refusal, Rule, cast_folded, expected_rank, layer_refusal
+from bnexport.fold.sites import BNSite, bn_site, functional_site, layer_site
 
 _NONLINEAR_FUNCS = {
     torch.relu,
@@ -275,9 +272,9 @@ def _fold_site(
 ) -> FoldEntry:
     """Fold one BatchNorm call with the first rule whose check passes, or say why not."""
     if node.op == "call_function":
-        site = ctx.functional_site(node, name, type_name)
+        site = functional_site(ctx, node, name, type_name)
     else:
-        site = ctx.bn_site(node, name)
+        site = bn_site(ctx, node, name)
     if isinstance(site, tuple):
         code, reason = site
         return FoldEntry(
@@ -316,7 +313,7 @@ def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
         shape, name = ctx.shape(node), str(node.target)
         if shape is None or len(shape) != expected_rank(layer):
             continue  # e.g. a Linear on [N, L, F]: dim 1 is not its feature dim
-        site = ctx.layer_site(node, name, int(shape[1]))
+        site = layer_site(ctx, node, name, int(shape[1]))
         if not site.chain_nodes:
             continue
         chain = " → ".join(site.labels)

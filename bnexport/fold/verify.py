@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from bnexport.errors import FoldError
-from bnexport.fold.graph import float64_copy
+from bnexport.fold.constants import float64_copy
 from bnexport.noise import NoiseTolerance, relative_error
 
 #: A Linear weight at least this large stays in its dtype in `run_float64`: converting it whole

@@ -71,8 +71,8 @@ ORIGINAL_AFTER = fm.fold_after
 
 
 def _wrong_axis(kind, weight, scale, groups=1):  # type: ignore[no-untyped-def]
-    w = fm._f64(weight)
-    s = fm._f64(scale).reshape(-1)
+    w = weight.detach().double()
+    s = scale.detach().double().reshape(-1)
     if kind == "conv" and w.shape[1] == s.numel():
         return w * s.reshape(1, -1, *([1] * (w.dim() - 2)))
     return w * s.flip(0).reshape(-1, *([1] * (w.dim() - 1)))  # channels mixed up
