@@ -222,7 +222,11 @@ class ProgramRunner(Runner):
 class OnnxRuntimeRunner(Runner):
     """One onnxruntime session: made once by `bnexport.ort.make_session` (which refuses a silent
     CUDA fallback) from a file or bytes and a `SessionConfig`, or `wrap`-ped when the caller
-    already holds one (a tuned file opened with its own settings, onnxruntime's defaults)."""
+    already holds one (a tuned file opened with its own settings, onnxruntime's defaults).
+
+    The feed is keyed by the session's input names, or by ``feed_names`` (one per session input,
+    in order) when the caller names the inputs its own way (another exporter's file of the model).
+    """
 
     def __init__(
         self,
@@ -233,10 +237,11 @@ class OnnxRuntimeRunner(Runner):
         kind: str = "cpu",
         gating: bool = True,
         description: str = "",
+        feed_names: Sequence[str] | None = None,
     ) -> None:
         from bnexport.ort import make_session
 
-        self._setup(make_session(model, config), config, name, kind, gating)
+        self._setup(make_session(model, config), config, name, kind, gating, feed_names)
         self.description = description or (
             f"onnxruntime {config.provider.upper()}, graph optimizations "
             f"{config.graph_optimization_level}"
@@ -251,15 +256,22 @@ class OnnxRuntimeRunner(Runner):
         kind: str = "cpu",
         gating: bool = True,
         description: str = "",
+        feed_names: Sequence[str] | None = None,
     ) -> OnnxRuntimeRunner:
         """A runner over an existing ``onnxruntime.InferenceSession``."""
         runner = cls.__new__(cls)
-        runner._setup(session, None, name, kind, gating)
+        runner._setup(session, None, name, kind, gating, feed_names)
         runner.description = description or "onnxruntime session"
         return runner
 
     def _setup(
-        self, session: Any, config: SessionConfig | None, name: str, kind: str, gating: bool
+        self,
+        session: Any,
+        config: SessionConfig | None,
+        name: str,
+        kind: str,
+        gating: bool,
+        feed_names: Sequence[str] | None,
     ) -> None:
         self.session = session
         self.config = config
@@ -267,6 +279,21 @@ class OnnxRuntimeRunner(Runner):
         self.kind = kind
         self.gating = gating
         self.output_names = tuple(o.name for o in session.get_outputs())
+        session_names = [i.name for i in session.get_inputs()]
+        if feed_names is not None and len(feed_names) != len(session_names):
+            raise ValueError(
+                f"{name}: {len(feed_names)} feed names {list(feed_names)} for the session's "
+                f"{len(session_names)} inputs {session_names}"
+            )
+        self._feed_names = (
+            None if feed_names is None else dict(zip(session_names, feed_names, strict=True))
+        )
+
+    def _bind(self, feed: Feed) -> dict[str, np.ndarray]:
+        """``feed`` keyed by the session's input names."""
+        if self._feed_names is None:
+            return dict(feed)
+        return {name: feed[key] for name, key in self._feed_names.items()}
 
     @functools.cached_property
     def input_specs(self) -> tuple[TensorSpec, ...]:
@@ -279,7 +306,7 @@ class OnnxRuntimeRunner(Runner):
 
     def prepare(self, feed: Feed) -> Callable[[], Any]:
         """``session.run(None, feed)``, the way users call it (outputs as a list)."""
-        bound = dict(feed)
+        bound = self._bind(feed)
         run = self.session.run
 
         def call() -> Any:
@@ -288,7 +315,7 @@ class OnnxRuntimeRunner(Runner):
         return call
 
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, dict(feed))
+        outs = self.session.run(None, self._bind(feed))
         return dict(zip(self.output_names, outs, strict=True))
 
     def info(self) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 The work lives in named modules; this package re-exports what other code uses:
 
 * `bnexport.bench.config` — `BenchConfig`, the candidates' names and labels;
-* `bnexport.bench.runners` — `TorchRunner`, `OrtRunner`: ``prepare(batch) -> call``;
 * `bnexport.bench.candidates` — each candidate set up as its users would (torch's default export
   in a default onnxruntime session, bnexport's export, CUDA, tuned files), outputs checked;
 * `bnexport.bench.flops` — FLOPs per image and the measured fp32 peak;
@@ -11,7 +10,8 @@ The work lives in named modules; this package re-exports what other code uses:
 * `bnexport.bench.run` — `run_bench`, the whole run.
 
 The timing itself (interleaved rounds, paired ratios, the environment) is `bnexport.timing`,
-shared with `bnexport.tune`; progress events are `bnexport.progress.ProgressEvent`.
+shared with `bnexport.tune`, and it times `bnexport.runners`' runners (``prepare(feed) ->
+call``, the feed keyed by input name); progress events are `bnexport.progress.ProgressEvent`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from bnexport.bench.config import (
 from bnexport.bench.flops import FlopCount, LayerFlops, PeakResult, count_flops, measure_peak
 from bnexport.bench.report import BenchReport, CandidateInfo, Comparison, Measurement
 from bnexport.bench.run import check_benchable, run_bench
-from bnexport.bench.runners import OrtRunner, Runner, TorchRunner
 
 __all__ = [
     "BASELINE",
@@ -50,10 +49,7 @@ __all__ = [
     "FlopCount",
     "LayerFlops",
     "Measurement",
-    "OrtRunner",
     "PeakResult",
-    "Runner",
-    "TorchRunner",
     "check_benchable",
     "count_flops",
     "measure_peak",

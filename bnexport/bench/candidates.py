@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,8 @@ from bnexport.bench.config import (
     BenchConfig,
 )
 from bnexport.bench.report import CandidateInfo
-from bnexport.bench.runners import OrtRunner, Runner
 from bnexport.errors import BnexportError, raise_if_interrupted
+from bnexport.runners import OnnxRuntimeRunner, Runner
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,16 +43,17 @@ if TYPE_CHECKING:
 OUTPUT_MATCH_RTOL = 1e-3
 
 #: A candidate, and its runner (None: it did not run; `CandidateInfo.reason` says why).
-Candidate = tuple[CandidateInfo, OrtRunner | None]
+Candidate = tuple[CandidateInfo, OnnxRuntimeRunner | None]
 
 
 def with_output_errors(
-    infos: list[CandidateInfo], runners: Sequence[Runner], batch: np.ndarray
+    infos: list[CandidateInfo], runners: Sequence[Runner], feed: Mapping[str, np.ndarray]
 ) -> list[CandidateInfo]:
-    """Record each runner's max |output − baseline output| on ``batch``: a wrong model is no win."""
+    """Record each runner's max |output − baseline output| on ``feed`` (its first output): a wrong
+    model is no win."""
     import numpy as np
 
-    outputs = {r.name: _as_numpy(r.prepare(batch)()) for r in runners}
+    outputs = {r.name: _as_numpy(r.prepare(feed)()) for r in runners}
     ref = outputs[BASELINE]
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     result = []
@@ -88,12 +89,12 @@ def bnexport_session_config(config: BenchConfig, provider: str) -> Any:
     return session_config
 
 
-def ort_candidate(name: str, path: Path, session_config: Any) -> Candidate:
+def ort_candidate(
+    name: str, path: Path, session_config: Any, feed_names: Sequence[str]
+) -> Candidate:
     """``path`` in a bnexport session (`bnexport.ort.make_session`) with ``session_config``."""
-    from bnexport.ort import make_session
-
     t0 = time.perf_counter()
-    session = make_session(path, session_config)
+    runner = OnnxRuntimeRunner(path, session_config, name=name, feed_names=feed_names)
     init_s = time.perf_counter() - t0
     info = CandidateInfo(
         name,
@@ -104,7 +105,7 @@ def ort_candidate(name: str, path: Path, session_config: Any) -> Candidate:
         op_counts=op_counts(path),
         init_s=init_s,
     )
-    return info, OrtRunner(name, session)
+    return info, runner
 
 
 def tuned_name(path: str | os.PathLike[str]) -> str:
@@ -113,16 +114,21 @@ def tuned_name(path: str | os.PathLike[str]) -> str:
 
 
 def tuned_candidates(
-    paths: Sequence[str | os.PathLike[str]],
-) -> list[tuple[CandidateInfo, OrtRunner]]:
+    paths: Sequence[str | os.PathLike[str]], feed_names: Sequence[str]
+) -> list[tuple[CandidateInfo, OnnxRuntimeRunner]]:
     """One candidate per tuned file, opened with its own ``ort_config`` (as a deployer does)."""
     names = [tuned_name(p) for p in paths]
     if len(set(names)) != len(names):
         raise BnexportError(f"tuned files need distinct file names, got {[str(p) for p in paths]}")
-    return [_tuned_candidate(Path(path), name) for path, name in zip(paths, names, strict=True)]
+    return [
+        _tuned_candidate(Path(path), name, feed_names)
+        for path, name in zip(paths, names, strict=True)
+    ]
 
 
-def _tuned_candidate(path: Path, name: str) -> tuple[CandidateInfo, OrtRunner]:
+def _tuned_candidate(
+    path: Path, name: str, feed_names: Sequence[str]
+) -> tuple[CandidateInfo, OnnxRuntimeRunner]:
     from bnexport.onnx_file import check_onnx_path
     from bnexport.ort import make_session
     from bnexport.ort_config import model_settings
@@ -149,21 +155,25 @@ def _tuned_candidate(path: Path, name: str) -> tuple[CandidateInfo, OrtRunner]:
         op_counts=op_counts(path),
         init_s=init_s,
     )
-    return info, OrtRunner(name, session)
+    return info, OnnxRuntimeRunner.wrap(session, name=name, feed_names=feed_names)
 
 
-def cuda_candidate(path: Path, config: BenchConfig) -> Candidate:
+def cuda_candidate(path: Path, config: BenchConfig, feed_names: Sequence[str]) -> Candidate:
     """``path`` on onnxruntime's CUDA provider; unavailable (with the probe's reason) without it."""
     from bnexport.ort import probe_cuda
 
     probe = probe_cuda()
     if not probe.available:
         return CandidateInfo(BNEXPORT_CUDA, LABELS[BNEXPORT_CUDA], False, probe.reason), None
-    return ort_candidate(BNEXPORT_CUDA, path, bnexport_session_config(config, "cuda"))
+    return ort_candidate(BNEXPORT_CUDA, path, bnexport_session_config(config, "cuda"), feed_names)
 
 
 def torch_export_candidate(
-    model: torch.nn.Module, example_input: torch.Tensor, path: Path, config: BenchConfig
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    path: Path,
+    config: BenchConfig,
+    feed_names: Sequence[str],
 ) -> Candidate:
     """torch's own default ONNX export of the unfolded model in a default onnxruntime session."""
     name = REFERENCE_EXPORT
@@ -183,7 +193,7 @@ def torch_export_candidate(
         op_counts=op_counts(path),
         init_s=init_s,
     )
-    return info, OrtRunner(name, session)
+    return info, OnnxRuntimeRunner.wrap(session, name=name, feed_names=feed_names)
 
 
 def _torch_default_export(model: torch.nn.Module, example_input: torch.Tensor, path: Path) -> None:

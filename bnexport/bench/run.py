@@ -30,10 +30,10 @@ from bnexport.bench.config import (
 )
 from bnexport.bench.flops import PeakResult, count_flops, measure_peak
 from bnexport.bench.report import BenchReport, CandidateInfo, summarise
-from bnexport.bench.runners import OrtRunner, Runner, TorchRunner
 from bnexport.errors import BnexportError
 from bnexport.machine import load_average
 from bnexport.progress import Progress, ProgressEvent
+from bnexport.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from bnexport.timing import RawTimes, collect_environment, measure_interleaved
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ def run_bench(
                 source, model, folded, Path(tmp), config, onnx_path, tuned_paths, setup
             )
             setup("measuring fp32 peak")
-            infos, raw, peak = _measure(infos, runners, input_shape, config, progress)
+            feeds = _random_feeds(source.input_names[0], input_shape, config)
+            infos, raw, peak = _measure(infos, runners, feeds, config, progress)
     measurements, comparisons = summarise(raw, flops.per_image, peak.gflops, config)
     return BenchReport(
         model=source.name,
@@ -147,9 +148,13 @@ def _candidates(
 ) -> tuple[list[CandidateInfo], list[Runner]]:
     """Every candidate, in report order, and the runners of those that run (exports in ``tmp``)."""
     infos = [CandidateInfo(name, LABELS[name], True) for name in (BASELINE, FOLDED_EAGER)]
-    runners: list[Runner] = [TorchRunner(BASELINE, model), TorchRunner(FOLDED_EAGER, folded)]
+    names = source.input_names
+    runners: list[Runner] = [
+        TorchRunner(model, names, name=BASELINE),
+        TorchRunner(folded, names, name=FOLDED_EAGER),
+    ]
 
-    def add(info: CandidateInfo, runner: OrtRunner | None) -> None:
+    def add(info: CandidateInfo, runner: OnnxRuntimeRunner | None) -> None:
         if onnx_path is None and info.name in (BNEXPORT_CPU, BNEXPORT_CUDA):
             info = replace(info, model_path=None)  # a temporary file: gone after the run
         infos.append(info)
@@ -157,19 +162,23 @@ def _candidates(
             runners.append(runner)
 
     setup("torch default export")
-    add(*torch_export_candidate(model, source.example_input, tmp / "torch_default.onnx", config))
+    add(
+        *torch_export_candidate(
+            model, source.example_input, tmp / "torch_default.onnx", config, names
+        )
+    )
     setup("bnexport export")
     if onnx_path is None:
         bn_path = tmp / "bnexport.onnx"
         bnexport_export(folded, source.example_input, bn_path)
     else:
         bn_path = Path(onnx_path)
-    add(*ort_candidate(BNEXPORT_CPU, bn_path, bnexport_session_config(config, "cpu")))
-    for info, runner in tuned_candidates(tuned_paths):
+    add(*ort_candidate(BNEXPORT_CPU, bn_path, bnexport_session_config(config, "cpu"), names))
+    for info, runner in tuned_candidates(tuned_paths, names):
         add(info, runner)
     setup("probing CUDA")
     if config.include_cuda:
-        add(*cuda_candidate(bn_path, config))
+        add(*cuda_candidate(bn_path, config, names))
     else:
         add(CandidateInfo(BNEXPORT_CUDA, LABELS[BNEXPORT_CUDA], False, "not requested"), None)
     return infos, runners
@@ -178,16 +187,16 @@ def _candidates(
 def _measure(
     infos: list[CandidateInfo],
     runners: Sequence[Runner],
-    input_shape: tuple[int, ...],
+    feeds: dict[int, dict[str, np.ndarray]],
     config: BenchConfig,
     progress: Progress | None,
 ) -> tuple[list[CandidateInfo], RawTimes, PeakResult]:
-    """The fp32 peak, each candidate's output error, the interleaved timings, the peak again
-    (the better of the two probes: one noisy probe must not inflate "of peak")."""
+    """The fp32 peak, each candidate's output error, the interleaved timings on ``feeds`` (one
+    per batch size), the peak again (the better of the two probes: one noisy probe must not
+    inflate "of peak")."""
     peak = _peak(config)
-    batches = _random_batches(input_shape, config)
-    infos = with_output_errors(infos, runners, batches[int(config.batch_sizes[0])])
-    raw = measure_interleaved(runners, batches, config.timing, progress)
+    infos = with_output_errors(infos, runners, feeds[int(config.batch_sizes[0])])
+    raw = measure_interleaved(runners, feeds, config.timing, progress)
     peak = max(peak, _peak(config), key=lambda p: p.gflops)
     return infos, raw, peak
 
@@ -197,12 +206,15 @@ def _peak(config: BenchConfig) -> PeakResult:
     return measure_peak(config.peak_n, config.peak_repeats, config.min_time_s)
 
 
-def _random_batches(input_shape: tuple[int, ...], config: BenchConfig) -> dict[int, np.ndarray]:
-    """One standard-normal float32 batch per batch size, from ``config.seed``."""
+def _random_feeds(
+    input_name: str, input_shape: tuple[int, ...], config: BenchConfig
+) -> dict[int, dict[str, np.ndarray]]:
+    """One standard-normal float32 batch per batch size, from ``config.seed``, as a feed
+    (``{input_name: batch}``)."""
     import numpy as np
 
     rng = np.random.default_rng(config.seed)
     return {
-        int(b): rng.standard_normal((int(b), *input_shape), dtype=np.float32)
+        int(b): {input_name: rng.standard_normal((int(b), *input_shape), dtype=np.float32)}
         for b in config.batch_sizes
     }
