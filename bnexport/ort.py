@@ -154,7 +154,7 @@ class ProbeResult:
         return asdict(self)
 
 
-def session_options(config: SessionConfig) -> onnxruntime.SessionOptions:
+def _session_options(config: SessionConfig) -> onnxruntime.SessionOptions:
     """The ``SessionOptions`` for ``config``: level, threads, mode, arena, logging, config entries
     (the one place bnexport builds them)."""
     import onnxruntime as ort
@@ -214,7 +214,7 @@ def make_session(
     else:
         external_data_files(path_or_bytes)  # a model file, its data beside it and nowhere else
         model = str(path_or_bytes)  # by path: onnxruntime finds external data beside the model
-    options = None if file_settings == "opt_in" else session_options(config)
+    options = None if file_settings == "opt_in" else _session_options(config)
     try:
         with _config_from_model(file_settings == "opt_in"):
             sess = _inference_session(model, options, providers)
@@ -414,7 +414,7 @@ def _cuda_probe_session(device_id: int) -> tuple[onnxruntime.InferenceSession | 
     import onnxruntime as ort
 
     ort.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
-    so = session_options(replace(ORT_DEFAULTS, log_severity_level=4))
+    so = _session_options(replace(ORT_DEFAULTS, log_severity_level=4))
     cuda = PROVIDER_NAMES["cuda"]
     options = {"device_id": str(device_id), **DEFAULT_CUDA_OPTIONS}
     providers = [(cuda, options), PROVIDER_NAMES["cpu"]]
