@@ -2,13 +2,14 @@
 
 An arbitrary ONNX file has no float64 model, so the *truth* is the input run as written (graph
 optimizations disabled) and the *reference* (fp32's own error) the input under onnxruntime's
-defaults; the tuned file, opened as a deployer opts in, is the candidate.
+defaults; the tuned file, opened as a deployer opts in, is the candidate. The comparison is the
+parity engine's (`bnexport.parity.engine.check_candidate`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from bnexport.tune.inputs import ModelInput, make_feeds
 from bnexport.tune.sessions import opted_in_session, settings_session
 
 if TYPE_CHECKING:
-    import numpy as np
+    from bnexport.parity import OutputComparison, ParityInputs
 
 PARITY_MIN_SAMPLES = 16  # parity feeds at least this many samples, in batches of the target size
 
@@ -29,64 +30,55 @@ def check_outputs(
     """The tuned file (opened with its ``ort_config``) vs the input model, `check`'s noise rule.
 
     Truth: the model as written (graph optimizations disabled); reference: onnxruntime's
-    defaults (fp32's own error is ``N`` = reference vs truth); candidate error ``E`` against the
-    truth; pass ⇔ ``E ≤ factor · max(N, floor_ulps · eps)`` per output
-    (`bnexport.noise.NoiseTolerance`).
+    defaults (fp32's own error is ``N`` = reference vs truth, at the tuned batch size only);
+    candidate error ``E`` against the truth; pass ⇔ ``E ≤ factor · max(N, floor_ulps · eps)`` per
+    output (`bnexport.noise.NoiseTolerance`). The worst output is the result.
     """
+    from bnexport.noise import NoiseTolerance
+    from bnexport.parity.engine import check_candidate
+    from bnexport.runners import OnnxRuntimeRunner
+
     count = max(PARITY_MIN_SAMPLES, config.batch_size)
     count = math.ceil(count / config.batch_size) * config.batch_size
-    feeds = make_feeds(inputs, count, config.seed + 1)
+    samples = _samples(inputs, count, config.seed + 1)
     truth_session = settings_session(
         untuned, OrtSettings(graph_optimization_level="disabled"), config.provider
     )
     tuned_session = opted_in_session(tuned, config.provider)
-    runs = {"truth": truth_session, "reference": reference, "tuned": tuned_session}
-    outs = _outputs_in_batches(runs, feeds, count, config.batch_size)
-    names = [o.name for o in reference.get_outputs()]
-    return _worst(
-        [
-            _compare_output(name, outs["tuned"][j], outs["reference"][j], outs["truth"][j], count)
-            for j, name in enumerate(names)
-        ]
+    comparisons = check_candidate(
+        OnnxRuntimeRunner.wrap(tuned_session, name="tuned"),
+        OnnxRuntimeRunner.wrap(reference, name="reference"),
+        OnnxRuntimeRunner.wrap(truth_session, name="truth"),
+        samples,
+        config.batch_size,
+        tolerance=NoiseTolerance(),
+        noise_batches=(),  # onnxruntime's defaults at the tuned batch size are the reference
+        fail=None,
     )
+    return _worst([_result(c, count) for c in comparisons])
 
 
-def _outputs_in_batches(
-    runs: Mapping[str, Any], feeds: Mapping[str, np.ndarray], count: int, batch_size: int
-) -> dict[str, list[np.ndarray]]:
-    """Each session run on ``feeds`` ``batch_size`` samples at a time: per session, its outputs
-    (in order) over all ``count`` samples."""
+def _samples(inputs: Sequence[ModelInput], count: int, seed: int) -> ParityInputs:
+    """``count`` seeded random samples per input, as the engine feeds them."""
     import numpy as np
 
-    chunks: dict[str, list[list[Any]]] = {k: [] for k in runs}
-    for start in range(0, count, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in feeds.items()}
-        for key, sess in runs.items():
-            chunks[key].append(sess.run(None, batch))
-    return {
-        key: [np.concatenate([np.asarray(c[j]) for c in parts]) for j in range(len(parts[0]))]
-        for key, parts in chunks.items()
-    }
+    from bnexport.parity import ParityInputs
+    from bnexport.parity.inputs import InputSet
+    from bnexport.signature import TensorSpec
+
+    specs = tuple(TensorSpec(i.name, (None, *i.shape), np.dtype(i.dtype)) for i in inputs)
+    feeds = make_feeds(inputs, count, seed)
+    return ParityInputs(specs, (InputSet("random", feeds, "seeded random samples"),))
 
 
-def _compare_output(
-    name: str, tuned: np.ndarray, reference: np.ndarray, truth: np.ndarray, samples: int
-) -> ParityResult:
-    """One output of the tuned file against the truth, `check`'s noise-relative rule."""
-    import numpy as np
-
-    from bnexport.noise import NoiseTolerance
-    from bnexport.parity.compare import compare_output
-
-    result = compare_output(
-        name, tuned, reference, NoiseTolerance(), truth=truth.astype(np.float64)
-    )
+def _result(comparison: OutputComparison, samples: int) -> ParityResult:
+    """One output's comparison as tune reports it."""
     return ParityResult(
-        passed=result.passed,
-        error=float(result.error or 0.0),
-        noise=float(result.noise or 0.0),
-        limit=float(result.limit or 0.0),
-        output=name,
+        passed=comparison.passed,
+        error=float(comparison.error or 0.0),
+        noise=float(comparison.noise or 0.0),
+        limit=float(comparison.limit or 0.0),
+        output=comparison.name,
         samples=samples,
         truth="the input model as written (onnxruntime, graph optimizations disabled)",
         reference="the input model under onnxruntime's defaults",
