@@ -93,6 +93,7 @@ def _register() -> None:
     from bnexport.cli.bench import bench_cli
     from bnexport.cli.check import check_cli
     from bnexport.cli.fold import fold_cli
+    from bnexport.cli.load import load_cli
     from bnexport.cli.onnx import onnx_cli
     from bnexport.cli.package import package_cli
     from bnexport.cli.serve import serve_cli
@@ -108,6 +109,7 @@ def _register() -> None:
         ("tune", tune_cli),
         ("package", package_cli),
         ("serve", serve_cli),
+        ("load", load_cli),
     ):
         # check's extra positionals reach it, to refuse a checkpoint there with the fix
         settings = {"allow_extra_args": True} if name == "check" else None

@@ -157,9 +157,11 @@ class V2Client:
 
     def _call(self, method: str, *args: Any) -> Any:
         func = getattr(self._client, method)
-        if self.grpc:
-            return func(*args, as_json=True, client_timeout=self.timeout)
-        return func(*args)
+        if not self.grpc:
+            return func(*args)
+        if method == "is_model_ready":
+            return func(*args, client_timeout=self.timeout)
+        return func(*args, as_json=True, client_timeout=self.timeout)
 
     def _error(self, what: str, exc: BaseException) -> EndpointError:
         from bnexport.errors import raise_if_interrupted

@@ -12,38 +12,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from servers import Server, free_ports, serve_command, start_server
-from typer.testing import CliRunner
 
-from bnexport.cli.app import app
 from bnexport.ort import make_session
 from bnexport.serving.client import V2Client
 from bnexport.serving.server import is_loopback
 
 INPUT_SHAPE = (1, 28, 28)
-
-
-@pytest.fixture(scope="module")
-def repo(net_onnx: Path, pair_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
-    for model, name in ((net_onnx, "net"), (pair_onnx, "pair")):
-        result = CliRunner().invoke(app, ["package", str(model), "-r", str(root), "--name", name])
-        assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("log") / "serve.log"
-    server = start_server(repo, log)
-    yield server
-    assert server.stop() == 0, log.read_text()
-    assert "bnexport serve: stopped" in log.read_text()
 
 
 def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
