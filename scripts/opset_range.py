@@ -22,7 +22,7 @@ import onnxruntime as ort
 import onnxscript
 import torch
 
-import bnexport.export as export
+import bnexport.export.to_onnx as export
 from bnexport.fold import fold_model
 from bnexport.nets import Net
 from bnexport.source import example_input

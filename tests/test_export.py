@@ -247,7 +247,7 @@ def test_an_opset_the_exporter_cannot_convert_this_model_to_is_refused(
     net: Net, tmp_path: Path
 ) -> None:
     """Below the range's floor is the case: opset 15 converts a folded Net, not a BatchNorm."""
-    import bnexport.export as export
+    import bnexport.export.to_onnx as export
 
     with (
         pytest.MonkeyPatch.context() as mp,
