@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 OUT    := out
 
-.PHONY: demo test lint gate clean
+.PHONY: demo test test-fast lint gate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,15 @@ demo: $(VENV)/.cpu
 test: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-## lint: ruff
+## test-fast: the inner loop: everything but the real-model and full-dataset tests
+test-fast: $(VENV)/.dev
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not real and not dataset"
+
+## lint: ruff, and import-linter on the layers of docs/architecture.md (pyproject.toml)
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/lint_imports.py
 
 ## gate: the CI parity gate on the shipped model (JUnit + Markdown + JSON under out/)
 gate: $(VENV)/.cpu

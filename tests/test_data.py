@@ -290,6 +290,7 @@ def test_sample_is_small_and_stratified() -> None:
     assert (SAMPLE_DIR / "LICENSE.md").read_text().count("MIT") >= 1
 
 
+@pytest.mark.dataset
 @needs_dataset
 def test_sample_is_the_first_100_test_images_of_each_class() -> None:
     test_images, test_labels = load_split(_system_data(), "test")
@@ -302,6 +303,7 @@ def test_sample_is_the_first_100_test_images_of_each_class() -> None:
     np.testing.assert_array_equal(labels, test_labels[picked])
 
 
+@pytest.mark.dataset
 @needs_dataset
 def test_make_sample_regenerates_the_shipped_files_bit_for_bit(tmp_path: Path) -> None:
     make_sample = runpy.run_path(str(REPO / "scripts" / "make_sample.py"))["make_sample"]
@@ -346,6 +348,7 @@ def test_normalize_round_trip_and_validation() -> None:
         Normalize.from_dict({"mean": "0.1", "std": 1.0})
 
 
+@pytest.mark.dataset
 @needs_dataset
 def test_fashion_mnist_constants_match_the_training_pixels() -> None:
     images, _ = load_split(_system_data(), "train")

@@ -60,6 +60,7 @@ def test_folded_graph_holds_only_conv_relu_reshape_gemm(onnx_path: Path) -> None
     assert ops in ({"Conv", "Relu", "Reshape", "Gemm"}, {"Conv", "Relu", "Flatten", "Gemm"})
 
 
+@pytest.mark.dataset
 @pytest.mark.skipif(
     not (FASHION / "t10k-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist",
