@@ -269,6 +269,23 @@ FACTORIES = textwrap.dedent(
 
     def unseeded():
         return TwoInputs()
+
+
+    class ShapeBranch(nn.Module):  # torch.export follows the branch, torch.fx cannot
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, image):
+            y = self.bn(self.conv(image))
+            if image.shape[-1] % 2 == 0:
+                y = y * 2
+            return y.mean((2, 3))
+
+
+    def shape_branch():
+        torch.manual_seed(0)
+        return ShapeBranch()
     """
 )
 SHAPES = ["--input-shape", "3,8,8", "--input-shape", "6"]
@@ -326,6 +343,19 @@ def test_another_seeded_model_is_refused_and_the_same_one_passes(factories: Path
         assert {"image", "features"} <= set(npz.files)
     again = check(onnx_file, *args, "--inputs", fed)
     assert again.exit_code == 0, again.output
+
+
+def test_a_model_that_cannot_be_folded_skips_only_the_folded_runner(factories: Path) -> None:
+    onnx_file, report = factories / "b.onnx", factories / "r.json"
+    source = ["--model", "bnx_factories:shape_branch", "--input-shape", "3,8,8"]
+    res = runner.invoke(app, ["onnx", *source, "--no-fold", "--no-check", "-o", str(onnx_file)])
+    assert res.exit_code == 0, res.output
+    res = check(onnx_file, *source, "--providers", "cpu", "--batch-sizes", "7", "--json", report)
+    assert res.exit_code == 0, res.output
+    data = json.loads(report.read_text())
+    (skipped,) = [s for s in data["skipped"] if s["runner"] == "torch-folded"]
+    assert skipped["reason"].startswith("the model cannot be folded: FoldError: cannot trace")
+    assert [r["runner"] for r in data["results"]] == ["ort-cpu-disabled", "ort-cpu-all"]
 
 
 def test_an_onnx_without_a_fingerprint_is_checked_and_says_so(
