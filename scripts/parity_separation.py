@@ -5,7 +5,7 @@ For the seed Net (``models/net.pt``) and the real models of ``tests/real/zoo.py`
 * inputs as `bnexport check` feeds them (bundled images for the Net; seeded random samples and the
   edge cases for the others; ``--random`` samples);
 * the truth: the float64 forward of the unfolded model; the noise floor ``F``: PyTorch fp32's error
-  against it (`bnexport.parity.tolerance.relative_error`, floored at ``NOISE_FLOOR_ULPS`` ulps);
+  against it (`bnexport.noise.relative_error`, floored at ``NOISE_FLOOR_ULPS`` ulps);
 * **correct exports**, as `bnexport onnx` makes them (``fold_model`` + ``export_onnx``): the folded
   PyTorch module and onnxruntime CPU at every optimization level, at batch 1 and batch ``--batch``;
   each as ``E / F`` (a multiple of the noise floor);
@@ -188,7 +188,7 @@ def ratio(
     ungated: dict[str, np.ndarray],
 ) -> float:
     """The worst output's ``E / F``, ill-conditioned edge cases left out as `bnexport check`
-    leaves them out (`bnexport.parity.tolerance.noise_floor`)."""
+    leaves them out (`bnexport.noise.noise_floor`)."""
     return max(
         relative_error(gated_candidate(cand[k], truth[k], ungated[k]), truth[k]).value / floor[k]
         for k in truth
