@@ -35,8 +35,30 @@ from bnexport.cli.options import (
 )
 from bnexport.cli.progress import parity_progress
 from bnexport.cli.render import console, table
+from bnexport.serving.defaults import DEFAULT_TIMEOUT_S
 
-ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)]
+ModelArg = Annotated[
+    Path | None,
+    typer.Argument(help="The ONNX model to check (none with --url).", show_default=False),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Check the model a live KServe-v2 endpoint serves instead of a file "
+        "(host:port or http://host:port; with --name).",
+        show_default=False,
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="The model's name on the --url endpoint.", show_default=False),
+]
+GrpcOpt = Annotated[bool, typer.Option("--grpc", help="Talk v2 gRPC to --url, not HTTP.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", min=0.1, help="Seconds to wait for the --url endpoint."),
+]
 AgainstOpt = Annotated[
     Path | None,
     typer.Option(
@@ -117,7 +139,7 @@ MarkdownOpt = Annotated[
 @handle_errors
 def check_cli(
     ctx: typer.Context,
-    model: ModelArg,
+    model: ModelArg = None,
     against: AgainstOpt = None,
     model_spec: ModelOpt = None,
     input_shape: InputShapeOpt = None,
@@ -144,6 +166,10 @@ def check_cli(
     junit_path: JunitOpt = None,
     markdown_path: MarkdownOpt = None,
     verbose: VerboseOpt = False,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+    grpc: GrpcOpt = False,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Compare MODEL.onnx with its PyTorch model on onnxruntime (CPU, and CUDA when it runs).
 
@@ -155,10 +181,11 @@ def check_cli(
     report files (--json, --junit, --markdown) are written all or nothing; none may be an input.
     """
     reports = {"--json": json_path, "--junit": junit_path, "--markdown": markdown_path}
+    model = _check_target(model, url, name)
     _check_paths(model, [against, inputs], {**reports, "--save-inputs": save_inputs})
     from bnexport.parity import CheckConfig, InputConfig, check_parity
 
-    _check_sources(ctx.args, model, against, model_spec, inputs, data)
+    _check_sources(ctx.args, model or Path(str(url)), against, model_spec, inputs, data)
     config = CheckConfig(
         providers=split_values(providers, "--providers"),
         opt_levels=split_values(opt_levels, "--opt-levels"),
@@ -179,6 +206,14 @@ def check_cli(
         folded=folded,
     )
     source = load_model_source(against, model_spec, input_shape, temperature)
+    if url is not None:
+        report = _check_url(url, str(name), grpc, timeout, source, config)
+        report.write_reports(
+            json_path=json_path, junit_path=junit_path, markdown_path=markdown_path
+        )
+        render_report(report, verbose=verbose)
+        raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
+    assert model is not None
     folded_module, folded_reason = _fold_for_check(source) if folded else (None, "")
     with parity_progress() as progress:
         report = check_parity(
@@ -198,6 +233,44 @@ def check_cli(
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
 
 
+def _check_target(model: Path | None, url: str | None, name: str | None) -> Path | None:
+    """An ONNX file, or --url with --name; never both, never neither."""
+    from bnexport.errors import ParityInputError
+
+    if url is None:
+        if name is not None:
+            raise ParityInputError("--name names a model on a --url endpoint; give --url too")
+        if model is None:
+            raise ParityInputError("give the ONNX model to check, or --url URL --name NAME")
+        return model
+    if model is not None:
+        raise ParityInputError(
+            f"give the ONNX model {model} or --url {url}, not both (--url checks what the "
+            "endpoint serves)"
+        )
+    if not name:
+        raise ParityInputError(f"--url {url} needs --name, the model's name on the endpoint")
+    return None
+
+
+def _check_url(url: str, name: str, grpc: bool, timeout: float, source: Any, config: Any) -> Any:
+    """The parity gate against the endpoint (`bnexport.serving.endpoint_check`)."""
+    from dataclasses import replace
+
+    from bnexport.serving.endpoint_check import Endpoint, check_endpoint
+
+    with parity_progress() as progress:
+        return check_endpoint(
+            Endpoint(url, name, grpc, timeout),
+            source.model,
+            replace(config, folded=False),
+            normalize=source.normalize,
+            input_shape=[s.shape for s in source.input_specs],
+            reference_name=source.name,
+            progress=progress,
+        )
+
+
 def _fold_for_check(source: Any) -> tuple[Any, str]:
     """The BN-folded model `check` runs as a candidate, or None and why: folding is not what
     `check` checks, so a model that cannot be folded only skips that runner."""
@@ -212,12 +285,14 @@ def _fold_for_check(source: Any) -> tuple[Any, str]:
         return None, f"the model cannot be folded: {type(exc).__name__}: {exc}"
 
 
-def _check_paths(model: Path, inputs: list[Path | None], outputs: dict[str, Path | None]) -> None:
+def _check_paths(
+    model: Path | None, inputs: list[Path | None], outputs: dict[str, Path | None]
+) -> None:
     """Every output path is writable and none is an input (the model's .data files included)."""
     from bnexport.files import check_output_paths
     from bnexport.onnx_file import external_data_files
 
-    sidecars = external_data_files(model) if model.is_file() else ()
+    sidecars = external_data_files(model) if model is not None and model.is_file() else ()
     check_output_paths(outputs, [model, *sidecars, *inputs])
 
 

@@ -61,7 +61,7 @@ def check_parity(
             rebuild=rebuild,
         )
         results = run_check(check, progress)
-        return _report(check, results, time.perf_counter() - started)
+        return parity_report(check, results, time.perf_counter() - started)
 
 
 @contextmanager
@@ -80,8 +80,11 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _report(check: PreparedCheck, results: list[RunnerResult], seconds: float) -> ParityReport:
-    """The verdict (every gating runner passed, and at least one ran) and its provenance."""
+def parity_report(
+    check: PreparedCheck, results: list[RunnerResult], seconds: float
+) -> ParityReport:
+    """The verdict (every gating runner passed, and at least one ran) and its provenance (also for
+    a check whose candidates are not onnxruntime sessions: `bnexport check --url`)."""
     config = check.config
     gating = [r for r in results if r.gating]
     passed = bool(gating) and all(r.passed for r in gating)

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+class ResponseError(Exception):
+    """The server answered, but not with what was asked (an error status, a missing output, rows
+    missing): a failing result of the check, not a usage error."""
+
+
 def split_url(url: str) -> tuple[str, bool]:
     """``host:port`` as tritonclient wants it, and whether the URL asks for TLS."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -121,21 +126,33 @@ class V2Client:
             result = self._infer(name, feed, outputs)
         except Exception as exc:
             if self.grpc or not self.binary or not _refuses_binary(exc):
-                raise self._error(f"inference on model {name!r} failed", exc) from None
+                raise self._infer_error(name, exc) from None
             self.binary = False  # MLServer's REST: JSON only
             try:
                 result = self._infer(name, feed, outputs)
             except Exception as exc2:
-                raise self._error(f"inference on model {name!r} failed", exc2) from None
+                raise self._infer_error(name, exc2) from None
         arrays = {}
+        rows = {len(a) for a in feed.values() if getattr(a, "ndim", 0)}
         for output in outputs:
             array = result.as_numpy(output)
             if array is None:
-                raise EndpointError(
-                    f"{self.url}: the response of model {name!r} lacks output {output!r}"
+                raise ResponseError(f"the response of model {name!r} lacks output {output!r}")
+            if rows and array.ndim and len(array) not in rows:
+                raise ResponseError(
+                    f"model {name!r} answered {len(array)} rows of {output!r} for {min(rows)}"
                 )
             arrays[output] = array
         return arrays
+
+    def _infer_error(self, name: str, exc: BaseException) -> Exception:
+        """A server's error answer is a `ResponseError`; no answer is an `EndpointError`."""
+        status = getattr(exc, "status", lambda: None)
+        code = status() if callable(status) else status
+        if code and not any(w in str(code) for w in ("UNAVAILABLE", "DEADLINE_EXCEEDED")):
+            detail = " ".join(str(exc).split())
+            return ResponseError(f"model {name!r} answered with an error: {detail}")
+        return self._error(f"inference on model {name!r} failed", exc)
 
     def _infer(self, name: str, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Any:
         from tritonclient.utils import np_to_triton_dtype
