@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import ExportError, raise_if_interrupted
@@ -345,3 +346,17 @@ def _named(out: Any, output_names: tuple[str, ...] | None, runner: str) -> dict[
     else:
         names = [f"output_{i}" for i in range(len(items))]
     return {n: t.detach().cpu().numpy() for n, (_, t) in zip(names, items, strict=True)}
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``threads`` (None: unchanged), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +32,7 @@ from bnexport.bench.report import BenchReport, CandidateInfo, summarise
 from bnexport.errors import BnexportError
 from bnexport.machine import load_average
 from bnexport.progress import Progress, ProgressEvent
-from bnexport.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from bnexport.runners import OnnxRuntimeRunner, Runner, TorchRunner, torch_threads
 from bnexport.timing import RawTimes, collect_environment, measure_interleaved
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def run_bench(
     setup = _SetupSteps(progress, total=6)
     model = source.model.eval()
     input_shape = tuple(source.input_shape)
-    with _torch_threads(config.threads):
+    with torch_threads(config.threads):
         setup("counting FLOPs")
         flops = count_flops(model, input_shape)
         setup("folding")
@@ -120,20 +119,6 @@ class _SetupSteps:
         self.done += 1
         if self.progress is not None:
             self.progress(ProgressEvent("setup", self.done, self.total, message))
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """PyTorch's intra-op threads set to ``threads`` (None: unchanged), restored afterwards."""
-    import torch
-
-    old_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _candidates(

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bnexport.machine import cpu_model, versions
@@ -21,6 +20,7 @@ from bnexport.parity.report import ParityReport, RunnerResult
 from bnexport.parity.run import run_check
 from bnexport.parity.tolerance import resolve_tolerances
 from bnexport.progress import Progress
+from bnexport.runners import torch_threads
 
 
 def check_parity(
@@ -47,7 +47,7 @@ def check_parity(
     finishes. Returns a :class:`ParityReport`; never prints, never exits.
     """
     config = config or CheckConfig()
-    with _torch_threads(config.torch_threads):
+    with torch_threads(config.torch_threads):
         started = time.perf_counter()
         check = prepare_check(
             onnx_model,
@@ -62,22 +62,6 @@ def check_parity(
         )
         results = run_check(check, progress)
         return parity_report(check, results, time.perf_counter() - started)
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``torch.set_num_threads(n)``, restoring the previous count afterwards."""
-    import torch
-
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def parity_report(
