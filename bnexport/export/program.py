@@ -10,14 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import ExportError
-from bnexport.export.exporter import (
-    dynamic_batch_shapes,
-    eval_mode,
-    example_batches,
-    export_failure,
-    quiet_exporter,
-    writable,
-)
+from bnexport.export import exporter
 from bnexport.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
@@ -58,23 +51,23 @@ def save_program(
     """
     import torch
 
-    inputs = example_batches(example_inputs)
-    with quiet_exporter() as log, eval_mode(model), torch.inference_mode(False):
+    inputs = exporter.example_batches(example_inputs)
+    with exporter.quiet_exporter() as log, exporter.eval_mode(model), torch.inference_mode(False):
         try:
             program = torch.export.export(
-                model, inputs, dynamic_shapes=dynamic_batch_shapes(inputs)
+                model, inputs, dynamic_shapes=exporter.dynamic_batch_shapes(inputs)
             )
         except Exception as exc:
-            raise export_failure("torch.export", exc, log.getvalue()) from exc
+            raise exporter.export_failure("torch.export", exc, log.getvalue()) from exc
         _check_program_batch(program)
         for node in program.graph.nodes:  # stack traces name local files: not reproducible
             node.meta.pop("stack_trace", None)
         # Saving through a file object names the archive folder "archive", not the temp file.
-        with writable(path), atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        with exporter.writable(path), atomic_path(path) as tmp, open(tmp, "wb") as fh:
             try:
                 torch.export.save(program, fh)
             except Exception as exc:
-                raise export_failure("torch.export.save", exc, log.getvalue()) from exc
+                raise exporter.export_failure("torch.export.save", exc, log.getvalue()) from exc
     final = Path(path)
     nodes = [n for n in program.graph.nodes if n.op == "call_function"]
     counts = Counter(str(n.target) for n in nodes)
