@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real.zoo import REAL_MODELS, batchnorm_modules, requirement
+from real.zoo import ISSUE_18, NO_BATCHNORM, REAL_MODELS, batchnorm_modules, requirement
 from torch.utils._pytree import tree_leaves
 
 pytestmark = pytest.mark.real
@@ -37,7 +37,7 @@ def test_factory_is_deterministic_and_realistic(name: str) -> None:
 
     assert not model.training
     bns = list(batchnorm_modules(model))
-    assert bns, "no BatchNorm found"
+    assert bool(bns) != (name in NO_BATCHNORM), "BatchNorms found where none are listed, or none"
     for path, bn in bns:
         assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var)), path
         assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean)), path
@@ -47,3 +47,8 @@ def test_factory_is_deterministic_and_realistic(name: str) -> None:
         outputs = [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
     assert outputs and all(bool(torch.isfinite(t).all()) for t in outputs)
     assert all(t.shape[0] == inputs[0].shape[0] for t in outputs)
+
+
+def test_issue_18_models_are_in_the_zoo() -> None:
+    assert len(ISSUE_18) == len(set(ISSUE_18)) == 28
+    assert set(ISSUE_18) <= set(REAL_MODELS)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from real.handmade import HANDMADE
 from real.tv_compat import ensure_torchvision_ops
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -34,6 +35,8 @@ Factory = Callable[[], tuple[nn.Module, Inputs]]
 
 IMAGE_SIZE = 64  # input height/width wherever the architecture allows
 INCEPTION_SIZE = 299  # inception_v3's native size
+EFFICIENTFORMER_SIZE = 224  # efficientformer_l1's attention biases are sized for 224×224
+VIDEO_FRAMES = 8  # r3d_18's clip length
 TWO_INPUT_SIZE = 32  # TwoInputNet's image
 TWO_INPUT_FEATURES = 8  # TwoInputNet's feature vector
 EXAMPLE_BATCH = 2  # batch of the example inputs a factory returns
@@ -153,16 +156,38 @@ def _torchvision_segmentation(name: str, **kwargs: object) -> nn.Module:
     return getattr(torchvision.models.segmentation, name)(**kwargs)
 
 
+def _torchvision_video(name: str, **kwargs: object) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models.video, name)(**kwargs)
+
+
 def _frozen_resnet18() -> nn.Module:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     return _torchvision("resnet18", norm_layer=FrozenBatchNorm2d)
 
 
-def _timm(name: str) -> nn.Module:
+def _quantizable(name: str) -> nn.Module:
+    from torchvision.models import quantization
+
+    return getattr(quantization, name)(quantize=False)
+
+
+def _timm(name: str, **kwargs: object) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _nonzero_gains(name: str) -> nn.Module:
+    """A timm NF model whose zero-initialised gains (``conv3.gain``) are drawn U(0.5, 1.5)."""
+    model = _timm(name)
+    with torch.no_grad():
+        for path, param in model.named_parameters():
+            if path.endswith("gain") and not bool(param.any()):
+                param.uniform_(*GAMMA_RANGE)
+    return model
 
 
 #: torchvision classifiers built with their defaults (``torchvision.models.<name>()``).
@@ -177,6 +202,10 @@ TORCHVISION = (
     "mnasnet0_5",
     "regnet_y_400mf",
     "vgg11_bn",
+    # issue 18
+    "efficientnet_v2_s",
+    "convnext_tiny",  # LayerNorm, no BatchNorm
+    "squeezenet1_1",  # no BatchNorm
 )
 #: timm models (``timm.create_model(name, pretrained=False)``).
 TIMM = (
@@ -188,6 +217,68 @@ TIMM = (
     "resnetv2_50",
     "mixnet_s",  # mixed kernels: split → convs → cat → BN
     "tf_mixnet_s",  # the same with run-time "same" padding (Conv2dSame, a probed custom conv)
+    # issue 18
+    "resnest14d",
+    "repvgg_a0",
+    "hrnet_w18_small",
+    "ghostnetv2_100",
+    "lcnet_050",
+    "regnety_002",
+    "fbnetv3_b",
+    "tinynet_e",
+    "rexnetr_100",
+    "nf_resnet26",  # scaled weight-standardised convs, no BatchNorm; timm zero-inits conv3.gain
+)
+#: timm models built with an image size (their attention biases are sized for it).
+TIMM_SIZED = {"levit_128s": IMAGE_SIZE, "efficientformerv2_s0": IMAGE_SIZE}
+
+#: Zoo models without any BatchNorm (the fold has nothing to do; the gate still checks them).
+NO_BATCHNORM = frozenset(
+    {
+        "torchvision/convnext_tiny",
+        "torchvision/squeezenet1_1",
+        "timm/nf_resnet26",
+        "timm/nf_resnet26_gains",
+    }
+)
+
+#: The 28 models of issue 18 (real models nobody had run, and hand-written corner cases): every one
+#: exports and passes ``bnexport check`` with default options.
+ISSUE_18 = (
+    *(
+        f"torchvision/{name}"
+        for name in (
+            "r3d_18",
+            "efficientnet_v2_s",
+            "convnext_tiny",
+            "deeplabv3_resnet50",
+            "googlenet",
+            "shufflenet_v2_x1_0",
+            "squeezenet1_1",
+            "quantizable_mobilenet_v2",
+            "mnasnet0_5",
+        )
+    ),
+    *(
+        f"timm/{name}"
+        for name in (
+            "resnest14d",
+            "repvgg_a0",
+            "hrnet_w18_small",
+            "levit_128s",
+            "ghostnetv2_100",
+            "lcnet_050",
+            "regnety_002",
+            "efficientformer_l1",
+            "efficientformerv2_s0",
+            "fbnetv3_b",
+            "tinynet_e",
+            "rexnetr_100",
+            "nf_resnet26",
+            "nf_resnet26_gains",
+        )
+    ),
+    *(f"handmade/{name}" for name in HANDMADE),
 )
 
 
@@ -212,8 +303,36 @@ def _specs() -> dict[str, _Spec]:
         _image(),
     )
     tv["resnet18_frozen_bn"] = _Spec(_frozen_resnet18, _image())
+    tv["r3d_18"] = _Spec(
+        functools.partial(_torchvision_video, "r3d_18"),
+        ((3, VIDEO_FRAMES, IMAGE_SIZE, IMAGE_SIZE),),
+    )
+    tv["deeplabv3_resnet50"] = _Spec(
+        functools.partial(
+            _torchvision_segmentation,
+            "deeplabv3_resnet50",
+            weights=None,
+            weights_backbone=None,
+            aux_loss=False,
+        ),
+        _image(),
+    )
+    tv["quantizable_mobilenet_v2"] = _Spec(
+        functools.partial(_quantizable, "mobilenet_v2"), _image()
+    )
     specs = {f"torchvision/{name}": spec for name, spec in tv.items()}
     specs |= {f"timm/{name}": _Spec(functools.partial(_timm, name), _image()) for name in TIMM}
+    specs |= {
+        f"timm/{name}": _Spec(functools.partial(_timm, name, img_size=size), _image(size))
+        for name, size in TIMM_SIZED.items()
+    }
+    specs["timm/efficientformer_l1"] = _Spec(
+        functools.partial(_timm, "efficientformer_l1"), _image(EFFICIENTFORMER_SIZE)
+    )
+    specs["timm/nf_resnet26_gains"] = _Spec(
+        functools.partial(_nonzero_gains, "nf_resnet26"), _image()
+    )
+    specs |= {f"handmade/{name}": _Spec(cls, _image()) for name, cls in HANDMADE.items()}
     specs["handmade/two_input_net"] = _Spec(
         TwoInputNet, ((3, TWO_INPUT_SIZE, TWO_INPUT_SIZE), (TWO_INPUT_FEATURES,))
     )
