@@ -4,7 +4,7 @@ contain and that broke the gate or the fold.
 * `ConvGap`: conv → BN → global average pool over a 64×64 map. onnxruntime's ``ReduceMean`` sums
   4,096 values in another order than PyTorch; on the near-constant maps of the edge-case inputs
   the difference is legitimate accumulation-order noise, not a fault.
-* `MetaNamed`: a submodule called ``meta``, an attribute `torch.fx.GraphModule` reserves.
+* `MetaNamed`: a submodule called ``meta`` (``body.meta``), a name `torch.fx.GraphModule` reserves.
 * `ShapeBranch`: ``if x.shape[-1] > 32:`` in the top-level ``forward``.
 * `ShapeLoop`: a loop whose bound comes from a shape.
 * `TokenNorm`: timm LeViT's ``LinearNorm``, ``bn(linear(x).flatten(0, 1)).reshape_as(...)``: a
@@ -53,17 +53,31 @@ class _Head(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+class _MetaBlock(nn.Module):
+    """Conv → BN → ReLU with the conv stored as ``self.meta``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta = nn.Conv2d(WIDTH, WIDTH, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(WIDTH)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.meta(x)))
+
+
 class MetaNamed(nn.Module):
-    """A conv-BN block stored as ``self.meta`` (a name ``torch.fx.GraphModule`` reserves)."""
+    """A conv called ``meta`` (a name ``torch.fx.GraphModule`` reserves) inside ``body``; torch's
+    exporter handles it there (at the top level it fails too, as of torch 2.13)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn(3, WIDTH, 2)
-        self.meta = conv_bn(WIDTH, WIDTH)
+        self.body = _MetaBlock()
         self.head = _Head(WIDTH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.meta(self.stem(x)))
+        return self.head(self.body(self.stem(x)))
 
 
 class ShapeBranch(nn.Module):
