@@ -30,9 +30,9 @@ from bnexport.errors import FoldError
 from bnexport.fold.batchnorm import BNParams, register_batchnorm
 from bnexport.fold.passes import fold_graph
 from bnexport.fold.patterns import PATTERNS
-from bnexport.fold.report import REASONS, ChainEntry, FoldEntry, FoldReport
+from bnexport.fold.report import REASONS, ChainEntry, FoldEntry, FoldReport, rename_entries
 from bnexport.fold.rules import Pattern, Rule
-from bnexport.fold.trace import remove_eval_identities, trace
+from bnexport.fold.trace import Traced, remove_eval_identities, trace
 from bnexport.fold.verify import clone_inputs, self_check
 
 __all__ = [
@@ -93,6 +93,7 @@ class _Folded:
     exact: dict[str, torch.Tensor]  # folded parameters in float64, by path
     reference_outputs: list[torch.Tensor]  # the unfolded model's outputs on the example inputs
     memo64: dict[int, torch.Tensor]  # float64 copies of the original parameters the fold read
+    notes: list[str]  # what the trace changed (`_trace_notes`)
 
 
 def _fold_copy(
@@ -100,7 +101,7 @@ def _fold_copy(
 ) -> _Folded:
     """Trace ``work`` (a copy, eval mode), propagate shapes (that forward's outputs are kept for
     the self-check), fold."""
-    traced = trace(work, leaf_modules)
+    traced = trace(work, leaf_modules, inputs)
     gm = traced.gm
     removed = remove_eval_identities(gm)  # ShapeProp interprets the graph: no recompile needed
     try:
@@ -115,8 +116,25 @@ def _fold_copy(
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     memo64: dict[int, torch.Tensor] = {}
     entries, chains, exact = fold_graph(gm, untraceable=traced.untraceable, memo64=memo64)
+    rename_entries([*entries, *chains], traced.renames)
     gm.eval()
-    return _Folded(gm, entries, chains, removed, exact, outputs, memo64)
+    return _Folded(gm, entries, chains, removed, exact, outputs, memo64, _trace_notes(traced))
+
+
+def _trace_notes(traced: Traced) -> list[str]:
+    """What the trace changed: names renamed, shapes the forward branched on."""
+    notes = [
+        f"the submodule {old!r} is called {new!r} in the folded module (torch.fx.GraphModule "
+        f"reserves the name {old!r})"
+        for new, old in traced.renames.items()
+    ]
+    if traced.specialized:
+        notes.append(
+            "the forward branches on tensor shapes; it was traced with the example inputs, so the "
+            "folded module takes the branches they took and a torch._assert refuses inputs that "
+            f"would take another: {'; '.join(traced.specialized)}"
+        )
+    return notes
 
 
 def fold_model(
@@ -147,7 +165,7 @@ def fold_model(
     work = copy.deepcopy(model, dict(originals)).eval()
     fold = _fold_copy(work, inputs, leaf_modules)
     gm, entries, chains, removed = fold.gm, fold.entries, fold.chains, fold.removed
-    report = FoldReport(entries=entries, chains=chains)
+    report = FoldReport(entries=entries, chains=chains, notes=list(fold.notes))
     if was_training:
         report.notes.append(TRAIN_MODE_NOTE)
     if removed:

@@ -7,7 +7,9 @@ JSON-ready.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Status = Literal["folded", "left"]
@@ -168,3 +170,24 @@ def verification_line(v: dict[str, Any]) -> str:
         f"output scale = {ratio:.2g}× the float64 noise floor {v['noise_floor']:.2g} "
         f"(limit {v['factor']:g}×): exact"
     )
+
+
+def renamed_back(text: str, renames: Mapping[str, str]) -> str:
+    """``text`` with each module path starting with a renamed top-level name (``meta_.0``) written
+    with the model's own name (``meta.0``); other words (``meta__0``) stay."""
+    for new in sorted(renames, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.]){re.escape(new)}(?!\w)", renames[new], text)
+    return text
+
+
+def rename_entries(items: list[Any], renames: Mapping[str, str]) -> None:
+    """Apply `renamed_back` to every text field of report entries (in place)."""
+    if not renames:
+        return
+    for item in items:
+        for f in fields(item):
+            value = getattr(item, f.name)
+            if isinstance(value, str):
+                setattr(item, f.name, renamed_back(value, renames))
+            elif isinstance(value, list):
+                setattr(item, f.name, [renamed_back(v, renames) for v in value])

@@ -1,15 +1,21 @@
 """Trace a model with torch.fx for folding: BatchNorms and layers stay single calls, and a submodule
 torch.fx can't trace becomes a black box (its BatchNorms are reported, not lost).
 
-torch.fx's ``symbolic_trace`` fails on the whole model when one block has data-dependent Python
-(``if x.shape[-1] % 2`` …). `trace` then retries with that block (the innermost module whose
+Python control flow on shapes is answered with the example inputs (`bnexport.fold.concrete`).
+torch.fx's ``symbolic_trace`` still fails on the whole model when one block branches on tensor
+values (``if x.sum() > 0``). `trace` then retries with that block (the innermost module whose
 ``forward`` raised) called as a leaf, so the rest of the model still folds; the fold report lists
 every BatchNorm inside such a block as "left: inside a non-traceable region".
+
+Submodules named like `torch.fx.GraphModule`'s own attributes (``meta``, ``graph``, ``code`` …)
+can't be attributes of the traced module: they are renamed there (``meta`` → ``meta_``), and
+`Traced.renames` maps the new names back for the report.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +26,8 @@ from torch import nn
 
 from bnexport.errors import FoldError
 from bnexport.fold.batchnorm import is_batchnorm_like
+from bnexport.fold.concrete import ConcreteTracer
+from bnexport.fold.constants import fetch_attr
 from bnexport.fold.layers import custom_layer, layer_kind
 
 #: How many blocks may be turned into black boxes before tracing gives up.
@@ -39,14 +47,18 @@ EVAL_IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
 _ATTR = "_bnexport_failed_in"
 
 
-class FoldTracer(fx.Tracer):
+class FoldTracer(ConcreteTracer):
     """symbolic_trace's tracer, with BatchNorm-like modules, plain layers, the caller's
-    ``leaf_types`` and the ``leaf_paths`` found untraceable kept as single ``call_module`` nodes."""
+    ``leaf_types`` and the ``leaf_paths`` found untraceable kept as single ``call_module`` nodes;
+    control flow on shapes is answered from the example ``inputs``."""
 
     def __init__(
-        self, leaf_types: Sequence[type[nn.Module]] = (), leaf_paths: Sequence[str] = ()
+        self,
+        leaf_types: Sequence[type[nn.Module]] = (),
+        leaf_paths: Sequence[str] = (),
+        inputs: Sequence[Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(inputs)
         self.leaf_types = tuple(leaf_types)
         self.leaf_paths = frozenset(leaf_paths)
 
@@ -62,6 +74,8 @@ class FoldTracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if self._evaluating:
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
@@ -73,10 +87,13 @@ class FoldTracer(fx.Tracer):
 
 @dataclass
 class Traced:
-    """The traced module and the blocks run as black boxes because fx can't trace them."""
+    """The traced module, the blocks run as black boxes because fx can't trace them, the shape
+    decisions its forward took on the example inputs, and the renamed top-level names."""
 
     gm: fx.GraphModule
     untraceable: dict[str, str] = field(default_factory=dict)  # module path → why
+    specialized: list[str] = field(default_factory=list)  # "x.shape[-1] > 32 was True"
+    renames: dict[str, str] = field(default_factory=dict)  # name in gm → the model's name
 
 
 def _first_line(exc: BaseException) -> str:
@@ -84,15 +101,17 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def trace(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = ()) -> Traced:
-    """Symbolically trace ``model``, turning untraceable blocks into leaves; `FoldError` with the
-    fix if the model's own forward can't be traced."""
+def trace(
+    model: nn.Module, leaf_types: Sequence[type[nn.Module]] = (), inputs: Sequence[Any] = ()
+) -> Traced:
+    """Trace ``model`` (control flow on shapes answered from ``inputs``), turning untraceable
+    blocks into leaves; `FoldError` with the fix if the model's own forward can't be traced."""
     for module in model.modules():  # probe custom layers now: tracing patches Module.__call__
         if custom_layer(type(module)) is not None:
             layer_kind(module)
     untraceable: dict[str, str] = {}
     for _ in range(MAX_UNTRACEABLE + 1):
-        tracer = FoldTracer(leaf_types, tuple(untraceable))
+        tracer = FoldTracer(leaf_types, tuple(untraceable), inputs)
         try:
             graph = tracer.trace(model)
         except Exception as exc:
@@ -101,14 +120,58 @@ def trace(model: nn.Module, leaf_types: Sequence[type[nn.Module]] = ()) -> Trace
                 untraceable[path] = _first_line(exc)
                 continue
             raise FoldError(
-                f"cannot trace {type(model).__name__} with torch.fx.symbolic_trace "
-                f"({_first_line(exc)}); fix: move data-dependent Python (if/for on tensor "
-                "values, shape-dependent control flow) into a function decorated with "
-                "torch.fx.wrap, or pass leaf_modules=(TheBlockClass,) so that block is called as "
-                "a black box (BatchNorms inside a leaf module are not folded)"
+                f"cannot trace {type(model).__name__}.forward with torch.fx "
+                f"({_first_line(exc)}); fix: move the Python that branches on tensor values into "
+                "a submodule (bnexport runs a submodule it can't trace as a black box and folds "
+                "the rest) or into a function decorated with torch.fx.wrap"
             ) from exc
-        return Traced(fx.GraphModule(tracer.root, graph, type(model).__name__), untraceable)
+        renames = _rename_reserved(graph, tracer.root)
+        if renames:
+            root: Any = {
+                str(n.target): fetch_attr(tracer.root, _original(str(n.target), renames))
+                for n in graph.nodes
+                if n.op in ("call_module", "get_attr")
+            }
+        else:
+            root = tracer.root
+        gm = fx.GraphModule(root, graph, type(model).__name__)
+        return Traced(gm, untraceable, list(tracer.specialized), renames)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Attribute names a `torch.fx.GraphModule` has and a plain `nn.Module` has not."""
+    gm = fx.GraphModule(nn.Module(), fx.Graph())
+    return frozenset(set(dir(gm)) - set(dir(nn.Module())))
+
+
+def _original(target: str, renames: dict[str, str]) -> str:
+    head, dot, rest = target.partition(".")
+    return renames.get(head, head) + dot + rest
+
+
+def _rename_reserved(graph: fx.Graph, root: nn.Module) -> dict[str, str]:
+    """Rename the top-level names in ``graph``'s targets that `reserved_names` holds (``meta`` →
+    ``meta_``); returns new name → the model's name."""
+    reserved = reserved_names()
+    heads = {str(n.target).partition(".")[0] for n in graph.nodes if n.op in _TARGETED}
+    renames: dict[str, str] = {}
+    for head in sorted(heads & reserved):
+        new = f"{head}_"
+        while new in reserved or new in heads or hasattr(root, new) or new in renames:
+            new += "_"
+        renames[new] = head
+    back = {old: new for new, old in renames.items()}
+    for n in graph.nodes:
+        if n.op in _TARGETED:
+            head, dot, rest = str(n.target).partition(".")
+            if head in back:
+                n.target = back[head] + dot + rest
+    return renames
+
+
+_TARGETED = ("call_module", "get_attr")
 
 
 _EVAL_IDENTITY_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
