@@ -15,6 +15,7 @@ from bnexport.fold.batchnorm import FUNCTIONAL_BATCHNORMS, is_batchnorm_class, i
 from bnexport.fold.constants import const_of
 from bnexport.fold.context import FoldContext
 from bnexport.fold.layers import custom_layer, layer_kind, new_layer
+from bnexport.fold.layout import walk_back
 from bnexport.fold.patterns import PATTERNS
 from bnexport.fold.report import ChainEntry, Direction, FoldEntry
 from bnexport.fold.rules import Refusal, Rule, cast_folded, expected_rank, layer_refusal
@@ -65,13 +66,18 @@ def _layer_name(node: object, ctx: FoldContext) -> str | None:
 
 
 def _input_side(site: BNSite, ctx: FoldContext) -> Refusal | None:
-    """A layer one op before the BN: which op sits between them."""
-    src = site.input
+    """A layer one op before the BN (reshapes aside): which op sits between them."""
+    src, _ = walk_back(site.input)
     if isinstance(src, fx.Node) and src.args:
-        layer = _layer_name(src.args[0], ctx)
+        layer_node, _ = walk_back(src.args[0] if isinstance(src.args[0], fx.Node) else None)
+        layer = _layer_name(layer_node, ctx)
         if layer:
             code = "nonlinearity" if is_nonlinearity(src, ctx) else "no_adjacent_layer"
-            what = "a nonlinearity" if code == "nonlinearity" else "not an affine op"
+            what = (
+                "a nonlinearity"
+                if code == "nonlinearity"
+                else "neither a constant scale/shift nor a reshape keeping the channel axis"
+            )
             return Refusal(
                 code,
                 f"{ctx.describe(src)} sits between {layer} and {site.name} ({what}): a BatchNorm "
@@ -145,7 +151,8 @@ def diagnose(site: BNSite, ctx: FoldContext, tried: Sequence[Direction] = ()) ->
             "no_adjacent_layer",
             f"its input comes from {ctx.describe(site.input)} and its output goes to {users}; a "
             "BatchNorm folds only into a Conv/ConvTranspose/Linear module right before it (and "
-            "sole user of its output) or right after it",
+            "sole user of its output) or right after it, reshapes that keep the channel axis "
+            "aside",
         )
     ]
 

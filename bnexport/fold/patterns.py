@@ -20,6 +20,7 @@ from bnexport.fold import math as fm
 from bnexport.fold.concat import ConcatThenBN
 from bnexport.fold.context import FoldContext
 from bnexport.fold.layers import layer_kind
+from bnexport.fold.layout import walk_back, walk_forward
 from bnexport.fold.report import Direction
 from bnexport.fold.rules import Match, Pattern, Refusal, Rule, groups, in_channels, out_channels
 from bnexport.fold.sites import BNSite
@@ -33,24 +34,27 @@ class FoldAfter(Pattern):
     direction: ClassVar[Direction] = "after"
 
     def match(self, site: BNSite, ctx: FoldContext) -> Match | None:
-        src = site.input
+        src, path = walk_back(site.input)  # through reshapes that may keep the channel axis
         if src is None or not self.is_layer(src, ctx):
             return None
         layer = ctx.module(src)
         assert layer is not None
-        return Match(site, src, layer)
+        return Match(site, src, layer, path=path)
 
     def check(self, m: Match, ctx: FoldContext) -> Refusal | None:
-        users = data_users(m.layer_node)
-        if len(users) != 1:
-            others = ", ".join(ctx.describe(u) for u in users if u is not m.site.node)
-            return Refusal(
-                "multi_user",
-                f"the output of {m.layer_name} ({m.layer_node.name}) has {len(users)} users "
-                f"({m.site.name} and {others}); folding {m.site.name} into it would change what "
-                "the others see",
-            )
-        return self.common_check(m, ctx, m.layer_node, out_channels(m.layer))
+        chain = [m.layer_node, *m.path]
+        for node, reader in zip(chain, [*m.path, m.site.node], strict=True):
+            users = data_users(node)
+            if len(users) != 1:
+                others = ", ".join(ctx.describe(u) for u in users if u is not reader)
+                return Refusal(
+                    "multi_user",
+                    f"the output of {m.layer_name if node is m.layer_node else node.name} "
+                    f"({node.name}) has {len(users)} users ({ctx.describe(reader)} and "
+                    f"{others}); folding {m.site.name} into {m.layer_name} would change what the "
+                    "others see",
+                )
+        return self.common_check(m, ctx, out_channels(m.layer))
 
     def fold(self, m: Match, ctx: FoldContext) -> fm.Folded:
         s = m.site
@@ -58,7 +62,7 @@ class FoldAfter(Pattern):
         return fm.fold_after(self.kind, weight, bias, s.scale, s.shift, groups(m.layer))
 
     def reroute(self, m: Match, ctx: FoldContext) -> None:
-        m.site.end.replace_all_uses_with(m.layer_node)
+        m.site.end.replace_all_uses_with(m.path[-1] if m.path else m.layer_node)
 
 
 class ConvThenBN(FoldAfter):
@@ -95,6 +99,11 @@ class FoldBefore(Pattern):
                 layer = ctx.module(user)
                 assert layer is not None
                 return Match(site, user, layer)
+        user, path = walk_forward(site.end)  # through reshapes that may keep the channel axis
+        if path and user is not None and self.is_layer(user, ctx) and user.args[0] is path[-1]:
+            layer = ctx.module(user)
+            assert layer is not None
+            return Match(site, user, layer, path=path)
         return None
 
     def exactness(self, m: Match) -> Refusal | None:
@@ -112,7 +121,7 @@ class FoldBefore(Pattern):
                 f"{len(users)} users ({m.layer_name} and {others}); it can fold into "
                 f"{m.layer_name} only if that is its one user",
             )
-        refusal = self.common_check(m, ctx, site.input, in_channels(m.layer))
+        refusal = self.common_check(m, ctx, in_channels(m.layer))
         return refusal or self.exactness(m)
 
     def fold(self, m: Match, ctx: FoldContext) -> fm.Folded:
@@ -123,7 +132,7 @@ class FoldBefore(Pattern):
     def reroute(self, m: Match, ctx: FoldContext) -> None:
         bn_input = m.site.input
         assert bn_input is not None
-        m.layer_node.replace_input_with(m.site.end, bn_input)
+        (m.path[0] if m.path else m.layer_node).replace_input_with(m.site.end, bn_input)
 
 
 def _max_shift(m: Match) -> str:

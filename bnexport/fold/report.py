@@ -20,7 +20,9 @@ REASONS: dict[str, str] = {
     "untracked_stats": "BatchNorm has no running statistics (track_running_stats=False): it uses "
     "batch statistics even in eval mode",
     "multi_user": "the layer's output (or the BatchNorm chain's output) has more than one user",
-    "no_adjacent_layer": "no Conv/ConvTranspose/Linear module right before or after the BatchNorm",
+    "no_adjacent_layer": "no Conv/ConvTranspose/Linear module directly before or after the "
+    "BatchNorm: none at all, or one separated from it by an op that is neither a constant "
+    "scale/shift nor a reshape keeping the channel axis",
     "nonlinearity": "a nonlinearity sits between the layer and the BatchNorm",
     "not_exact_padding": "BN → Conv with zero padding and a non-zero shift (borders would differ)",
     "not_exact_transpose": "BN → ConvTranspose with a non-zero shift (borders would differ)",

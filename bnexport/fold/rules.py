@@ -5,7 +5,8 @@ checked cast of the folded parameters)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -15,18 +16,21 @@ from torch import nn
 from bnexport.fold import math as fm
 from bnexport.fold.context import FoldContext
 from bnexport.fold.layers import layer_hook_reason, layer_kind, new_layer
+from bnexport.fold.layout import describe_path, keeps_channels
 from bnexport.fold.report import Direction, FoldEntry
 from bnexport.fold.sites import BNSite
 
 
 @dataclass
 class Match:
-    """A BN site next to a layer call."""
+    """A BN site next to a layer call, with the layout ops between them (graph order; they keep
+    the channel axis if the check passes)."""
 
     site: BNSite
     layer_node: fx.Node
     layer: nn.Module
     layer_name: str = ""
+    path: list[fx.Node] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.layer_name = self.layer_name or str(self.layer_node.target)
@@ -93,6 +97,17 @@ def expected_rank(layer: nn.Module) -> int:
     return 2 if isinstance(layer, nn.Linear) else len(layer.kernel_size) + 2  # type: ignore[arg-type]
 
 
+def channel_axis(layer: nn.Module, shape: Sequence[int] | None) -> int | None:
+    """The channel/feature axis of the layer's input or output ``shape``: a Linear's last dim, a
+    conv's dim 1 (dim 0 unbatched); None for a rank the layer doesn't take."""
+    if shape is None:
+        return None
+    if isinstance(layer, nn.Linear):
+        return len(shape) - 1 if len(shape) >= 1 else None
+    rank = len(layer.kernel_size)  # type: ignore[arg-type]
+    return {rank + 2: 1, rank + 1: 0}.get(len(shape))
+
+
 class Pattern(Rule):
     """A rule with one layer next to the BN. Subclasses set `kind` (the weight-axis hook) and
     `direction`."""
@@ -149,16 +164,14 @@ class Pattern(Rule):
             notes=notes,
         )
 
-    def common_check(
-        self, m: Match, ctx: FoldContext, tensor_node: fx.Node | None, channels: int
-    ) -> Refusal | None:
-        """Hooks, float dtype, and the layout: ``tensor_node`` (the layer side of the BN) must have
-        the layer's batched rank and the BN's channels on dim 1."""
+    def common_check(self, m: Match, ctx: FoldContext, channels: int) -> Refusal | None:
+        """Hooks, float dtype, and the layout: the BN's dim 1 must be the layer's channel/feature
+        axis, through the layout ops between them (`bnexport.fold.layout`)."""
         site, layer = m.site, m.layer
         refusal = layer_refusal(layer, m.layer_name)
         if refusal is not None:
             return refusal
-        shape = ctx.shape(tensor_node)
+        tensor_node = m.layer_node if self.direction == "after" else site.input
         if ctx.dtype(tensor_node) != ctx.dtype(site.end):
             return Refusal(
                 "dtype",
@@ -166,13 +179,14 @@ class Pattern(Rule):
                 f"{dtype_name(ctx.dtype(site.end))}; the folded layer would keep "
                 f"{dtype_name(ctx.dtype(tensor_node))}",
             )
-        rank = expected_rank(layer)
-        if shape is None or len(shape) != rank or shape[1] != site.channels:
+        if not self.keeps_layout(m, ctx):
+            shape = list(ctx.shape(site.input) or ())
+            ops = f" after {describe_path(m.path)}" if m.path else ""
             return Refusal(
                 "layout",
-                f"{site.name} normalizes dim 1 of a {list(shape or ())} tensor but "
-                f"{m.layer_name}'s {channels} channels/features are dim 1 only of a rank-{rank} "
-                "batched tensor",
+                f"{site.name} normalizes dim 1 of a {shape} tensor, which{ops} is not "
+                f"{m.layer_name}'s {channels} channels/features (a Linear's last dim, a conv's "
+                "dim 1 of a batched tensor)",
             )
         if channels != site.channels:
             return Refusal(
@@ -180,6 +194,15 @@ class Pattern(Rule):
                 f"{site.name} has {site.channels} channels, {m.layer_name} {channels}",
             )
         return None
+
+    def keeps_layout(self, m: Match, ctx: FoldContext) -> bool:
+        """Whether the BN's channels are the layer's, element for element (direction hook)."""
+        if self.direction == "after":
+            axis = channel_axis(m.layer, ctx.shape(m.layer_node))
+            return axis is not None and keeps_channels(ctx, m.layer_node, axis, m.path, 1)
+        layer_input = m.path[-1] if m.path else m.site.end
+        axis = channel_axis(m.layer, ctx.shape(layer_input))
+        return axis is not None and keeps_channels(ctx, m.site.end, 1, m.path, axis)
 
 
 def groups(layer: nn.Module) -> int:

@@ -11,6 +11,8 @@ from torch import nn
 
 _METADATA_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
 _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device"})
+#: Methods whose second argument is read only for its shape or dtype (``y.reshape_as(x)``).
+_LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 
 
 def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
@@ -20,6 +22,8 @@ def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
         return user.args[0] is node and user.args[1] in _METADATA_ATTRS
     if user.op == "call_method" and user.target in _METADATA_METHODS:
         return user.args[0] is node
+    if user.op == "call_method" and user.target in _LIKE_METHODS:
+        return user.args[0] is not node and node in user.args[1:]
     return user.op == "call_function" and user.target in (len, torch.numel)
 
 
