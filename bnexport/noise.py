@@ -159,19 +159,39 @@ def sample_errors(candidate: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def noise_floor(
-    draws: Iterable[np.ndarray], truth: np.ndarray, edge: np.ndarray | None
+    draws: Iterable[np.ndarray],
+    truth: np.ndarray,
+    edge: np.ndarray | None,
+    reordered: Iterable[np.ndarray] = (),
 ) -> tuple[float, np.ndarray]:
-    """``(N, ungated)`` for one output: the worst fp32 error over the reference's ``draws`` and the
-    gated samples, and which samples are left out as ill-conditioned edge cases (module
-    docstring). ``edge`` marks the edge-case samples (None: no sample is left out)."""
+    """``(N, ungated)`` for one output: the worst fp32 error over the reference's ``draws`` and
+    the ``reordered`` ones (its sums added in another order) on the gated samples, and which
+    samples are left out as ill-conditioned edge cases (module docstring). ``edge`` marks the
+    edge-case samples (None: no sample is left out). Ill-conditioning is judged on ``draws``
+    alone: a long sum of same-signed terms (a constant image's map) errs more in sequential
+    order without being ill-conditioned."""
     per = np.max([sample_errors(d, truth) for d in draws], axis=0)
     ungated = np.zeros(per.shape, dtype=bool)
     if edge is not None and edge.shape == per.shape and (~edge).any():
         eps = float(np.finfo(np.float32).eps)
         data = max(float(per[~edge].max()), NOISE_FLOOR_ULPS * eps)
         ungated = edge & (per > ILL_CONDITIONED_RATIO * data)
+    for draw in reordered:
+        per = np.maximum(per, sample_errors(draw, truth))
     gated = per[~ungated]
     return (float(gated.max()) if gated.size else float(per.max())), ungated
+
+
+def draw_floors(
+    draws: Iterable[np.ndarray], truth: np.ndarray, ungated: np.ndarray | None
+) -> list[float]:
+    """Each draw's own ``N`` over the gated samples (which draw sets the floor, for a report)."""
+    floors = []
+    for draw in draws:
+        per = sample_errors(draw, truth)
+        keep = per if ungated is None or ungated.shape != per.shape else per[~ungated]
+        floors.append(float(keep.max()) if keep.size else float(per.max()))
+    return floors
 
 
 def gated_candidate(

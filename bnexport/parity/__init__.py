@@ -9,8 +9,9 @@ candidate per output (:mod:`bnexport.parity.compare`) under the noise-relative r
 per-kind tolerances against the reference with ``tolerance_mode="fixed"``
 (:mod:`bnexport.parity.tolerance`).
 
-The default sample count and batch sizes adapt to the model's cost (:func:`plan_inputs`): one
-forward is timed and the check sized to ``DEFAULT_TIME_BUDGET_S``.
+The default sample count and batch sizes adapt to the model's cost (:func:`plan_inputs`): its
+FLOPs and op calls are counted on one forward, never timed, and the check sized to
+``DEFAULT_TIME_BUDGET_S`` nominal seconds, so the same check feeds the same samples anywhere.
 
 Models may have several inputs (fed by ONNX input name; the PyTorch models get them by name or in
 the forward's order) and several outputs (a dict's matched by key, others by order). Before any

@@ -24,9 +24,9 @@ from bnexport.parity.tolerance import Tolerance, resolve_tolerances
 from bnexport.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from bnexport.signature import TensorSpec
 
-#: Seconds of model forwards a default check aims at (`bnexport.parity.plan`): the samples and the
-#: batch sizes shrink for a model whose forward is expensive (resnet50 at 224×224 gets the core
-#: check).
+#: Nominal seconds of model forwards a default check aims at (`bnexport.parity.plan`: counted
+#: from the model's FLOPs and op calls, never timed): the samples and the batch sizes shrink for a
+#: model whose forward is expensive (resnet50 at 224×224 gets the core check).
 DEFAULT_TIME_BUDGET_S = 6.0
 CUDA_OPT_LEVEL = "all"
 # Threads of a check: PyTorch keeps its own setting (all cores, or OMP_NUM_THREADS), and

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnexport.errors import BnexportError, ParityInputError
-from bnexport.noise import ILL_CONDITIONED_RATIO, KIND_PRECISION, NoiseTolerance, noise_floor
+from bnexport.noise import (
+    ILL_CONDITIONED_RATIO,
+    KIND_PRECISION,
+    NoiseTolerance,
+    draw_floors,
+    noise_floor,
+)
 from bnexport.parity.compare import OutputComparison, compare_output
 from bnexport.parity.inputs import ParityInputs
 from bnexport.parity.tolerance import Tolerance
@@ -44,6 +50,7 @@ class Baseline:
     truth: dict[str, np.ndarray] | None = None
     noise: dict[str, float] = field(default_factory=dict)
     ungated: dict[str, np.ndarray] = field(default_factory=dict)
+    draws: dict[str, dict[str, float]] = field(default_factory=dict)  # output → draw → its N
 
     def ungated_notes(self, inputs: ParityInputs) -> list[str]:
         """For each output with ill-conditioned edge cases: which, and what is still checked."""
@@ -96,12 +103,15 @@ def measure_baseline(
     *,
     truth: Runner | None = None,
     noise_batches: Sequence[int] = (1,),
+    noise_runners: Sequence[Runner] = (),
     check: Callable[[Mapping[str, np.ndarray]], None] | None = None,
     step: Step | None = None,
     fail: Fail | None = reference_failure,
 ) -> Baseline:
     """Run the reference at ``batch`` (``check`` sees its outputs first); with ``truth``, the
-    truth too, the reference again at each of ``noise_batches``, and each output's noise floor."""
+    truth too, the reference again at each of ``noise_batches``, each of ``noise_runners`` (other
+    fp32 execution paths of the reference: `bnexport.parity.orders`) at ``batch``, and each
+    output's noise floor over all these draws."""
     ref_out = run_reference(reference, inputs, batch, fail)
     if check is not None:
         check(ref_out)
@@ -111,13 +121,20 @@ def measure_baseline(
         return base
     base.truth = run_reference(truth, inputs, batch, fail)
     _step(step, f"{truth.name} batch {batch}")
-    draws = [ref_out]
+    draws = {f"{reference.name} batch {batch}": ref_out}
     for extra in dict.fromkeys(b for b in noise_batches if b != batch):
-        draws.append(run_reference(reference, inputs, extra, fail))
+        draws[f"{reference.name} batch {extra}"] = run_reference(reference, inputs, extra, fail)
         _step(step, f"{reference.name} batch {extra}")
+    reordered = {}
+    for runner in noise_runners:
+        reordered[f"{runner.name} batch {batch}"] = run_reference(runner, inputs, batch, fail)
+        _step(step, f"{runner.name} batch {batch}")
     edge = inputs.edge_case_mask()
     for n in base.names:
-        base.noise[n], base.ungated[n] = noise_floor([d[n] for d in draws], base.truth[n], edge)
+        own, other = [d[n] for d in draws.values()], [d[n] for d in reordered.values()]
+        base.noise[n], base.ungated[n] = noise_floor(own, base.truth[n], edge, other)
+        floors = draw_floors([*own, *other], base.truth[n], base.ungated[n])
+        base.draws[n] = dict(zip([*draws, *reordered], floors, strict=True))
     return base
 
 

@@ -59,6 +59,7 @@ class ParityInputs:
     sets: tuple[InputSet, ...]
     notes: list[str] = field(default_factory=list)
     source: str = "generated"
+    plan: dict[str, Any] | None = None  # how a default check sized these (`bnexport.parity.plan`)
     _arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -108,6 +109,7 @@ class ParityInputs:
                 {"name": s.name, "samples": s.size, "description": s.description} for s in self.sets
             ],
             "notes": list(self.notes),
+            "plan": self.plan,
         }
 
 

@@ -1,8 +1,12 @@
-"""How much a parity check feeds: sample counts and batch sizes sized to the model's cost.
+"""How much a parity check feeds: sample counts and batch sizes sized to the model's cost, never
+to measured time, so the same check on the same files feeds the same samples on an idle machine
+and a busy one.
 
-The fp32 reference's forward is timed on a few samples (onnxruntime's too, and in a batch, when
-call overhead dominates), the float64 truth's on one when it could matter, and a default check is
-sized to ``DEFAULT_TIME_BUDGET_S`` of forwards, shedding in this order until it fits:
+The model's cost per sample is counted on one forward of the reference (`ModelCost`: the FLOPs of
+its convolutions and matrix products, the values its ops write, and how many ops it calls) and
+turned into nominal seconds on the CPU the defaults were measured on (`NOMINAL_GFLOPS`,
+`NOMINAL_ELEMENTS_PER_S`, the per-call costs). A default check is sized to
+``DEFAULT_TIME_BUDGET_S`` of such seconds, shedding in this order until it fits:
 
 1. everything: every edge case (and the bundled images), the random samples asked for, batch
    sizes 1, 7 and 64;
@@ -11,39 +15,72 @@ sized to ``DEFAULT_TIME_BUDGET_S`` of forwards, shedding in this order until it 
 3. the core check: the core edge cases (`CORE_EDGE_CASES`: all zeros, ±large with random
    signs) and ``MIN_RANDOM_SAMPLES`` random samples, or one when even that does not fit.
 
-Each step is named in the report's notes with ``--samples N`` as the way back. What the user
-fixed (``--samples``, ``--inputs``, ``--batch-sizes``) is fed as asked.
+The report's note says what was checked and why (the model's cost, the budget), with
+``--samples N`` as the way to more. What the user fixed (``--samples``, ``--inputs``,
+``--batch-sizes``) is fed as asked.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-
-import numpy as np
 
 from bnexport.defaults import DEFAULT_CHECK_BATCH_SIZES
 from bnexport.errors import BnexportError, ParityInputError
 from bnexport.parity.config import DEFAULT_TIME_BUDGET_S, CheckConfig
 from bnexport.parity.inputs import CORE_EDGE_CASES, InputConfig, ParityInputs, build_inputs
-from bnexport.runners import Runner, TorchRunner
+from bnexport.runners import TorchRunner
 from bnexport.signature import TensorSpec
 
-#: Samples of the timed fp32 forward that sizes a default check (after a warm-up call on them).
-PROBE_SAMPLES = 2
-#: A probe call faster than this is mostly call overhead: the model is timed again on
-#: ``AMORTIZED_SAMPLES`` samples for its cost per sample in a batch.
-AMORTIZED_CALL_S = 0.01
-AMORTIZED_SAMPLES = 32
-#: The float64 truth's cost per sample as a multiple of fp32's, assumed for a model cheap enough
-#: that timing it would cost more than it saves (measured 1.5–5.2× on the real-model zoo).
-FLOAT64_COST_BOUND = 6.0
+#: Samples of the forward the cost is counted on.
+PROBE_SAMPLES = 1
+#: Nominal speeds of the CPU the defaults were measured on (2 cores; `docs/parity.md`): fp32
+#: convolution/matrix FLOPs per second, values written per second by the other ops, and the cost
+#: of one op call in PyTorch eager and in onnxruntime. They turn a counted cost into seconds; they
+#: are never measured at run time.
+NOMINAL_GFLOPS = 40.0
+NOMINAL_ELEMENTS_PER_S = 0.5e9
+TORCH_CALL_S = 20e-6
+ORT_CALL_S = 2e-6
+#: The float64 truth's cost per sample as a multiple of fp32's (measured 1.5–7× on the zoo).
+FLOAT64_COST = 6.0
 #: Fewest random samples a default check feeds (steps 2 and 3 of the module docstring; one when
 #: even the core check does not fit).
 MIN_RANDOM_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one sample of the reference's forward costs, counted, not timed (`count_cost`)."""
+
+    flops: float  # convolution and matrix-product FLOPs (torch.utils.flop_counter)
+    elements: float  # values written by every op
+    ops: int  # op calls of one forward
+    counted: bool = (
+        True  # False: estimated from the parameter count (the forward cannot be counted)
+    )
+
+    def seconds(
+        self, batch: int, *, dtype_factor: float = 1.0, call_s: float = TORCH_CALL_S
+    ) -> float:
+        """Nominal seconds per sample of one run at ``batch``."""
+        compute = self.flops / (NOMINAL_GFLOPS * 1e9) + self.elements / NOMINAL_ELEMENTS_PER_S
+        return dtype_factor * compute + self.ops * call_s / batch
+
+    def describe(self) -> str:
+        """``0.36 GFLOP a sample`` (``~`` when estimated from the parameters)."""
+        approx = "" if self.counted else "~"
+        return f"{approx}{self.flops / 1e9:.2g} GFLOP a sample"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flops": self.flops,
+            "elements": self.elements,
+            "ops": self.ops,
+            "counted": self.counted,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,11 +131,11 @@ def build_sized_inputs(
     *,
     n_ort: int,
     truth_runner: TorchRunner | None = None,
-    ort_runner: Runner | None = None,
 ) -> tuple[ParityInputs, tuple[int, ...], list[str]]:
-    """The inputs and batch sizes to run: the configured ones, or sized to the model's cost
-    (`plan_inputs`): a check runs fp32 twice, ``truth_runner`` (float64), one torch candidate
-    and ``n_ort`` onnxruntime runners (timed on ``ort_runner``) per batch size."""
+    """The inputs and batch sizes to run: the configured ones, or sized to the model's counted
+    cost (`count_cost`, `plan_inputs`): a check runs fp32 three times (the largest batch, batch
+    1, the reordered sums), ``truth_runner`` (float64), one torch candidate and ``n_ort``
+    onnxruntime runners per batch size."""
     wanted = config.inputs.random_count if config.samples is None else config.samples
     inputs_cfg = replace(config.inputs, random_count=wanted)
     build = functools.partial(build_inputs, in_specs, normalize=normalize, input_shape=input_shape)
@@ -106,16 +143,10 @@ def build_sized_inputs(
     if as_asked and batch_sizes:
         return build(inputs_cfg), batch_sizes, []
     probe = build(_probe_config(inputs_cfg))
-    fp32_s, batched_s, ort_s, ort_batched_s = _probe_costs(ref_runner, ort_runner, probe)
+    cost = count_cost(ref_runner, probe)
     fixed, n_edge = _fixed_samples(inputs_cfg, probe, build)
-    n_batches = len(batch_sizes or DEFAULT_CHECK_BATCH_SIZES)
-    # PyTorch: an fp32 noise draw at batch 1, fp32 and the torch candidate batched; each
-    # onnxruntime runner at batch 1 and at the other batch sizes
-    per_sample = fp32_s + 2 * batched_s + n_ort * (ort_s + (n_batches - 1) * ort_batched_s)
-    fp64_s = 0.0 if truth_runner is None else batched_s * FLOAT64_COST_BOUND
-    if truth_runner is not None and (fixed + wanted) * (per_sample + fp64_s) > config.time_budget_s:
-        fp64_s = _seconds_per_sample(truth_runner, probe, 1, warm=False)  # it may matter: time it
-    per_sample += fp64_s
+    sizes = batch_sizes or DEFAULT_CHECK_BATCH_SIZES
+    per_sample = check_seconds(cost, sizes, n_ort=n_ort, truth=truth_runner is not None)
     core = None  # the fixed samples of the core check (the default edge cases only)
     if n_edge and not as_asked:
         core = fixed - n_edge + len(CORE_EDGE_CASES)
@@ -130,79 +161,113 @@ def build_sized_inputs(
     inputs_cfg = replace(
         inputs_cfg, random_count=random, core_edge_cases_only=plan.core_edge_cases_only
     )
-    notes = []
-    if random < wanted or plan.core_edge_cases_only:
-        shed = f"random samples {random} of {wanted}"
-        if plan.core_edge_cases_only:
-            shed += f", edge cases {len(CORE_EDGE_CASES)} of {n_edge}"
-        notes.append(  # fits 100 columns after "note: "
-            f"{shed} (forward {fp32_s * 1e3:.0f} ms, budget {config.time_budget_s:g} s; "
-            "--samples N overrides)"
-        )
-    return build(inputs_cfg), batch_sizes, notes
+    inputs = build(inputs_cfg)
+    inputs.plan = {
+        "cost": cost.to_dict(),
+        "nominal_seconds_per_sample": per_sample,
+        "budget_s": config.time_budget_s,
+        "random": random,
+        "random_asked": wanted,
+        "core_edge_cases_only": plan.core_edge_cases_only,
+    }
+    if as_asked:  # --samples: fed as asked, only the batch sizes were sized
+        return inputs, batch_sizes, []
+    shed = random < wanted or plan.core_edge_cases_only
+    return inputs, batch_sizes, [plan_note(cost, inputs, wanted, n_edge, shed, config)]
 
 
-def _probe_costs(
-    ref_runner: Runner, ort_runner: Runner | None, probe: ParityInputs
-) -> tuple[float, float, float, float]:
-    """Seconds per sample: fp32 at batch 1 and batched, onnxruntime at batch 1 and batched.
+def plan_note(
+    cost: ModelCost, inputs: ParityInputs, wanted: int, n_edge: int, shed: bool, config: CheckConfig
+) -> str:
+    """What a default check feeds and why, in one line (fits 100 columns after "note: ")."""
+    fed = f"all {inputs.size} samples"
+    if shed:
+        edge = int(inputs.edge_case_mask().sum())
+        random = sum(s.size for s in inputs.sets if s.name == "random")
+        fed = f"{random} of {wanted} random, {edge} of {n_edge} edge cases"
+    return f"plan: {fed} ({cost.describe()}; budget {config.time_budget_s:.3g} s; --samples N)"
 
-    A call this fast is mostly overhead, so the model is timed again in a batch, and onnxruntime
-    (whose overhead is far smaller) on its own; a slower model costs about the same in both.
-    """
-    fp32_s = _seconds_per_sample(ref_runner, probe, PROBE_SAMPLES)
-    batched_s = ort_s = ort_batched_s = fp32_s
-    if fp32_s * PROBE_SAMPLES < AMORTIZED_CALL_S:
-        batched_s = min(fp32_s, _seconds_per_sample(ref_runner, probe, AMORTIZED_SAMPLES))
-        if ort_runner is not None:
-            try:
-                ort_s = _seconds_per_sample(ort_runner, probe, PROBE_SAMPLES)
-                ort_batched_s = min(
-                    ort_s, _seconds_per_sample(ort_runner, probe, AMORTIZED_SAMPLES)
-                )
-            except ParityInputError:  # a failing session is a result: its own run reports it
-                ort_s = ort_batched_s = fp32_s
-    return fp32_s, batched_s, ort_s, ort_batched_s
+
+def check_seconds(cost: ModelCost, batch_sizes: Sequence[int], *, n_ort: int, truth: bool) -> float:
+    """Nominal seconds a check spends per sample fed: PyTorch fp32 at the largest batch size
+    (the reference, the reordered draw, the folded candidate) and at batch 1, the float64 truth,
+    and each onnxruntime runner at each batch size."""
+    big = max(batch_sizes)
+    seconds = 3 * cost.seconds(big) + cost.seconds(1)
+    if truth:
+        seconds += cost.seconds(big, dtype_factor=FLOAT64_COST)
+    seconds += n_ort * sum(cost.seconds(b, call_s=ORT_CALL_S) for b in batch_sizes)
+    return seconds
+
+
+def count_cost(runner: TorchRunner, probe: ParityInputs) -> ModelCost:
+    """The reference's cost per sample, counted on one forward of `PROBE_SAMPLES` samples of
+    ``probe``; estimated from the parameter count (2 FLOPs each) when the forward cannot run
+    under PyTorch's dispatch modes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arrays = probe.arrays()
+    feed = {k: v[:PROBE_SAMPLES] for k, v in arrays.items()}
+    n = max(1, next(iter(feed.values())).shape[0]) if feed else 1
+    counts: dict[str, float] = {}
+    try:
+        with FlopCounterMode(display=False) as flops, op_counter(counts):
+            runner.infer(feed)
+    except BnexportError:
+        raise
+    except Exception as exc:
+        _raise_if_the_model_fails(runner, feed, exc)
+        params = sum(p.numel() for p in runner.model.parameters())
+        return ModelCost(2.0 * params, 0.0, len(list(runner.model.modules())), counted=False)
+    return ModelCost(
+        flops.get_total_flops() / n, counts["elements"] / n, int(counts["ops"]), counted=True
+    )
+
+
+def op_counter(counts: dict[str, float]) -> Any:
+    """A ``TorchDispatchMode`` that adds up the op calls (``counts["ops"]``) and the values they
+    write (``counts["elements"]``)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    counts.update(ops=0, elements=0)
+
+    class OpCounter(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            counts["ops"] += 1
+            counts["elements"] += sum(
+                t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+            )
+            return out
+
+    return OpCounter()
+
+
+def _raise_if_the_model_fails(runner: TorchRunner, feed: dict[str, Any], exc: Exception) -> None:
+    """A forward that fails without the counting modes too is bad input, not a counting issue."""
+    try:
+        runner.infer(feed)
+    except BnexportError:
+        raise
+    except Exception as plain:
+        raise ParityInputError(
+            f"{runner.name} fails on the inputs: "
+            f"{type(plain).__name__}: {' '.join(str(plain).split())}"
+        ) from None
+    del exc
 
 
 def _probe_config(config: InputConfig) -> InputConfig:
-    """The inputs the timed forward runs on: a few random samples (or the given file)."""
+    """The inputs the cost is counted on: a few random samples (or the given file)."""
     if config.inputs_file is not None:
         return config
     return replace(
         config, random_count=PROBE_SAMPLES, edge_cases=False, bundled=False, data_dir=None
     )
-
-
-def _seconds_per_sample(
-    runner: Runner, probe: ParityInputs, samples: int, *, warm: bool = True
-) -> float:
-    """``runner``'s forward time per sample on ``samples`` samples of `probe`, after a warm-up
-    call on them unless ``warm`` is False (the float64 truth: one call is all it can spare);
-    the fastest of three calls when one is shorter than ``AMORTIZED_CALL_S``."""
-    arrays = probe.arrays()
-    have = next(iter(arrays.values())).shape[0]
-    n = samples if have else 0
-    feed = {k: np.resize(v, (n, *v.shape[1:])) for k, v in arrays.items()}  # repeats samples
-    timings: list[float] = []
-    while True:
-        t0 = time.perf_counter()
-        try:
-            runner.infer(feed)
-        except BnexportError:
-            raise
-        except Exception as exc:
-            raise ParityInputError(
-                f"{runner.name} fails on the inputs: "
-                f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-            ) from None
-        timings.append(time.perf_counter() - t0)
-        # after the warm-up, one timed call (the warm-up's time counts when it is faster: a hiccup
-        # of the machine hit the timed one); three when a call is so short that a hiccup would
-        # dominate it
-        timed = len(timings) - 1 if warm else len(timings)
-        if timed and (min(timings) >= AMORTIZED_CALL_S or timed >= 3 or not warm):
-            return min(timings) / max(n, 1)
 
 
 def _fixed_samples(

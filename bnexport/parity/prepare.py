@@ -70,7 +70,6 @@ def prepare_check(
         input_shape,
         n_ort=len(ort_runners),
         truth_runner=gt_runner,
-        ort_runner=ort_runners[0] if ort_runners else None,
     )
     if config.save_inputs is not None:
         save_inputs(inputs, config.save_inputs)

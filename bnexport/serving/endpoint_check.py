@@ -157,7 +157,6 @@ def check_endpoint(
         input_shape,
         n_ort=len(candidates),
         truth_runner=gt_runner,
-        ort_runner=candidates[0],
     )
     check = PreparedCheck(
         config=config,
