@@ -78,8 +78,9 @@ def reference_failure(runner: Runner, batch: int, samples: int, exc: Exception) 
 def run_reference(
     runner: Runner, inputs: ParityInputs, batch: int, fail: Fail | None = reference_failure
 ) -> dict[str, np.ndarray]:
-    """``runner`` over every sample, ``batch`` at a time, each output concatenated; a failure is
-    raised as ``fail`` makes it (``None``: as it is)."""
+    """``runner`` over every sample, ``batch`` at a time, each output concatenated (the samples
+    a fixed-batch model's last chunk was padded with dropped); a failure is raised as ``fail``
+    makes it (``None``: as it is)."""
     chunks: dict[str, list[np.ndarray]] = {}
     for feed in inputs.batches(batch):
         try:
@@ -93,7 +94,7 @@ def run_reference(
             raise error from exc
         for name, arr in out.items():
             chunks.setdefault(name, []).append(arr)
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    return {name: np.concatenate(parts)[: inputs.size] for name, parts in chunks.items()}
 
 
 def measure_baseline(

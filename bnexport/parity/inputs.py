@@ -60,6 +60,7 @@ class ParityInputs:
     notes: list[str] = field(default_factory=list)
     source: str = "generated"
     plan: dict[str, Any] | None = None  # how a default check sized these (`bnexport.parity.plan`)
+    pad_batches: bool = False  # a fixed-batch model: the last chunk is padded to the batch size
     _arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -95,10 +96,19 @@ class ParityInputs:
         )
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive chunks of ``batch_size`` samples (the last may be shorter)."""
+        """Consecutive chunks of ``batch_size`` samples. The last may be shorter, or, with
+        ``pad_batches`` (a model whose batch dimension is fixed), is filled up by repeating its
+        last sample: the outputs past ``size`` are to be dropped (`bnexport.parity.engine`)."""
         arrays = self.arrays()
         for start in range(0, self.size, batch_size):
-            yield {name: arr[start : start + batch_size] for name, arr in arrays.items()}
+            chunk = {name: arr[start : start + batch_size] for name, arr in arrays.items()}
+            short = start + batch_size - self.size
+            if self.pad_batches and short > 0:
+                chunk = {
+                    name: np.concatenate([arr, np.repeat(arr[-1:], short, axis=0)])
+                    for name, arr in chunk.items()
+                }
+            yield chunk
 
     def summary(self) -> dict[str, Any]:
         return {

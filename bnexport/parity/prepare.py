@@ -71,6 +71,7 @@ def prepare_check(
         n_ort=len(ort_runners),
         truth_runner=gt_runner,
     )
+    inputs.pad_batches = _static_batch(in_specs) is not None
     if config.save_inputs is not None:
         save_inputs(inputs, config.save_inputs)
     torch_runners = _torch_candidates(config, gt_runner, folded, folded_reason, names, skipped)
@@ -240,7 +241,7 @@ def _batch_sizes(
     in_specs: Sequence[TensorSpec], asked: tuple[int, ...] | None
 ) -> tuple[int, ...] | None:
     """The asked batch sizes; a model with a fixed batch gets its own, and refuses others."""
-    static_batch = next((s.shape[0] for s in in_specs if s.shape and s.shape[0]), None)
+    static_batch = _static_batch(in_specs)
     batch_sizes = asked
     if static_batch is not None and batch_sizes is None:
         batch_sizes = (static_batch,)
@@ -253,6 +254,11 @@ def _batch_sizes(
                 f"use --batch-sizes {static}"
             )
     return batch_sizes
+
+
+def _static_batch(in_specs: Sequence[TensorSpec]) -> int | None:
+    """The fixed batch size of a model whose inputs have one (torch's default export), or None."""
+    return next((s.shape[0] for s in in_specs if s.shape and s.shape[0]), None)
 
 
 def _reference_runner(reference: Any, in_names: list[str], out_names: list[str]) -> TorchRunner:

@@ -108,11 +108,12 @@ def _timed_run(
 
 
 def _check_outputs(ref_out: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
-    """The reference's outputs must fit the ONNX outputs' static dims and dtypes."""
+    """The reference's outputs must fit the ONNX outputs' static dims (after the batch: the
+    reference's hold every sample) and dtypes."""
     for spec in specs:
         arr = ref_out[spec.name]
         if arr.ndim != len(spec.shape) or any(
-            d is not None and d != a for d, a in zip(spec.shape, arr.shape, strict=False)
+            d is not None and d != a for d, a in zip(spec.shape[1:], arr.shape[1:], strict=False)
         ):
             raise ParityInputError(
                 f"ONNX output {spec.describe()} but the PyTorch model returns shape "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -403,3 +404,27 @@ def test_fixed_tolerance_mode_and_its_options(onnx_path: Path, checkpoint: Path)
     assert bad.exit_code == 2 and "--tolerance fixed" in bad.output
     tight = check(*base, "--noise-factor", "1e-3")
     assert tight.exit_code == 1 and "FAIL" in tight.stdout
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_torch_default_static_batch_export_is_checked_at_its_batch(
+    checkpoint: Path, tmp_path: Path, dynamo: bool
+) -> None:
+    # torch's own export without dynamic shapes: input and output fixed at batch 4; the samples
+    # fed (1071) are not a multiple of 4, so the last batch is padded and the padding dropped
+    path = tmp_path / "static.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(make_net(), (torch.randn(4, 1, 28, 28),), str(path), dynamo=dynamo)
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 4
+    report = tmp_path / "r.json"
+    res = check(path, "--against", checkpoint, "--providers", "cpu", "--json", report)
+    assert res.exit_code == 0, res.output
+    data = json.loads(report.read_text())
+    assert data["batch_sizes"] == [4]
+    assert data["inputs"]["samples"] % 4 != 0
+    ort = [r for r in data["results"] if r["runner"].startswith("ort-cpu")]
+    assert ort and all(r["passed"] and r["batch_size"] == 4 for r in ort)
+    assert all(r["outputs"][0]["shape"][0] == data["inputs"]["samples"] for r in ort)

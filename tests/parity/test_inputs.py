@@ -55,6 +55,18 @@ def test_batches_cover_every_sample_once() -> None:
     assert np.array_equal(np.concatenate(chunks), inputs.arrays()["input"])
 
 
+def test_a_fixed_batch_pads_the_last_batch_with_its_last_sample() -> None:
+    inputs = build_inputs(IMAGE, InputConfig(random_count=10, edge_cases=False), normalize=NORM)
+    inputs.pad_batches = True
+    chunks = list(inputs.batches(64))
+    assert [len(c["input"]) for c in chunks[:-1]] == [64] * (len(chunks) - 1)
+    last = chunks[-1]["input"]
+    real = inputs.size - 64 * (len(chunks) - 1)
+    assert len(last) == 64 and real < 64
+    np.testing.assert_array_equal(last[:real], inputs.arrays()["input"][-real:])
+    assert (last[real:] == last[real - 1]).all()
+
+
 def test_save_then_load_is_bit_identical(tmp_path: Path) -> None:
     inputs = build_inputs(IMAGE, InputConfig(random_count=5), normalize=NORM)
     path = tmp_path / "fed.npz"
