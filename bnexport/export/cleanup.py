@@ -6,10 +6,17 @@ byte-identical file on any machine."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bnexport.errors import ExportError
 from bnexport.export.exporter import export_failure, quiet_exporter
+from bnexport.scopes import (
+    NAME_SCOPES_KEY,
+    ModuleOutput,
+    NodeScope,
+    module_outputs,
+    parse_name_scopes,
+)
 
 if TYPE_CHECKING:
     import onnx_ir
@@ -47,10 +54,20 @@ def rewrite_rules() -> tuple[list[Any], list[Any]]:
     return [r for r in defaults if all(r is not b for b in bn)], bn
 
 
-def cleanup(ir_model: onnx_ir.Model, *, fuse_batchnorm: bool = False, iterations: int = 2) -> int:
+class CleanupResult(NamedTuple):
+    """What the cleanup did: BatchNormalization nodes the second stage fused, and each module
+    call's output value, read from the exporter's node metadata before it is stripped
+    (`bnexport.scopes`)."""
+
+    fused: int
+    module_outputs: list[ModuleOutput]
+
+
+def cleanup(
+    ir_model: onnx_ir.Model, *, fuse_batchnorm: bool = False, iterations: int = 2
+) -> CleanupResult:
     """Constant-fold, rewrite (BN fusion only with `fuse_batchnorm`, as a second stage), drop dead
-    nodes, and strip path-dependent metadata. Returns how many BatchNormalization nodes the
-    second stage fused."""
+    nodes, read the module-output table, and strip path-dependent metadata."""
     import onnx_ir as ir
     import onnx_ir.passes.common as passes
 
@@ -72,12 +89,33 @@ def cleanup(ir_model: onnx_ir.Model, *, fuse_batchnorm: bool = False, iterations
                 passes.DeduplicateInitializersPass(),
                 passes.CommonSubexpressionEliminationPass(),
                 passes.NameFixPass(),
-                passes.ClearMetadataAndDocStringPass(),
             )(ir_model)
+            table = _module_outputs(ir_model)
+            passes.ClearMetadataAndDocStringPass()(ir_model)
         except Exception as exc:
             raise export_failure("ONNX graph cleanup (onnxscript)", exc, log.getvalue()) from exc
     _strip_value_metadata(ir_model)
-    return fused
+    return CleanupResult(fused, table)
+
+
+def _module_outputs(ir_model: onnx_ir.Model) -> list[ModuleOutput]:
+    """The module-output table of the final graph, from the exporter's ``name_scopes`` tags."""
+    nodes = [
+        NodeScope(
+            tuple(v.name or "" if v is not None else "" for v in node.inputs),
+            tuple(v.name or "" for v in node.outputs),
+            parse_name_scopes(node.metadata_props.get(NAME_SCOPES_KEY)),
+        )
+        for node in ir_model.graph
+    ]
+    floats = {
+        v.name
+        for node in ir_model.graph
+        for v in node.outputs
+        if v.dtype is not None and v.dtype.is_floating_point()
+    }
+    graph_outputs = (v.name or "" for v in ir_model.graph.outputs)
+    return module_outputs(nodes, graph_outputs, floats.__contains__)
 
 
 def _rewrite(ir_model: onnx_ir.Model, rules: list[Any], iterations: int) -> None:

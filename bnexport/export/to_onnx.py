@@ -5,7 +5,9 @@ The dynamo exporter (`torch.onnx.export(..., dynamo=True)`) with a dynamic first
 the inputs are the forward's positional parameter names; a single output is ``output``, a dict's
 outputs keep its keys, any other structure gives ``output_0``, ``output_1``, … (flattened in
 `torch.utils._pytree` order); the caller may pass both. The model's ``metadata_props`` hold only
-what the caller passes, plus the bnexport and torch versions.
+what the caller passes, plus the bnexport and torch versions and the module-output table
+(``module_outputs``: which value each module call returns, `bnexport.scopes`), read from the
+exporter's node metadata before the cleanup strips it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bnexport.export.exporter import (
 )
 from bnexport.export.metadata import metadata_props
 from bnexport.files import atomic_path
+from bnexport.scopes import MODULE_OUTPUTS_KEY, ModuleOutput, encode_table
 from bnexport.signature import default_input_names, default_output_names
 
 if TYPE_CHECKING:
@@ -110,8 +113,9 @@ def export_onnx(
     out_names = _names(output_names, "output_names") or default_output_names(out_spec)
     _rename_io(ir_model, in_names, out_names)
     _check_batch_dims(ir_model)
-    fused = cleanup(ir_model, fuse_batchnorm=fuse_batchnorm)
-    props = metadata_props(metadata, torch.__version__)
+    cleaned = cleanup(ir_model, fuse_batchnorm=fuse_batchnorm)
+    fused = cleaned.fused
+    props = metadata_props(_with_table(metadata, cleaned.module_outputs), torch.__version__)
     proto = _to_proto(ir_model, props)
 
     produced = _default_opset(proto)
@@ -155,6 +159,15 @@ def export_onnx(
         metadata=props,
         bn_fused_by_onnxscript=fused,
     )
+
+
+def _with_table(metadata: Mapping[str, Any] | None, rows: Sequence[ModuleOutput]) -> dict[str, Any]:
+    """The caller's metadata plus the module-output table (`bnexport.scopes`), when there is one
+    and the caller gave none: `bnexport check --localize` maps module outputs to values with it."""
+    merged = dict(metadata or {})
+    if rows:
+        merged.setdefault(MODULE_OUTPUTS_KEY, encode_table(rows))
+    return merged
 
 
 def _names(names: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
