@@ -52,3 +52,8 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     yield server
     assert server.stop() == 0, log.read_text()
     assert "bnexport serve: stopped" in log.read_text()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``xdist_group`` is pytest-xdist's mark; known without it too (``-p no:xdist``)."""
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")

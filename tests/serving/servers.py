@@ -1,4 +1,5 @@
-"""Start and stop `bnexport serve` in a subprocess on free loopback ports, for the tests."""
+"""Start and stop `bnexport serve`, or PyTriton serving a packaged model, in a subprocess on free
+loopback ports, for the tests."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_ports(count: int) -> list[int]:
@@ -76,16 +78,31 @@ def serve_command(repository: Path, ports: list[int], *extra: str) -> list[str]:
 def start_server(repository: Path, log: Path, *extra: str, model: str = "net") -> Server:
     """`bnexport serve` on free ports; returns once ``model`` is ready (or fails the test)."""
     ports = free_ports(3)
+    return launch(serve_command(repository, ports, *extra), ports, log, model, "bnexport serve")
+
+
+def start_pytriton(python: Path, repository: Path, log: Path, model: str = "net") -> Server:
+    """Every model of ``repository`` on a real Triton front end: `scripts/pytriton_server.py` run
+    by ``python``, the interpreter of the environment `scripts/pytriton_env.sh` builds; returns
+    once ``model`` is ready."""
+    http, grpc, metrics = ports = free_ports(3)
+    command = [
+        str(python), str(ROOT / "scripts" / "pytriton_server.py"), str(repository),
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+    ]  # fmt: skip
+    return launch(command, ports, log, model, "PyTriton")
+
+
+def launch(command: list[str], ports: list[int], log: Path, model: str, what: str) -> Server:
+    """Run ``command`` (a v2 server on ``ports``); return once ``model`` is ready."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            serve_command(repository, ports, *extra), stdout=out, stderr=subprocess.STDOUT, env=env
-        )
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(process, *ports, log)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"bnexport serve exited {process.returncode}: {log.read_text()}")
+            raise AssertionError(f"{what} exited {process.returncode}: {log.read_text()}")
         try:
             with urllib.request.urlopen(f"{server.url}/v2/models/{model}/ready", timeout=1) as r:
                 if r.status == 200:
@@ -94,4 +111,4 @@ def start_server(repository: Path, log: Path, *extra: str, model: str = "net") -
             pass
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
-    raise AssertionError(f"bnexport serve not ready in {READY_TIMEOUT_S} s: {log.read_text()}")
+    raise AssertionError(f"{what} not ready in {READY_TIMEOUT_S} s: {log.read_text()}")

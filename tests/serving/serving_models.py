@@ -1,6 +1,9 @@
-"""Models the serving tests export with `bnexport onnx --model` (two inputs, a dict output)."""
+"""Models the serving tests export with `bnexport onnx --model` (two inputs, a dict output), and
+a served file with a parity fault."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,3 +35,21 @@ def two_input_dict() -> nn.Module:
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)
     return model.eval()
+
+
+def with_parity_fault(model: Path, out: Path) -> Path:
+    """A copy of ``model`` whose largest float initializer has one element off by 5 % of its
+    range: a file that loads and serves, but computes something else."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(model))
+    last = max(
+        (t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+        key=lambda t: len(t.dims),
+    )
+    array = numpy_helper.to_array(last).copy()
+    array.flat[0] += 0.05 * (abs(array).max() + 1)
+    last.CopyFrom(numpy_helper.from_array(array, last.name))
+    onnx.save(proto, str(out))
+    return out

@@ -9,11 +9,10 @@ import json
 import time
 from pathlib import Path
 
-import onnx
 import pytest
 from fake_v2 import fake_server
-from onnx import numpy_helper
 from servers import Server, free_ports, start_server
+from serving_models import with_parity_fault
 from typer.testing import CliRunner
 
 from bnexport.cli.app import app
@@ -52,15 +51,7 @@ def test_passes_against_bnexport_serve(server: Server, tmp_path: Path, grpc: boo
 
 
 def test_a_parity_fault_in_the_served_file_exits_1(net_onnx: Path, tmp_path: Path) -> None:
-    model = onnx.load(str(net_onnx))
-    last = max(
-        (t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
-        key=lambda t: len(t.dims),
-    )
-    array = numpy_helper.to_array(last).copy()
-    array.flat[0] += 0.05 * (abs(array).max() + 1)
-    last.CopyFrom(numpy_helper.from_array(array, last.name))
-    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with_parity_fault(net_onnx, tmp_path / "bad.onnx")
     result = runner.invoke(
         app, ["package", str(tmp_path / "bad.onnx"), "-r", str(tmp_path / "r"), "--name", "net"]
     )
