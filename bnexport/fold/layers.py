@@ -53,7 +53,8 @@ PROBE_RTOL = 1e-9  # float64: a linear forward agrees to ~1e-15; weight transfor
 
 def folds_after(layer: nn.Module) -> bool:
     """Whether ``layer``'s own forward is linear in its stored weight and bias, per output
-    channel: in float64, ``y(W·s, b·s + t) = s·y(W, b) + t`` for random ``s``, ``t`` and input.
+    channel: in float64, ``y(W·s, b·s + t) = s·y(W, b) + t`` for random ``s``, ``t`` and input,
+    on a copy whose parameters and buffers are random (`_randomize`), not the layer's own values.
     Any failure to run the probe counts as no."""
     if layer not in _PROBED:
         try:
@@ -66,6 +67,7 @@ def folds_after(layer: nn.Module) -> bool:
 def _probe(layer: nn.Module) -> bool:
     gen = torch.Generator().manual_seed(0)
     probe = copy.deepcopy(layer).double().eval()
+    _randomize(probe, gen)  # never decide on degenerate values (timm zero-inits some gains)
     weight = probe.weight.detach()
     if isinstance(probe, nn.Linear):
         x = torch.randn(2, probe.in_features, generator=gen, dtype=torch.float64)
@@ -90,6 +92,21 @@ def _probe(layer: nn.Module) -> bool:
     want = y * s.view(view) + t.view(view)
     scale = float(want.abs().max()) or 1.0
     return bool((got - want).abs().max() <= PROBE_RTOL * scale)
+
+
+def _randomize(probe: nn.Module, gen: torch.Generator) -> None:
+    """Give every floating parameter and buffer of the probe copy a random, non-degenerate value:
+    weight and bias ~ N(0, 1), the others (gains, scales, masks) ~ U(0.5, 1.5). A layer whose
+    output is linear in its weight only for its current values (a zero gain makes any weight
+    transform vanish) is then seen as what it is."""
+    with torch.no_grad():
+        for name, t in [*probe.named_parameters(), *probe.named_buffers()]:
+            if not t.is_floating_point():
+                continue
+            if name in ("weight", "bias"):
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
+            else:
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) + 0.5)
 
 
 def custom_layer(cls: type | None) -> str | None:

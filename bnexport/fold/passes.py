@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 from bnexport.fold import math as fm
 from bnexport.fold.affine import arith_op
@@ -307,6 +308,16 @@ def _fold_site(
     return _left(site, [*refusals, *diagnose(site, ctx, tried)])
 
 
+def _not_linear(layer: nn.Module, name: str) -> Refusal:
+    """Why a scale/shift can't fold into a custom layer that failed the linearity probe."""
+    return Refusal(
+        "custom_layer",
+        f"{name} ({type(layer).__name__}) is a {custom_layer(type(layer))} subclass whose own "
+        "forward is not linear in its stored weight and bias (probed with random parameters; "
+        "e.g. it standardizes its weight), so a scale/shift after it can't go into its weight",
+    )
+
+
 def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
     """Fold the constant scale/shift chain right after any layer (``linear(x) / T``, ``conv(x) *
     s + c``) into it; one entry per layer with such a chain."""
@@ -314,7 +325,8 @@ def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
     for node in list(ctx.gm.graph.nodes):
         layer = ctx.module(node)
         kind = layer_kind(layer)
-        if kind is None or not any(arith_op(u) for u in node.users):
+        custom = custom_layer(type(layer)) if layer is not None else None
+        if (kind is None and custom is None) or not any(arith_op(u) for u in node.users):
             continue
         assert layer is not None
         shape, name = ctx.shape(node), str(node.target)
@@ -324,7 +336,7 @@ def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
         if not site.chain_nodes:
             continue
         chain = " → ".join(site.labels)
-        refusal = layer_refusal(layer, name)
+        refusal = layer_refusal(layer, name) if kind is not None else _not_linear(layer, name)
         if refusal is not None:
             entries.append(ChainEntry(name, type(layer).__name__, chain, "left", refusal.reason))
             continue

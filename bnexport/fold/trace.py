@@ -67,7 +67,7 @@ class FoldTracer(ConcreteTracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if is_batchnorm_like(m) or layer_kind(m) is not None:
+        if is_batchnorm_like(m) or layer_kind(m) is not None or custom_layer(type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -375,3 +375,68 @@ def test_a_batch_norm_of_a_weight_is_not_reported_as_a_batchnorm() -> None:
     model = nn.Sequential(ScaledStdConv(2, 3, 3), nn.ReLU()).eval()
     result = fold_model(model, torch.randn(2, 2, 5, 5))
     assert result.report.entries == []
+
+
+class GainStdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d with its ``gain``: standardized weight × gain (timm zero-inits the
+    gain of each block's last conv, which makes any weight transform vanish)."""
+
+    def __init__(self, *args, gain: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain))
+
+    def forward(self, x):
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w * self.gain, self.bias)
+
+
+class MaskedConv(nn.Conv2d):
+    """A conv whose weight is multiplied by a (zero-initialized) mask: linear in the weight."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.zeros_like(self.weight))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias)
+
+
+class ConvScaled(nn.Module):
+    """custom conv → ×0.2 (nf_resnet's residual scale) and custom conv → BN."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv, self.conv2 = conv, type(conv)(3, 3, 1)
+        self.bn = randomize_bn(nn.BatchNorm2d(3), 7)
+
+    def forward(self, x):
+        return self.bn(self.conv2(self.conv(x) * 0.2))
+
+
+@pytest.mark.parametrize("gain", [0.0, 1.3])
+def test_the_linearity_probe_does_not_rest_on_a_zero_gain(gain: float) -> None:
+    """Zero or not, the gain doesn't make the standardized conv linear in its weight: the chain
+    and the BN after it are left with the reason, and the output stays exact."""
+    model = ConvScaled(GainStdConv(2, 3, 3, gain=gain)).eval()
+    with torch.no_grad():
+        model.conv2.gain.fill_(gain)
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    (entry,) = result.report.entries
+    assert (entry.status, entry.reason_code) == ("left", "custom_layer")
+    (chain,) = result.report.chains
+    assert (chain.layer, chain.status, chain.chain) == ("conv", "left", "×0.2")
+    assert "not linear in its stored weight and bias (probed with random parameters" in chain.reason
+    close(result.module(x), model.double()(x.double()))
+
+
+def test_a_conv_linear_in_its_weight_folds_whatever_its_other_parameters() -> None:
+    """The probe randomizes the mask too, and the layer is linear for every mask: it folds."""
+    model = ConvScaled(MaskedConv(2, 3, 3)).eval()
+    x = torch.randn(2, 2, 5, 5)
+    result = fold_model(model, x)
+    assert [e.status for e in result.report.entries] == ["folded"]
+    assert [(c.layer, c.status) for c in result.report.chains] == [("conv", "folded")]
+    close(result.module(x), model.double()(x.double()))
