@@ -8,14 +8,7 @@ from typing import Annotated
 import typer
 
 from bnexport.cli.errors import handle_errors
-from bnexport.serving.defaults import (
-    DEFAULT_GRPC_PORT,
-    DEFAULT_HOST,
-    DEFAULT_HTTP_PORT,
-    DEFAULT_MAX_BODY_MB,
-    DEFAULT_METRICS_PORT,
-    DEFAULT_WORKERS,
-)
+from bnexport.serving import defaults
 
 
 @handle_errors
@@ -26,23 +19,23 @@ def serve_cli(
     ],
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (another than loopback warns).")
-    ] = DEFAULT_HOST,
-    port: Annotated[int, typer.Option("--port", help="v2 REST port.")] = DEFAULT_HTTP_PORT,
+    ] = defaults.DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", help="v2 REST port.")] = defaults.DEFAULT_HTTP_PORT,
     grpc_port: Annotated[
         int, typer.Option("--grpc-port", help="v2 gRPC port.")
-    ] = DEFAULT_GRPC_PORT,
+    ] = defaults.DEFAULT_GRPC_PORT,
     metrics_port: Annotated[
         int, typer.Option("--metrics-port", help="Prometheus metrics port (/metrics).")
-    ] = DEFAULT_METRICS_PORT,
+    ] = defaults.DEFAULT_METRICS_PORT,
     workers: Annotated[
         int,
         typer.Option(
             "--workers", min=0, help="Inference worker processes (0: in the server process)."
         ),
-    ] = DEFAULT_WORKERS,
+    ] = defaults.DEFAULT_WORKERS,
     max_body_mb: Annotated[
         int, typer.Option("--max-body-mb", min=1, help="Largest request body read, in MiB.")
-    ] = DEFAULT_MAX_BODY_MB,
+    ] = defaults.DEFAULT_MAX_BODY_MB,
 ) -> None:
     """Serve every model of REPOSITORY (v2 REST + gRPC, health, metadata, metrics) until Ctrl-C
     or SIGTERM; requests in flight finish first."""

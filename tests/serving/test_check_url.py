@@ -5,7 +5,6 @@ line on a down server, a wrong name or metadata that does not fit, within the ti
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,40 +13,16 @@ from fake_v2 import fake_server
 from servers import Server, free_ports, start_server
 from serving_models import with_parity_fault
 from typer.testing import CliRunner
+from url_checks import NET, assert_net_and_pair_pass, check
 
 from bnexport.cli.app import app
 
-ROOT = Path(__file__).resolve().parents[2]
-NET = str(ROOT / "models" / "net.pt")
-PAIR = [
-    "--model",
-    "serving.serving_models:two_input_dict",
-    "--input-shape",
-    "3,8,8",
-    "--input-shape",
-    "4",
-]
-FAST = ["--samples", "8", "--no-bundled", "--batch-sizes", "1,8"]
 runner = CliRunner()
-
-
-def check(url: str, name: str, *extra: str) -> object:
-    return runner.invoke(app, ["check", "--url", url, "--name", name, *FAST, *extra])
 
 
 @pytest.mark.parametrize("grpc", [False, True])
 def test_passes_against_bnexport_serve(server: Server, tmp_path: Path, grpc: bool) -> None:
-    url = server.grpc_url if grpc else server.url
-    report = tmp_path / "parity.json"
-    flags = ["--grpc"] if grpc else []
-    result = check(url, "net", "--against", NET, "--json", str(report), *flags)
-    assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
-    protocol = "grpc" if grpc else "http"
-    assert [r["name"] for r in data["runners"]] == [f"v2-{protocol}", f"v2-{protocol}-mixed"]
-    assert data["passed"] and "PASS" in result.stdout
-    result = check(url, "pair", *PAIR, *flags)
-    assert result.exit_code == 0, result.output
+    assert_net_and_pair_pass(server.grpc_url if grpc else server.url, grpc, tmp_path / "p.json")
 
 
 def test_a_parity_fault_in_the_served_file_exits_1(net_onnx: Path, tmp_path: Path) -> None:

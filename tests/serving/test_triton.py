@@ -10,7 +10,6 @@ in CI (``CI=true``).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from servers import Server, start_pytriton
 from serving_models import with_parity_fault
 from typer.testing import CliRunner
+from url_checks import NET, assert_net_and_pair_pass, check
 
 from bnexport.cli.app import app
 
@@ -30,10 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("BNEXPORT_TRITON_VENV", ROOT / ".venv-triton"))
 ABSENT_VAR = "BNEXPORT_NO_PYTRITON"
 ENV_BUILD_TIMEOUT_S = 900
-NET = str(ROOT / "models" / "net.pt")
-PAIR = ["--model", "serving.serving_models:two_input_dict"]
-PAIR += ["--input-shape", "3,8,8", "--input-shape", "4"]
-FAST = ["--samples", "8", "--no-bundled", "--batch-sizes", "1,8"]
 runner = CliRunner()
 
 
@@ -80,23 +76,9 @@ def serving(python: Path, repository: Path, log: Path) -> Iterator[Server]:
     assert server.stop() == 0, log.read_text()
 
 
-def check(url: str, name: str, *extra: str) -> object:
-    return runner.invoke(app, ["check", "--url", url, "--name", name, *FAST, *extra])
-
-
 @pytest.mark.parametrize("grpc", [False, True])
 def test_check_url_passes_against_triton(triton: Server, tmp_path: Path, grpc: bool) -> None:
-    url = triton.grpc_url if grpc else triton.url
-    flags = ["--grpc"] if grpc else []
-    report = tmp_path / "parity.json"
-    result = check(url, "net", "--against", NET, "--json", str(report), *flags)
-    assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
-    protocol = "grpc" if grpc else "http"
-    assert [r["name"] for r in data["runners"]] == [f"v2-{protocol}", f"v2-{protocol}-mixed"]
-    assert data["passed"] and "PASS" in result.stdout
-    result = check(url, "pair", *PAIR, *flags)
-    assert result.exit_code == 0, result.output
+    assert_net_and_pair_pass(triton.grpc_url if grpc else triton.url, grpc, tmp_path / "p.json")
 
 
 def test_a_parity_fault_served_by_triton_exits_1(
