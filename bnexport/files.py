@@ -4,6 +4,7 @@ half-written artifact; a set of files is written all or nothing) and hashing."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -90,23 +91,32 @@ def check_output_paths(
     Raises `OutputPathError` naming the option, the path and the fix.
     """
     given = {flag: Path(p) for flag, p in outputs.items() if p is not None}
-    existing_inputs = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    existing_inputs = [Path(p) for p in inputs if p is not None and _exists(Path(p))]
     seen: dict[Path, str] = {}
     for flag, path in given.items():
-        _check_kind(flag, path)
-        for source in existing_inputs:
-            if _same_file(path, source):
-                raise OutputPathError(
-                    f"{flag} {path} is the input {source}: writing it would destroy the input; "
-                    "choose another output path"
-                )
-        key = path.resolve()
-        if key in seen:
+        try:
+            _check_output(flag, path, existing_inputs, seen)
+        except OSError as exc:  # a name too long, a folder that cannot be listed, …
             raise OutputPathError(
-                f"{seen[key]} and {flag} both write {path}; give each its own file"
+                f"{flag} {path}: {exc.strerror or exc}; choose another path"
+                + (" (at most 255 bytes per name)" if exc.errno == errno.ENAMETOOLONG else "")
+            ) from None
+
+
+def _check_output(flag: str, path: Path, inputs: list[Path], seen: dict[Path, str]) -> None:
+    """One output of `check_output_paths` (``seen``: the outputs checked so far)."""
+    _check_kind(flag, path)
+    for source in inputs:
+        if _same_file(path, source):
+            raise OutputPathError(
+                f"{flag} {path} is the input {source}: writing it would destroy the input; "
+                "choose another output path"
             )
-        seen[key] = flag
-        _check_writable(path)
+    key = path.resolve()
+    if key in seen:
+        raise OutputPathError(f"{seen[key]} and {flag} both write {path}; give each its own file")
+    seen[key] = flag
+    _check_writable(path)
 
 
 def _check_kind(flag: str, path: Path) -> None:
@@ -117,6 +127,14 @@ def _check_kind(flag: str, path: Path) -> None:
             f"{flag} {path} is not a regular file; bnexport replaces what it writes, so give a "
             "path to a regular file"
         )
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a path the system cannot even look up (a name too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -174,6 +192,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def failed_path(path: str | os.PathLike[str]) -> Path:
+    """Where a file whose parity check failed is kept on request (``--keep-failed``): beside
+    ``path``, ``.failed`` before its suffix (``net.onnx`` → ``net.failed.onnx``), so that nothing
+    that reads ``path`` picks it up."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.failed{path.suffix}")
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Remove the file at ``path`` if there is one (a failed run leaves nothing at its output);
+    an OSError is an `OutputPathError` naming it."""
+    with _naming(Path(path)):
+        Path(path).unlink(missing_ok=True)
 
 
 def json_text(data: Any) -> str:

@@ -9,8 +9,10 @@ driver/device.
 
 The settings an ONNX file carries in its ``ort_config`` (`bnexport.ort_config`) are applied only
 when asked (``file_settings``): ``"ignore"`` (the default) never reads them, ``"apply"`` lays the
-file's keys over bnexport's options, ``"opt_in"`` opens the file exactly as a deployer who sets
-``ORT_LOAD_CONFIG_FROM_MODEL=1`` does.
+file's keys and the session config entries of its ``bnexport_session_config`` over bnexport's
+options (how ``bnexport serve`` opens a tuned file), ``"opt_in"`` opens the file exactly as a
+deployer who sets ``ORT_LOAD_CONFIG_FROM_MODEL=1`` does (onnxruntime reads no session config
+entry from a file).
 
 The default session options are the named constants below (the bench helper tunes them);
 :data:`ORT_DEFAULTS` is onnxruntime's own ``SessionOptions()``, what tune and bench compare with.
@@ -36,7 +38,14 @@ from bnexport.errors import (
     raise_if_interrupted,
 )
 from bnexport.onnx_file import check_model_bytes, external_data_files, load_onnx
-from bnexport.ort_config import LOAD_CONFIG_ENV, SESSION_OPTIONS_KEY, OrtSettings, read_ort_config
+from bnexport.ort_config import (
+    CARRIED_KEYS,
+    LOAD_CONFIG_ENV,
+    SESSION_OPTIONS_KEY,
+    OrtSettings,
+    read_ort_config,
+    read_session_config,
+)
 from bnexport.ort_names import (
     EXECUTION_MODE_ATTRS,
     OPT_LEVEL_ATTRS,
@@ -63,13 +72,18 @@ DEFAULT_INTER_OP_THREADS = 0  # 0: onnxruntime picks; only used in "parallel" ex
 DEFAULT_EXECUTION_MODE: ExecutionMode = "sequential"
 DEFAULT_ENABLE_MEM_ARENA = True
 DEFAULT_ALLOW_SPINNING = True  # intra-op threads busy-wait between ops (ORT's default)
-DEFAULT_LOG_SEVERITY = 3  # 0 verbose … 3 error, 4 fatal: keeps ORT's warnings off the console
+#: onnxruntime's log levels: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. By default only
+#: fatal lines: onnxruntime's own coloured error and warning lines stay off the user's stderr
+#: (bnexport reports a failure in one line of its own); ``--verbose`` shows warnings and errors.
+DEFAULT_LOG_SEVERITY = 4
+VERBOSE_LOG_SEVERITY = 2
 DEFAULT_CUDA_DEVICE_ID = 0
 DEFAULT_CUDA_OPTIONS: dict[str, str] = {
     "use_tf32": "0",  # TF32 would make fp32 convs/GEMMs ~1e-3 accurate; strict parity needs it off
     "cudnn_conv_algo_search": "HEURISTIC",  # no run-to-run algorithm changes
 }
 _ENV_LOCK = threading.Lock()  # os.environ is process-wide: one session creation at a time
+_LOG_LEVEL: dict[str, int | None] = {"override": None}  # `show_log`'s process-wide choice
 
 
 @dataclass(frozen=True)
@@ -110,8 +124,11 @@ class SessionConfig:
             )
 
     def carrying(self, settings: OrtSettings) -> SessionConfig:
-        """This config with the keys an ``ort_config`` carries set to ``settings``'s."""
-        return replace(self, **settings.to_dict())
+        """This config with the keys an ``ort_config`` carries set to ``settings``'s, and its
+        session config entries added."""
+        fields = settings.to_dict()
+        entries = {**self.session_config_entries, **fields.pop("session_config_entries")}
+        return replace(self, **fields, session_config_entries=entries)
 
     def resolved_provider_options(self) -> dict[str, str]:
         """The options actually handed to the provider (defaults, then overrides)."""
@@ -154,6 +171,21 @@ class ProbeResult:
         return asdict(self)
 
 
+def show_log(show: bool) -> None:
+    """Let onnxruntime's own warning and error lines reach stderr (``--verbose``), or keep them
+    off whatever a `SessionConfig` asks (the default: only fatal lines). Process-wide, like
+    onnxruntime's default logger."""
+    _LOG_LEVEL["override"] = VERBOSE_LOG_SEVERITY if show else None
+
+
+def log_severity(config: SessionConfig | None = None) -> int:
+    """The log level sessions get: `show_log`'s choice, else ``config``'s (else the default)."""
+    override = _LOG_LEVEL["override"]
+    if override is not None:
+        return override
+    return DEFAULT_LOG_SEVERITY if config is None else config.log_severity_level
+
+
 def _session_options(config: SessionConfig) -> onnxruntime.SessionOptions:
     """The ``SessionOptions`` for ``config``: level, threads, mode, arena, logging, config entries
     (the one place bnexport builds them)."""
@@ -167,7 +199,7 @@ def _session_options(config: SessionConfig) -> onnxruntime.SessionOptions:
     so.inter_op_num_threads = config.inter_op_num_threads
     so.execution_mode = getattr(ort.ExecutionMode, EXECUTION_MODE_ATTRS[config.execution_mode])
     so.enable_cpu_mem_arena = config.enable_mem_arena
-    so.log_severity_level = config.log_severity_level
+    so.log_severity_level = log_severity(config)
     if config.allow_spinning is not None:
         so.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if config.allow_spinning else "0"
@@ -192,7 +224,8 @@ def make_session(
 
     * ``"ignore"``: ``config`` alone (even when ``ORT_LOAD_CONFIG_FROM_MODEL=1`` is set);
     * ``"apply"``: the keys onnxruntime reads from it (`bnexport.ort_config.CARRIED_KEYS`)
-      override ``config``'s; the rest of ``config`` stays;
+      override ``config``'s, and its ``bnexport_session_config`` entries are added; the rest of
+      ``config`` stays;
     * ``"opt_in"``: what a deployer gets with ``ORT_LOAD_CONFIG_FROM_MODEL=1``: onnxruntime's
       default options plus the file's keys; of ``config`` only the provider applies.
     """
@@ -204,8 +237,8 @@ def make_session(
     if file_settings == "apply":
         config = _with_file_settings(path_or_bytes, config)
     # Process-wide: ORT 1.31 warns on the default logger ("No registered plugin EP device found")
-    # for every CUDA session; the session's own level does not cover it.
-    ort.set_default_logger_severity(config.log_severity_level)
+    # for every CUDA session; the session's own level does not cover it, nor an opt-in session's.
+    ort.set_default_logger_severity(log_severity(config))
     providers = _providers(config)
     model: str | bytes
     if isinstance(path_or_bytes, bytes):
@@ -278,7 +311,8 @@ def _config_from_model(read: bool) -> Iterator[None]:
 def _with_file_settings(
     path_or_bytes: str | os.PathLike[str] | bytes, config: SessionConfig
 ) -> SessionConfig:
-    """``config`` with the carried keys of the model's ``ort_config`` (unchanged without one)."""
+    """``config`` with the keys the model's ``ort_config`` carries and the session config entries
+    of its ``bnexport_session_config`` (unchanged without either)."""
     import onnx
 
     if isinstance(path_or_bytes, bytes):
@@ -287,10 +321,14 @@ def _with_file_settings(
         model, where = load_onnx(path_or_bytes), str(path_or_bytes)
     data = read_ort_config(model, where)
     options = (data or {}).get(SESSION_OPTIONS_KEY)
-    if not isinstance(options, dict):
-        return config
-    settings = OrtSettings.from_session_options_json(options, where)
-    return replace(config, **{k: getattr(settings, k) for k in options if hasattr(settings, k)})
+    if isinstance(options, dict):
+        settings = OrtSettings.from_session_options_json(options, where)
+        config = replace(config, **{k: getattr(settings, k) for k in options if k in CARRIED_KEYS})
+    entries = read_session_config(model, where)
+    if entries:
+        merged = {**config.session_config_entries, **entries}
+        config = replace(config, session_config_entries=merged)
+    return config
 
 
 def _tiny_model_bytes() -> bytes:
@@ -413,7 +451,7 @@ def _cuda_probe_session(device_id: int) -> tuple[onnxruntime.InferenceSession | 
     libraries first; ``None`` when onnxruntime placed it on the CPU even after that."""
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
+    ort.set_default_logger_severity(log_severity())
     so = _session_options(replace(ORT_DEFAULTS, log_severity_level=4))
     cuda = PROVIDER_NAMES["cuda"]
     options = {"device_id": str(device_id), **DEFAULT_CUDA_OPTIONS}

@@ -82,10 +82,15 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the traceback above an error (the exit code stays)."
+    ),
 ) -> None:
     """Fold BatchNorm and temperature into PyTorch layers, export to ONNX, prove parity."""
+    from bnexport.ort import show_log
+
     errors.State.debug = debug
+    show_log(False)  # onnxruntime's own lines only with a command's --verbose, every invocation
 
 
 def _register() -> None:

@@ -2,14 +2,19 @@
 unavailable request (an error), 130 interrupted.
 
 The library never prints and never exits; `handle_errors` turns its errors into one stderr line
-and an exit code, and keeps a closed stdout pipe from failing the work.
+and an exit code, and keeps a closed stdout pipe from failing the work. ``--debug`` adds the
+traceback above that line and keeps the exit code. A system error (an `OSError`: a name too
+long, a full disk) and running out of memory are one line too; "unexpected" is kept for
+bnexport's own bugs.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,7 +45,8 @@ def fail(message: str) -> typer.Exit:
 
 
 def handle_errors(func: F) -> F:
-    """Decorator: `BnexportError` → one line on stderr, exit 2; tracebacks only with --debug.
+    """Decorator: any error → one line on stderr (`error_line`), exit 2; ``--debug`` prints the
+    traceback first and keeps the exit code.
 
     Ctrl-C (also one a library wrapped in another exception) → ``bnexport: interrupted``, exit
     130. A closed stdout (``bnexport onnx … | head``) drops the rest of the output, not the work:
@@ -57,24 +63,62 @@ def handle_errors(func: F) -> F:
             raise
         except KeyboardInterrupt:
             raise interrupted() from None
-        except BnexportError as exc:
+        except Exception as exc:
             if interrupt_in(exc):
                 raise interrupted() from None
-            if State.debug:
-                raise
-            raise fail(_one_line(str(exc))) from None
-        except Exception as exc:  # a bug or an unexpected library failure
-            if interrupt_in(exc):
-                raise interrupted() from None
-            if State.debug:
-                raise
-            raise fail(
-                f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug)"
-            ) from None
+            if State.debug:  # the traceback, then the same line and the same exit code
+                traceback.print_exc(file=sys.stderr)
+            raise fail(error_line(exc)) from None
         finally:
             sys.stdout = guard.stream
 
     return wrapper  # type: ignore[return-value]
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line an exception becomes: a `BnexportError`'s message; a system error naming
+    its file and the fix; running out of memory; anything else is a bug ("unexpected")."""
+    if isinstance(exc, BnexportError):
+        return _one_line(str(exc))
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
+    if is_out_of_memory(exc):
+        return (
+            f"out of memory ({_one_line(str(exc)) or type(exc).__name__}); ask for less: a "
+            "smaller batch size, fewer samples, or a machine with more memory"
+        )
+    hint = "" if State.debug else " (rerun with --debug)"
+    return f"unexpected {type(exc).__name__}: {_one_line(str(exc))}{hint}"
+
+
+def os_error_line(exc: OSError) -> str:
+    """``cannot use PATH: reason; fix`` for an `OSError` (the file it names, when it names one)."""
+    reason = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    where = f"cannot use {' → '.join(names)}: " if names else ""
+    fixes = {
+        errno.ENAMETOOLONG: "choose a shorter file name (at most 255 bytes per name)",
+        errno.ENOSPC: "free some disk space or write elsewhere",
+        errno.EACCES: "choose a path you may read and write",
+        errno.EPERM: "choose a path you may read and write",
+        errno.EROFS: "choose a path on a writable file system",
+        errno.ENOENT: "check the path",
+        errno.EISDIR: "give a path to a file",
+        errno.ENOTDIR: "check the path",
+    }
+    fix = fixes.get(exc.errno or 0, "check the path and the disk")
+    return f"{where}{reason}; {fix}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A `MemoryError`, or a library's allocation failure (torch's and onnxruntime's)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return any(
+        marker in text
+        for marker in ("can't allocate memory", "Failed to allocate memory", "std::bad_alloc")
+    )
 
 
 def interrupted() -> typer.Exit:

@@ -16,7 +16,7 @@ from tiny_onnx import conv_net, save
 
 from bnexport.errors import BnexportError, OnnxFileError
 from bnexport.onnx_file import external_data_files
-from bnexport.ort import ORT_DEFAULTS, SessionConfig, make_session
+from bnexport.ort import DEFAULT_LOG_SEVERITY, ORT_DEFAULTS, SessionConfig, make_session
 from bnexport.ort_config import (
     LOAD_CONFIG_ENV,
     ORT_CONFIG_KEY,
@@ -144,7 +144,9 @@ def test_ort_defaults_reproduce_onnxruntimes_own_options(
     plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     ours = make_session(path, ORT_DEFAULTS.carrying(settings))
     want, got = _options(plain), _options(ours)
-    assert {k: v for k, v in got.items() if want[k] != v} == {"log_severity_level": "3"}
+    assert {k: v for k, v in got.items() if want[k] != v} == {
+        "log_severity_level": str(DEFAULT_LOG_SEVERITY)
+    }
     spinning = "session.intra_op.allow_spinning"
     with pytest.raises(RuntimeError, match="does not have configuration"):
         ours.get_session_options().get_session_config_entry(spinning)  # onnxruntime's default
