@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from bnexport.errors import FoldError
 from bnexport.fold import math as fm
-from bnexport.fold.constants import Const, const_of, fmt_num
+from bnexport.fold.constants import Const, const_of, depends_on_input, fmt_num
 
 _ARITH_FUNCS: dict[Any, tuple[str, bool]] = {
     operator.mul: ("mul", False),
@@ -136,10 +136,12 @@ def affine_step(
         return None  # e.g. a residual connection: the chain just ends here
     if c is None:
         what = c_arg.name if isinstance(c_arg, fx.Node) else repr(c_arg)
-        return Stop(
-            f"{where}: its other operand {what} is not constant (it depends on the model's input), "
-            "so this scale/shift can't fold"
+        why = (
+            "it depends on the model's input"
+            if depends_on_input(c_arg)
+            else "bnexport can't evaluate it at fold time: a random or in-place op computes it"
         )
+        return Stop(f"{where}: its other operand {what} is not constant ({why}), so it can't fold")
     vec = _per_channel(c, node, op, where, shape, bn_name)
     if isinstance(vec, Stop):
         return vec

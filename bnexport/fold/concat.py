@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from bnexport.fold import math as fm
-from bnexport.fold.context import FoldContext
+from bnexport.fold.context import FoldContext, Probe
 from bnexport.fold.layers import custom_layer, layer_kind, new_layer
 from bnexport.fold.report import Direction, FoldEntry
 from bnexport.fold.rules import (
@@ -131,6 +131,7 @@ class ConcatThenBN(Rule):
             if created:
                 notes.append(f"{name} is shared: only this call uses the folded copy {created}")
             names.append(name)
+        ctx.probes.append(Probe(site.name, ", ".join(names), m.cat.name, site.end.name))
         site.end.replace_all_uses_with(m.cat)
         ctx.remove_site(site)
         return FoldEntry(

@@ -113,7 +113,7 @@ def const_of(arg: Any, gm: fx.GraphModule, depth: int = 0) -> Const | None:
     """
     if isinstance(arg, bool | int | float):
         return Const(torch.tensor(float(arg), dtype=torch.float64), fmt_num(float(arg)))
-    if not isinstance(arg, fx.Node) or depth > 8:
+    if not isinstance(arg, fx.Node) or depth > 8 or _written_in_place(arg):
         return None
     if arg.op == "get_attr":
         return _attr_const(arg, gm)
@@ -121,15 +121,78 @@ def const_of(arg: Any, gm: fx.GraphModule, depth: int = 0) -> Const | None:
         fn: Any = arg.target
         name = _PURE_FUNCS[arg.target]
     elif arg.op == "call_method" and arg.target in _PURE_METHODS:
-        method = str(arg.target)
-
-        def fn(self_: Any, *a: Any, **k: Any) -> Any:
-            return getattr(self_, method)(*a, **k)
-
-        name = method
+        fn, name = _method(str(arg.target)), str(arg.target)
+    elif _deterministic(arg):  # any other op of constants (``gamma[None, :, None, None]``…)
+        fn = arg.target if arg.op == "call_function" else _method(str(arg.target))
+        name = getattr(arg.target, "__name__", str(arg.target))
     else:
         return None
     return _op_const(arg, gm, depth, fn, name)
+
+
+def _method(name: str) -> Any:
+    def fn(self_: Any, *a: Any, **k: Any) -> Any:
+        return getattr(self_, name)(*a, **k)
+
+    return fn
+
+
+#: Words in the names of ops whose result is not a function of their inputs.
+_RANDOM = ("rand", "normal", "bernoulli", "dropout", "multinomial", "poisson", "uniform", "empty")
+
+
+def _deterministic(node: fx.Node) -> bool:
+    """A function or method call that neither draws random numbers nor writes in place."""
+    if node.op not in ("call_function", "call_method") or "out" in node.kwargs:
+        return False
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if not name or _in_place(node):
+        return False
+    return not any(word in name.lower() for word in _RANDOM)
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.imatmul,
+    }
+)
+
+
+def _in_place(node: fx.Node) -> bool:
+    """A call that writes into its first argument (``x.mul_(2)``, ``x += 1``, ``torch.relu_``)."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        if node.target in _IN_PLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """Whether an in-place op writes into ``node``'s value: its value at fold time is not what
+    the graph reads later."""
+    return any(_in_place(u) and u.args[:1] == (node,) for u in node.users)
+
+
+def depends_on_input(arg: Any, seen: set[fx.Node] | None = None) -> bool:
+    """Whether the graph value ``arg`` is computed from the model's input (a placeholder)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    seen = set() if seen is None else seen
+    if arg in seen:
+        return False
+    seen.add(arg)
+    return arg.op == "placeholder" or any(depends_on_input(n, seen) for n in arg.all_input_nodes)
 
 
 def _attr_const(arg: fx.Node, gm: fx.GraphModule) -> Const | None:

@@ -8,7 +8,8 @@ every other call keeps the original (never the pytorch#104593 bug of rewriting a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +22,33 @@ from bnexport.fold.sites import BNSite
 from bnexport.fold.view import GraphView
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One fold step as the graphs see it, for localizing a fold that went wrong: the value the
+    folded graph computes (node ``folded``) replaces the unfolded graph's value ``reference``
+    (the BN chain's end, or the layer's output for a fold before it). ``key``: the BatchNorm's (or
+    chain layer's) name in the graph, the key to leave it unfolded (`FoldContext.excluded`)."""
+
+    key: str
+    into: str
+    folded: str
+    reference: str
+
+
 class FoldContext(GraphView):
     """The GraphModule being folded, with the bookkeeping for safe node rewrites."""
 
-    def __init__(self, gm: fx.GraphModule, memo64: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        memo64: dict[int, torch.Tensor] | None = None,
+        excluded: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(gm)
+        #: BatchNorms (and chain layers) to leave unfolded, by name, with the reason.
+        self.excluded: Mapping[str, str] = excluded or {}
+        #: Every fold step done, in the order done (`Probe`).
+        self.probes: list[Probe] = []
         #: Float64 copies of the layers' original parameters (tensor id → copy), shared with the
         #: self-check (`bnexport.fold.verify.run_float64`), which needs the same copies.
         self.memo64: dict[int, torch.Tensor] = {} if memo64 is None else memo64

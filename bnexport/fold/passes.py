@@ -14,7 +14,7 @@ from bnexport.fold import math as fm
 from bnexport.fold.affine import arith_op
 from bnexport.fold.batchnorm import FUNCTIONAL_BATCHNORMS, is_batchnorm_class, is_batchnorm_like
 from bnexport.fold.constants import const_of
-from bnexport.fold.context import FoldContext
+from bnexport.fold.context import FoldContext, Probe
 from bnexport.fold.layers import custom_layer, layer_kind, new_layer
 from bnexport.fold.layout import walk_back
 from bnexport.fold.patterns import PATTERNS
@@ -279,6 +279,15 @@ def _fold_site(
     node: fx.Node, name: str, type_name: str, ctx: FoldContext, rules: Sequence[Rule]
 ) -> FoldEntry:
     """Fold one BatchNorm call with the first rule whose check passes, or say why not."""
+    if name in ctx.excluded:  # its fold failed the self-check
+        return FoldEntry(
+            bn=name,
+            bn_type=type_name,
+            status="left",
+            chain=type_name,
+            reason_code="self_check",
+            reason=ctx.excluded[name],
+        )
     if node.op == "call_function":
         site = functional_site(ctx, node, name, type_name)
     else:
@@ -337,6 +346,8 @@ def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
             continue
         chain = " → ".join(site.labels)
         refusal = layer_refusal(layer, name) if kind is not None else _not_linear(layer, name)
+        if refusal is None and name in ctx.excluded:
+            refusal = Refusal("self_check", ctx.excluded[name])
         if refusal is not None:
             entries.append(ChainEntry(name, type(layer).__name__, chain, "left", refusal.reason))
             continue
@@ -346,6 +357,7 @@ def fold_layer_chains(ctx: FoldContext) -> list[ChainEntry]:
         w, b = cast_folded(folded, layer, name)
         created = ctx.install(node, new_layer(layer, w.tensor, b.tensor))
         ctx.record(node, folded)
+        ctx.probes.append(Probe(name, name, node.name, site.end.name))
         site.end.replace_all_uses_with(node)
         ctx.remove_site(site, keep_node=True)
         notes = list(site.notes)
@@ -364,16 +376,19 @@ def fold_graph(
     rules: Sequence[Rule] = PATTERNS,
     untraceable: Mapping[str, str] | None = None,
     memo64: dict[int, torch.Tensor] | None = None,
-) -> tuple[list[FoldEntry], list[ChainEntry], dict[str, torch.Tensor]]:
+    excluded: Mapping[str, str] | None = None,
+) -> tuple[list[FoldEntry], list[ChainEntry], FoldContext]:
     """Fold every BatchNorm in ``gm`` (shape-propagated) in place; one entry per BatchNorm call,
     plus one per layer whose constant scale/shift chain (without BatchNorm) was folded, and the
-    folded parameters in float64 by path (`FoldContext.exact`). ``memo64`` receives the float64
-    copies of the original parameters the fold read (tensor id → copy).
+    context: the folded parameters in float64 by path (`FoldContext.exact`) and the fold steps
+    (`FoldContext.probes`). ``memo64`` receives the float64 copies of the original parameters the
+    fold read (tensor id → copy). ``excluded``: BatchNorms and chain layers to leave unfolded, by
+    name, with the reason (their fold failed the self-check).
 
     Chains after layers fold first (``conv → ×c → BN`` then folds as ``conv → BN``); BNs are then
     visited in graph order, so ``BN → conv → BN`` folds both (before, then after).
     """
-    ctx = FoldContext(gm, memo64)
+    ctx = FoldContext(gm, memo64, excluded)
     chains = fold_layer_chains(ctx)
     names = bn_names(gm)
     entries: list[FoldEntry] = []
@@ -385,4 +400,4 @@ def fold_graph(
         elif node.op == "call_module":
             entries.extend(_inside_leaf(node, ctx, untraceable or {}))
     ctx.finish()
-    return entries, chains, ctx.exact
+    return entries, chains, ctx

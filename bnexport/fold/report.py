@@ -36,6 +36,8 @@ REASONS: dict[str, str] = {
     "not_batchnorm": "a module with BatchNorm statistics whose forward computes something else",
     "leaf_module": "not traced: kept as a leaf (leaf_modules), or inside such a module",
     "not_traceable": "inside a block torch.fx can't trace, run as a black box",
+    "self_check": "folding it failed the float64 self-check (localized to it), so it was left "
+    "unfolded and the rest of the fold checked exact",
 }
 
 
@@ -121,6 +123,7 @@ class FoldReport:
     chains: list[ChainEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    localization: dict[str, Any] | None = None  # `bnexport.fold.localize.Localization.to_dict`
 
     @property
     def folded(self) -> list[FoldEntry]:
@@ -146,6 +149,7 @@ class FoldReport:
             "chains": [c.to_dict() for c in self.chains],
             "notes": list(self.notes),
             "verification": self.verification,
+            "localization": self.localization,
         }
 
     def __str__(self) -> str:

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from bnexport.fold import math as fm
-from bnexport.fold.context import FoldContext
+from bnexport.fold.context import FoldContext, Probe
 from bnexport.fold.layers import layer_hook_reason, layer_kind, new_layer
 from bnexport.fold.layout import describe_path, keeps_channels
 from bnexport.fold.report import Direction, FoldEntry
@@ -140,6 +140,10 @@ class Pattern(Rule):
         w, b = cast_folded(folded, layer, m.layer_name)
         created = ctx.install(m.layer_node, new_layer(layer, w.tensor, b.tensor))
         ctx.record(m.layer_node, folded)
+        after = self.direction == "after"
+        out = (m.path[-1] if m.path else m.layer_node) if after else m.layer_node
+        ref = site.end if after else m.layer_node
+        ctx.probes.append(Probe(site.name, m.layer_name, out.name, ref.name))
         self.reroute(m, ctx)
         ctx.remove_site(site)
         notes = list(site.notes)

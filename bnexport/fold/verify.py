@@ -54,7 +54,8 @@ def clone_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
-def _lowest_precision(module: nn.Module) -> torch.dtype:
+def lowest_precision(module: nn.Module) -> torch.dtype:
+    """The floating dtype of ``module``'s parameters with the largest eps (float32 if none)."""
     dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()} or {torch.float32}
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
@@ -150,21 +151,22 @@ def sensitivity(
     gen = torch.Generator().manual_seed(SENSITIVITY_SEED)
     worst = [0.0] * len(truth)
     for _ in range(SENSITIVITY_DRAWS):
-        outputs = _perturbed_forward(module, inputs64, eps, gen, memo)
+        outputs = perturbed_forward(module, inputs64, eps, gen, memo)
         for k, (o, t) in enumerate(zip(outputs, truth, strict=True)):
             if t.is_floating_point():
                 worst[k] = max(worst[k], relative_error(o.numpy(), t.numpy()).value)
     return worst
 
 
-def _perturbed_forward(
+def perturbed_forward(
     module: nn.Module,
     inputs64: Sequence[Any],
     eps: float,
     gen: torch.Generator,
     memo: dict[int, torch.Tensor] | None,
 ) -> list[torch.Tensor]:
-    """`run_float64` with every floating input, parameter and buffer times ``1 ± eps``."""
+    """`run_float64` with every floating input, parameter and buffer times ``1 ± eps`` (random
+    signs from ``gen``; tied tensors move together)."""
     moved: dict[int, torch.Tensor] = {}
 
     def nudge(t: torch.Tensor) -> torch.Tensor:
@@ -204,6 +206,13 @@ def _outputs(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def check_inputs(inputs: Sequence[Any], one_sample: bool) -> tuple[Any, ...]:
+    """The inputs the self-check runs on: the first sample of the example batch with
+    ``one_sample`` (the fold is exact algebra, so one sample checks every channel), else all."""
+    one = _first_sample(inputs) if one_sample else None
+    return tuple(inputs) if one is None else one
+
+
 def self_check(
     reference: nn.Module,
     folded: nn.Module,
@@ -215,12 +224,39 @@ def self_check(
     one_sample: bool = True,
     memo64: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Check ``folded`` against ``reference`` (unfolded, in its own dtype), both run in float64,
-    ``folded`` with its folded parameters' ``exact`` float64 values (no rounding to fp32).
+    """Check ``folded`` against ``reference`` (`measure_fold`); `FoldError` when the rule
+    fails, saying what it means. Returns the measurements."""
+    result = measure_fold(
+        reference,
+        folded,
+        inputs,
+        rule,
+        exact=exact,
+        draw=draw,
+        one_sample=one_sample,
+        memo64=memo64,
+    )
+    if not result["passed"]:
+        raise FoldError(result.pop("message"))
+    return result
 
-    With ``one_sample`` it runs on the first sample of the example batch (the fold is exact
-    algebra, so one sample checks every channel; two float64 forwards of one sample cost one of
-    the batch of two); not for a model whose output depends on the batch (batch statistics).
+
+def measure_fold(
+    reference: nn.Module,
+    folded: nn.Module,
+    inputs: Sequence[Any],
+    rule: Any = None,
+    *,
+    exact: Mapping[str, torch.Tensor] | None = None,
+    draw: Sequence[torch.Tensor] | None = None,
+    one_sample: bool = True,
+    memo64: dict[int, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Measure ``folded`` against ``reference`` (unfolded, in its own dtype), both run in
+    float64, ``folded`` with its folded parameters' ``exact`` float64 values (no rounding to fp32).
+
+    With ``one_sample`` it runs on the first sample of the example batch (`check_inputs`); not
+    for a model whose output depends on the batch (batch statistics).
 
     Per output: ``E`` = the float64 fold's error against the float64 forward of ``reference``;
     what float64 rounding explains is ``ρ · max(N, S)`` with ``ρ = eps64 / eps_dtype``, where
@@ -228,20 +264,18 @@ def self_check(
     already computed) and ``S`` = its measured `sensitivity` to ±eps changes of every input,
     parameter and buffer (measured only when ``N`` alone fails: the verdict is the same).
     ``rule`` (default `NoiseTolerance()`) decides, never below its floor of a few ulps.
-    ``memo64``: float64 copies of ``reference``'s parameters already made, by tensor id. Returns
-    the measurements; `FoldError` when the rule fails, saying what it means.
+    ``memo64``: float64 copies of ``reference``'s parameters already made, by tensor id. A failed
+    check adds ``message`` (what it means) and ``deterministic`` (two float64 runs agree).
     """
     rule = rule or NoiseTolerance()
     one = _first_sample(inputs) if one_sample else None
     if one is not None:  # exact algebra: one sample sees every channel, at half the cost
         inputs = one
         draw = [t[:1] for t in draw] if draw is not None else None
-    dtype = _lowest_precision(reference)
+    dtype = lowest_precision(reference)
     eps = float(torch.finfo(dtype).eps)
     rho = float(torch.finfo(torch.float64).eps) / eps
-    xs64 = tuple(
-        x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
-    )
+    xs64 = float64_inputs(inputs)
     # The unfolded layers both share are converted once (``memo64``: copies the fold made).
     memo: dict[int, torch.Tensor] = {} if memo64 is None else memo64
     truth = run_float64(reference, xs64, memo=memo)
@@ -272,8 +306,16 @@ def self_check(
     }
     if not worst["passed"]:
         deterministic = _deterministic(reference, xs64, truth)
-        raise FoldError(_self_check_message(result, worst, deterministic))
+        result["deterministic"] = deterministic
+        result["message"] = _self_check_message(result, worst, deterministic)
     return result
+
+
+def float64_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """The floating tensors among ``inputs`` in float64 (the others as they are)."""
+    return tuple(
+        x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
+    )
 
 
 def _errors_and_noise(

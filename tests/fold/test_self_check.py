@@ -86,12 +86,93 @@ def _dropped_bias(kind, weight, bias, scale, shift, groups=1):  # type: ignore[n
     ("name", "replacement"),
     [("bn_affine", _no_eps), ("scale_output_channels", _wrong_axis), ("fold_after", _dropped_bias)],
 )
-def test_a_wrong_fold_fails_naming_the_error_limit_and_a_bug(
+def test_a_wrong_fold_is_localized_and_left_unfolded(
     name: str, replacement: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The self-check fails, the step that broke is named, its BN stays, the rest checks exact."""
     monkeypatch.setattr(fm, name, replacement)
+    model = ConvBN(var=1e-3)
+    result = fold_model(model, X)
+    report = result.report
+    (entry,) = report.entries
+    assert (entry.bn, entry.status, entry.reason_code) == ("bn", "left", "self_check")
+    assert "into conv failed the float64 self-check" in entry.reason
+    assert "limit 4×" in entry.reason and "bnexport bug" in entry.reason
+    assert report.verification is not None and report.verification["passed"]
+    assert report.verification["excluded"] == ["bn"]
+    assert report.localization is not None and report.localization["first_failing"] == "bn"
+    assert any("localized to the fold of bn" in n for n in report.notes)
+    torch.testing.assert_close(result.module(X), model(X))
+
+
+class ThreeBlocks(nn.Module):
+    """conv → BN → ReLU, three times (b1, b2, b3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        for k in (1, 2, 3):
+            setattr(self, f"c{k}", nn.Conv2d(3, 3, 3, padding=1))
+            bn = nn.BatchNorm2d(3)
+            with torch.no_grad():
+                bn.running_mean.normal_(0, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+            setattr(self, f"b{k}", bn)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k in (1, 2, 3):
+            x = torch.relu(getattr(self, f"b{k}")(getattr(self, f"c{k}")(x)))
+        return x
+
+
+def test_the_first_step_that_diverges_is_named_not_the_ones_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in the fold of b2 only: b3's output diverges too (it inherits b2's error), but the
+    first diverging step in execution order is b2, and only b2 is left."""
+    model = ThreeBlocks()
+    target = model.c2.weight
+
+    def broken_after(kind, weight, bias, scale, shift, groups=1):  # type: ignore[no-untyped-def]
+        folded = ORIGINAL_AFTER(kind, weight, bias, scale, shift, groups)
+        if weight.shape == target.shape and torch.equal(weight, target.double()):
+            return fm.Folded(folded.weight * 1.001, folded.bias)
+        return folded
+
+    monkeypatch.setattr(fm, "fold_after", broken_after)
+    report = fold_model(model, X, localize=True).report
+    assert [(e.bn, e.status) for e in report.entries] == [
+        ("b1", "folded"),
+        ("b2", "left"),
+        ("b3", "folded"),
+    ]
+    loc = report.localization
+    assert loc is not None and loc["first_failing"] == "b2"
+    assert [s["passed"] for s in loc["steps"]] == [True, False, False]
+
+
+def test_localize_on_a_correct_fold_finds_no_diverging_step() -> None:
+    report = fold_model(ThreeBlocks(), X, localize=True).report
+    loc = report.localization
+    assert loc is not None and loc["first_failing"] is None
+    assert [s["bn"] for s in loc["steps"]] == ["b1", "b2", "b3"]
+    assert all(s["error"] <= s["limit"] for s in loc["steps"])
+    assert report.entries[0].status == "folded"
+
+
+def test_a_fold_broken_everywhere_fails_after_a_bounded_number_of_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bnexport.fold import pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_EXCLUDED", 2)
+    monkeypatch.setattr(fm, "bn_affine", _no_eps)
+    model = ThreeBlocks()
+    for k in (1, 2, 3):
+        getattr(model, f"b{k}").running_var.fill_(1e-3)
     with pytest.raises(FoldError) as info:
-        fold_model(ConvBN(var=1e-3), X)
+        fold_model(model, X)
     msg = str(info.value)
     assert "fold self-check failed" in msg and "the limit is 4×" in msg
     assert "bnexport bug" in msg and "--no-verify" in msg
