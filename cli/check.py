@@ -204,6 +204,7 @@ def check_cli(
         tf32_gate=tf32_gate,
         ground_truth=ground_truth,
         folded=folded,
+        folded_gating=False,  # check's own fold: the file need not be its export
     )
     source = load_model_source(against, model_spec, input_shape, temperature)
     if url is not None:
@@ -331,40 +332,28 @@ def _positional_checkpoint_fix(model: Path, extra: list[str]) -> str:
 
 
 def render_report(report: Any, *, verbose: bool = False) -> None:
-    """Print a `ParityReport`: one row per runner (its worst batch size; every batch size and output
-    with ``verbose``), the rule, skipped runners, notes, and the verdict with each failure's worst
-    element."""
+    """Print a `ParityReport` at most `REPORT_WIDTH` columns wide: the header (what was compared,
+    the noise floor, the limit), one row per runner (its worst batch size; every batch size and
+    output with ``verbose``), the legend, skipped runners, notes, and the verdict with one line
+    per failing output. User text (paths, factory names) is printed as typed."""
     from rich.markup import escape
 
-    from bnexport.parity.report import (
-        TABLE_COLUMNS,
-        VERBOSE_COLUMNS,
+    from bnexport.parity.tables import (
+        REPORT_WIDTH,
         failure_lines,
-        result_rows,
-        summary_rows,
+        header_lines,
+        legend_lines,
+        summary_table,
     )
 
     out = console()
-    if verbose:
-        columns = VERBOSE_COLUMNS
-        rows = [row for r in report.results for row in result_rows(r, verbose=True)]
-    else:
-        columns, rows = TABLE_COLUMNS, summary_rows(report)
-    from pathlib import Path
-
-    floors = report.noise_floors()
-    floor = (
-        ", noise floor " + ", ".join(f"{n} {v:.2g}" for n, v in floors.items()) if floors else ""
+    width = min(out.width, REPORT_WIDTH)
+    columns, rows = summary_table(report, verbose=verbose)
+    _print_wrapped(
+        out, [line for h in header_lines(report, verbose=verbose) for line in _wrap(h, width)]
     )
-    title = (
-        f"{Path(report.model['path']).name} vs {report.reference['name']}: "
-        f"{report.inputs['samples']} samples, batch {','.join(map(str, report.batch_sizes))}{floor}"
-    )
-    if verbose:
-        sets = ", ".join(f"{s['name']} {s['samples']}" for s in report.inputs.get("sets", []))
-        title += f" ({sets})"
-    out.print(table(escape(title), columns, [[escape(c) for c in row] for row in rows]))
-    lines = [report.rule_note]
+    out.print(table(None, columns, [[escape(c) for c in row] for row in rows]), width=width)
+    lines = legend_lines(report)
     skipped: dict[str, list[str]] = {}
     for s in report.skipped:
         skipped.setdefault(s["reason"], []).append(s["runner"])
@@ -373,10 +362,38 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
         for reason, names in skipped.items()
     ]
     lines += [f"note: {n}" for n in [*report.notes, *report.inputs.get("notes", [])]]
+    wrapped = [w for line in lines for w in _wrap(line, width)]
     if report.passed:
-        lines.append(f"PASS: every gating runner is within tolerance ({report.seconds:.1f} s)")
+        wrapped.append(f"PASS: every gating runner is within tolerance ({report.seconds:.1f} s)")
     else:
-        lines.append(f"FAIL: {', '.join(report.failing_runners) or 'no gating runner ran'}")
-        lines += [f"  {line}" for line in failure_lines(report)]
+        wrapped += _wrap(
+            f"FAIL: {', '.join(report.failing_runners) or 'no gating runner ran'}", width
+        )
+        wrapped += [w for line in failure_lines(report) for w in _wrap(line, width, "  ", "    ")]
+    lines = wrapped
+    _print_wrapped(out, lines)
+
+
+def _wrap(text: str, width: int, first: str = "", rest: str = "  ") -> list[str]:
+    """``text`` wrapped at ``width`` columns (indented ``first``, then ``rest``); its own line
+    breaks kept."""
+    import textwrap
+
+    return [
+        line
+        for k, para in enumerate(text.split("\n"))
+        for line in textwrap.wrap(
+            para,
+            width,
+            initial_indent=first if k == 0 else rest,
+            subsequent_indent=rest,
+            break_on_hyphens=False,
+        )
+        or [""]
+    ]
+
+
+def _print_wrapped(out: Any, lines: list[str]) -> None:
+    """Print each line as typed: no markup, no emoji codes, no highlighting."""
     for line in lines:
-        out.print(line, markup=False, highlight=False)
+        out.print(line, markup=False, emoji=False, highlight=False)

@@ -18,11 +18,12 @@ PIPED_WIDTH = 200  # columns of plain output when piped (COLUMNS overrides)
 
 
 def console() -> Console:
-    """stdout console; plain (no colour, no box drawing; COLUMNS or 200 wide) when piped."""
+    """stdout console; plain (no colour, no box drawing; COLUMNS or 200 wide) when piped. Never
+    turns ``:name:`` into an emoji: a user's path ``o:rocket:.onnx`` is printed as typed."""
     if sys.stdout.isatty():
-        return Console()
+        return Console(emoji=False)
     width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
-    return Console(no_color=True, width=width, soft_wrap=True, highlight=False)
+    return Console(no_color=True, width=width, soft_wrap=True, highlight=False, emoji=False)
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:

@@ -46,7 +46,9 @@ class CheckConfig:
     runners are listed as skipped with the reason); ``("cuda",)`` or ``("cpu", "cuda")`` demand
     CUDA (``ProviderUnavailableError`` when it does not run). ``tolerances`` override
     ``DEFAULT_TOLERANCES`` per runner kind. ``tf32_gate`` makes the CUDA-with-TF32 runner gate.
-    ``folded``: run the BN-folded PyTorch model the caller passes as a candidate.
+    ``folded``: run the BN-folded PyTorch model the caller passes as a candidate; it gates with
+    ``folded_gating`` (`bnexport onnx`, which exports that fold), and is reported only without
+    (`bnexport check`: the file is not necessarily that fold's export).
     """
 
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
@@ -62,6 +64,7 @@ class CheckConfig:
     tf32_gate: bool = False
     ground_truth: bool = True
     folded: bool = True
+    folded_gating: bool = True  # False: the folded runner is reported, not gating (`check`)
     cuda_device_id: int = 0
     torch_threads: int | None = DEFAULT_TORCH_THREADS  # None: leave torch's setting alone
     ort_threads: int | None = DEFAULT_ORT_THREADS  # None: torch's count; 0: onnxruntime's

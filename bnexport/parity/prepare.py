@@ -318,7 +318,7 @@ def _torch_candidates(
     noise_mode = config.tolerance_mode == "noise"
     candidates = [gt_runner] if gt_runner is not None and not noise_mode else []
     if config.folded:
-        candidates += _folded_runner(folded, folded_reason, *names, skipped)
+        candidates += _folded_runner(folded, folded_reason, *names, skipped, config.folded_gating)
     return candidates
 
 
@@ -328,6 +328,7 @@ def _folded_runner(
     in_names: list[str],
     out_names: list[str],
     skipped: list[dict[str, str]],
+    gating: bool = True,
 ) -> list[TorchRunner]:
     """The BN-folded PyTorch model; [] when there is none (skipped, with ``reason``)."""
     if folded is None:
@@ -340,6 +341,8 @@ def _folded_runner(
             out_names,
             name="torch-folded",
             kind="torch",
-            description="PyTorch fp32 on the CPU, BatchNorm folded",
+            gating=gating,
+            description="PyTorch fp32 on the CPU, BatchNorm folded"
+            + ("" if gating else " (reported, not gating)"),
         )
     ]

@@ -18,15 +18,17 @@ from bnexport.parity.tolerance import Tolerance
 
 REPORT_FORMAT = "bnexport.parity/2"
 NOISE_NOTE = (
-    "error: worst sample's max|a−t|/max|t| against the float64 truth t; floor: PyTorch fp32's\n"
-    "error (its noise); pass: error/floor <= limit; fixed atol: smallest passing --atol at rtol 0"
+    "error: the worst sample's max|a−t| / max|t| against the float64 truth t; floor: fp32's own "
+    "error, measured the same way (PyTorch at two batch sizes and with its long sums in another "
+    "order); a runner passes while error/floor <= the limit; fixed atol: the smallest "
+    "--tolerance fixed --atol (at rtol 0) that would pass, "
+    "measured against PyTorch fp32 as fixed tolerances are (so it can read below the error); "
+    "argmax: agreement with the truth's top class (classifier outputs)"
 )
 FIXED_NOTE = (
     "An element passes when |a − r| <= atol·max(1, max|ref|) + rtol·|r| against PyTorch fp32 "
     "(max|ref| per sample); error: worst sample's max|a − r| / max|r|."
 )
-TABLE_COLUMNS = ("runner", "result", "error", "error/floor", "limit", "fixed atol", "argmax")
-VERBOSE_COLUMNS = ("runner", "batch", "output", *TABLE_COLUMNS[1:], "worst element")
 
 
 @dataclass
@@ -71,8 +73,13 @@ class RunnerResult:
 
     def failure_message(self) -> str:
         """One paragraph: what failed, by how much, where, and what tolerance would have passed."""
+        return "; ".join(self.failure_messages())
+
+    def failure_messages(self) -> list[str]:
+        """One sentence per failing output (or the crash): what failed, by how much, where, and
+        what tolerance would have passed."""
         if self.error:
-            return f"{self.runner} (batch {self.batch_size}) failed to run: {self.error}"
+            return [f"{self.runner} (batch {self.batch_size}) failed to run: {self.error}"]
         parts = []
         for o in self.outputs:
             if o.passed:
@@ -90,13 +97,13 @@ class RunnerResult:
             if o.nan_candidate or o.inf_candidate:
                 text += f", {o.nan_candidate} NaN / {o.inf_candidate} Inf in the candidate"
             text += (
-                f"; would pass with --atol {_fmt(o.min_atol_scale)} (at rtol {o.tolerance.rtol:g})"
-                f" or --rtol {_fmt(o.min_rtol)} (at atol {o.tolerance.atol_scale:g})"
+                f"; would pass with --atol {fmt(o.min_atol_scale)} (at rtol {o.tolerance.rtol:g})"
+                f" or --rtol {fmt(o.min_rtol)} (at atol {o.tolerance.atol_scale:g})"
             )
             if o.worst:
                 text += f"; worst: {o.worst.describe()}"
             parts.append(text)
-        return "; ".join(parts)
+        return parts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,6 +264,8 @@ class ParityReport:
 
     def to_markdown(self) -> str:
         """A summary for a CI job page: verdict, the table, failures, skipped runners, versions."""
+        from bnexport.parity.tables import VERBOSE_COLUMNS, result_rows
+
         verdict = "✅ PASS" if self.passed else "❌ FAIL"
         sha = str(self.model.get("sha256", ""))
         sets = ", ".join(f"{s['name']} {s['samples']}" for s in self.inputs.get("sets", []))
@@ -327,45 +336,7 @@ class ParityReport:
             write_files(writers)
 
 
-def result_rows(r: RunnerResult, *, verbose: bool = False) -> list[list[str]]:
-    """Table rows for one result: ``TABLE_COLUMNS`` for its worst output (a crash: dashes), or
-    with ``verbose`` one ``VERBOSE_COLUMNS`` row per output (batch, output name, worst element)."""
-    if r.error:
-        cells = [r.runner, r.status, "error", "-", _limit(r.tolerance, r.kind), "-", "-"]
-        if verbose:
-            return [[r.runner, str(r.batch_size), "-", *cells[1:], r.error]]
-        return [cells]
-    outputs = r.outputs if verbose else [o for o in [r.worst_output()] if o is not None]
-    rows = []
-    for o in outputs:
-        ratio = o.noise_ratio
-        cells = [
-            (o.passed and r.status) or ("FAIL" if r.gating else "FAIL (info)"),
-            _fmt(o.error if o.error is not None else o.rel_err, 2),
-            "-" if ratio is None else f"{_fmt(ratio, 2)}×",
-            _limit(o.tolerance, r.kind),
-            _fmt(o.min_atol_scale, 2),
-            "-" if o.argmax_agreement is None or not o.classifier else _pct(o.argmax_agreement),
-        ]
-        if verbose:
-            worst = o.worst.describe() if o.worst else "-"
-            rows.append([r.runner, str(r.batch_size), o.name, *cells, worst])
-        else:
-            rows.append([r.runner, *cells])
-    return rows
-
-
-def summary_rows(report: ParityReport) -> list[list[str]]:
-    """``TABLE_COLUMNS`` rows: one per runner, its worst batch size and output."""
-    return [row for r in report.worst_per_runner() for row in result_rows(r)]
-
-
-def failure_lines(report: ParityReport) -> list[str]:
-    """Under the table: each failing gating runner's worst batch size, explained."""
-    return [r.failure_message() for r in report.worst_per_runner() if r.gating and not r.passed]
-
-
-def _limit(tol: Tolerance | NoiseTolerance, kind: str) -> str:
+def limit_text(tol: Tolerance | NoiseTolerance, kind: str) -> str:
     if isinstance(tol, NoiseTolerance):
         from bnexport.noise import KIND_PRECISION
 
@@ -373,23 +344,24 @@ def _limit(tol: Tolerance | NoiseTolerance, kind: str) -> str:
     return tol.short()
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
     return "100%" if x == 1.0 else f"{x:.1%}"
 
 
 def _noise_failure(r: RunnerResult, o: OutputComparison) -> str:
     """A noise-rule failure: the error, the floor, the limit, what it means, and where."""
+    limit = limit_text(o.tolerance, r.kind)
     text = (
-        f"{r.runner} batch {r.batch_size}: output {o.name!r} errs {_fmt(o.error or 0.0)} of its "
-        f"scale against the float64 truth, {_fmt(o.noise_ratio or 0.0)}× the noise floor "
-        f"{_fmt(o.floor or 0.0)} (PyTorch fp32's own error); the limit is "
-        f"{_limit(o.tolerance, r.kind)}, so this is not rounding: the model computes something else"
+        f"{r.runner} batch {r.batch_size}: output {o.name!r} errs {fmt(o.error or 0.0)} of its "
+        f"scale against the float64 truth, {fmt(o.noise_ratio or 0.0)}× the noise floor "
+        f"{fmt(o.floor or 0.0)} (fp32's own rounding); the limit is {limit}, so this is not "
+        "rounding: the model computes something else"
     )
     if o.nan_candidate or o.inf_candidate:
         text += f"; {o.nan_candidate} NaN / {o.inf_candidate} Inf in its output"
     if o.argmax_agreement is not None and o.classifier:
-        text += f"; argmax agrees on {_pct(o.argmax_agreement)}"
-    text += f"; would pass --tolerance fixed --rtol 0 --atol {_fmt(o.min_atol_scale)}"
+        text += f"; argmax agrees on {percent(o.argmax_agreement)}"
+    text += f"; would pass --tolerance fixed --rtol 0 --atol {fmt(o.min_atol_scale)}"
     if o.worst:
         text += f"; worst: {o.worst.describe()}"
     return text
@@ -400,13 +372,13 @@ def _result_line(r: RunnerResult) -> str:
         return f"error: {r.error}"
     return "; ".join(
         f"{o.name}: max abs err {o.max_abs_err:.3g}, rel {o.rel_err:.3g}, "
-        f"cosine {_fmt_cos(o.cosine)}, needs atol {_fmt(o.min_atol_scale)} / "
-        f"rtol {_fmt(o.min_rtol)}"
+        f"cosine {_fmt_cos(o.cosine)}, needs atol {fmt(o.min_atol_scale)} / "
+        f"rtol {fmt(o.min_rtol)}"
         for o in r.outputs
     )
 
 
-def _fmt(x: float, digits: int = 3) -> str:
+def fmt(x: float, digits: int = 3) -> str:
     return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.{digits}g}")
 
 

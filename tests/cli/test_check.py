@@ -346,11 +346,21 @@ def test_another_seeded_model_is_refused_and_the_same_one_passes(factories: Path
     assert again.exit_code == 0, again.output
 
 
-def test_a_model_that_cannot_be_folded_skips_only_the_folded_runner(factories: Path) -> None:
+def test_a_model_that_cannot_be_folded_skips_only_the_folded_runner(
+    factories: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bnexport.fold
+    from bnexport.errors import FoldError
+
     onnx_file, report = factories / "b.onnx", factories / "r.json"
     source = ["--model", "bnx_factories:shape_branch", "--input-shape", "3,8,8"]
     res = runner.invoke(app, ["onnx", *source, "--no-fold", "--no-check", "-o", str(onnx_file)])
     assert res.exit_code == 0, res.output
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise FoldError("cannot trace the model")
+
+    monkeypatch.setattr(bnexport.fold, "fold_model", refuse)
     res = check(onnx_file, *source, "--providers", "cpu", "--batch-sizes", "7", "--json", report)
     assert res.exit_code == 0, res.output
     data = json.loads(report.read_text())
