@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bnexport.cli.errors import handle_errors
+from bnexport.cli.errors import EXIT_MISMATCH, handle_errors
 from bnexport.cli.fold import CheckpointArg
 from bnexport.cli.options import (
     CooldownOpt,
@@ -79,12 +79,21 @@ def bench_cli(
             show_default=False,
         ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log lines.")
+    ] = False,
 ) -> None:
-    """Benchmark PyTorch eager (unfolded, folded) and onnxruntime (torch's export, bnexport's)."""
+    """Benchmark PyTorch eager (unfolded, folded) and onnxruntime (torch's export, bnexport's).
+
+    Exit 0: measured; 1: a candidate computes something else than the PyTorch model (named;
+    its timings compare different models); 2: bad input. The files, the paths and every bound
+    are checked before any timing.
+    """
     from bnexport.errors import BnexportError
     from bnexport.files import check_output_paths, write_json
-    from bnexport.onnx_file import check_onnx_path
+    from bnexport.ort import show_log
 
+    show_log(verbose)
     check_output_paths({"--json": json_path}, [checkpoint, onnx, *(tuned or ())])
     from bnexport.bench import BenchConfig, check_benchable, run_bench
 
@@ -94,8 +103,6 @@ def bench_cli(
         raise BnexportError(
             f"--batch-sizes {batch_sizes!r} is not a comma-separated list of integers (e.g. 1,64)"
         ) from None
-    if onnx is not None:
-        check_onnx_path(onnx, "--onnx")
     config = BenchConfig(
         batch_sizes=sizes,
         warmup_s=warmup,
@@ -114,12 +121,15 @@ def bench_cli(
     if json_path is not None:
         write_json(json_path, report.to_dict())
     _render(report, json_path)
+    if any(info.matches is False for info in report.candidates):
+        raise typer.Exit(EXIT_MISMATCH)
 
 
 def _render(report: Any, json_path: Path | None) -> None:
     from rich.markup import escape
 
     from bnexport.bench import LABELS
+    from bnexport.bench.candidates import OUTPUT_MATCH_RTOL
 
     labels = {**LABELS, **{c.name: c.label for c in report.candidates}}
     out = console()
@@ -132,9 +142,11 @@ def _render(report: Any, json_path: Path | None) -> None:
             out.print(f"not run: {info.label}: {escape(info.reason)}")
         elif info.matches is False:
             out.print(
-                f"warning: {info.label} computes something else than the PyTorch model "
-                f"(max |difference| {info.max_abs_diff:.3g}); its timings compare different "
-                "models (wrong --onnx file?)"
+                f"MISMATCH: {escape(info.label)} computes something else than the PyTorch model "
+                f"(max |difference| {info.max_abs_diff:.3g}, more than {OUTPUT_MATCH_RTOL:g} × "
+                "its largest output); its timings compare different models (wrong --onnx "
+                "file?)",
+                highlight=False,
             )
     if json_path is not None:
         out.print(f"wrote {escape(str(json_path))}")

@@ -18,14 +18,17 @@ if TYPE_CHECKING:
 
 
 class ProgressBar:
-    """A transient rich progress bar on stderr with `columns` (rich column objects)."""
+    """A transient rich progress bar on stderr with `columns` (rich column objects); off when
+    stderr is not a terminal (a log would only get the blank line the bar leaves)."""
 
     def __init__(self, *columns: Any) -> None:
         from rich.console import Console
         from rich.progress import Progress
 
         self.err = Console(stderr=True, highlight=False)
-        self.bar = Progress(*columns, console=self.err, transient=True)
+        self.bar = Progress(
+            *columns, console=self.err, transient=True, disable=not self.err.is_terminal
+        )
 
     def __enter__(self) -> ProgressBar:
         self.bar.__enter__()

@@ -77,10 +77,10 @@ def test_flops_for_groups_transposed_and_reused_layers() -> None:
     [
         ({"repeats": 0}, "repeats"),
         ({"batch_sizes": ()}, "at least one batch size"),
-        ({"batch_sizes": (1, 0)}, "batch sizes must be >= 1"),
+        ({"batch_sizes": (1, 0)}, "--batch-sizes 0: give a whole number from 1"),
         ({"batch_sizes": (4, 4)}, "distinct"),
         ({"threads": 0}, "threads"),
-        ({"min_time_s": 0.0}, "min time"),
+        ({"min_time_s": 0.0}, "--min-time 0: give a finite number of seconds > 0"),
     ],
 )
 def test_bad_configs_are_rejected(kwargs: dict, message: str) -> None:

@@ -53,7 +53,8 @@ def with_output_errors(
     model is no win."""
     import numpy as np
 
-    outputs = {r.name: _as_numpy(r.prepare(feed)()) for r in runners}
+    by_name = {info.name: info for info in infos}
+    outputs = {r.name: _first_output(r, feed, by_name[r.name]) for r in runners}
     ref = outputs[BASELINE]
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     result = []
@@ -67,6 +68,23 @@ def with_output_errors(
             info = replace(info, max_abs_diff=diff, matches=diff <= OUTPUT_MATCH_RTOL * scale)
         result.append(info)
     return result
+
+
+def _first_output(runner: Runner, feed: Mapping[str, np.ndarray], info: CandidateInfo) -> Any:
+    """The runner's first output on ``feed``; onnxruntime's failure to run a file is a
+    `BnexportError` naming the file (a shape its weights contradict, a type it has no kernel
+    for), not a crash halfway through the timing."""
+    try:
+        return _as_numpy(runner.prepare(feed)())
+    except Exception as exc:
+        raise_if_interrupted(exc)
+        if type(exc).__module__.split(".")[0] != "onnxruntime":
+            raise
+        raise BnexportError(
+            f"{info.model_path or info.label} cannot run on onnxruntime ({info.label}): "
+            f"{' '.join(str(exc).split())}; the file is broken or not this model's export: "
+            "check it with bnexport check"
+        ) from exc
 
 
 def _as_numpy(output: Any) -> np.ndarray:

@@ -16,6 +16,14 @@ from bnexport.defaults import (
     DEFAULT_WARMUP_S,
 )
 from bnexport.errors import BnexportError
+from bnexport.limits import (
+    MAX_DIM,
+    MAX_REPEATS,
+    check_count,
+    check_seconds,
+    check_seed,
+    check_threads,
+)
 from bnexport.timing import TimingConfig
 
 LATENCY_BATCH = 1  # the batch size reported as latency; the others as throughput
@@ -56,20 +64,8 @@ class BenchConfig:
         checks = [
             (len(self.batch_sizes) > 0, "give at least one batch size"),
             (
-                all(int(b) >= 1 for b in self.batch_sizes),
-                f"batch sizes must be >= 1, got {list(self.batch_sizes)}",
-            ),
-            (
                 len(set(self.batch_sizes)) == len(self.batch_sizes),
                 f"batch sizes must be distinct, got {list(self.batch_sizes)}",
-            ),
-            (self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}"),
-            (self.warmup_s >= 0, f"warmup must be >= 0 s, got {self.warmup_s}"),
-            (self.min_time_s > 0, f"min time per timing must be > 0 s, got {self.min_time_s}"),
-            (self.cooldown_s >= 0, f"cooldown must be >= 0 s, got {self.cooldown_s}"),
-            (
-                self.threads is None or self.threads >= 1,
-                f"threads must be >= 1, got {self.threads}",
             ),
             (self.peak_n >= 16, f"peak matrix size must be >= 16, got {self.peak_n}"),
             (self.peak_repeats >= 1, f"peak repeats must be >= 1, got {self.peak_repeats}"),
@@ -77,6 +73,14 @@ class BenchConfig:
         for ok, message in checks:
             if not ok:
                 raise BnexportError(f"bench: {message}")
+        for b in self.batch_sizes:
+            check_count(int(b), "--batch-sizes", maximum=MAX_DIM)
+        check_count(self.repeats, "--repeats", maximum=MAX_REPEATS)
+        check_seconds(self.warmup_s, "--warmup")
+        check_seconds(self.min_time_s, "--min-time", positive=True)
+        check_seconds(self.cooldown_s, "--cooldown")
+        check_threads(self.threads, "--threads")
+        check_seed(self.seed)
 
     @property
     def timing(self) -> TimingConfig:

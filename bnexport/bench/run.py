@@ -27,6 +27,7 @@ from bnexport.bench.config import (
     LABELS,
     BenchConfig,
 )
+from bnexport.bench.files import check_bench_files, check_feed_memory
 from bnexport.bench.flops import PeakResult, count_flops, measure_peak
 from bnexport.bench.report import BenchReport, CandidateInfo, summarise
 from bnexport.errors import BnexportError
@@ -68,12 +69,15 @@ def run_bench(
     ``tuned_paths``: files from ``bnexport tune``, each one more candidate opened the way a
     deployer opts in (``ORT_LOAD_CONFIG_FROM_MODEL=1``, onnxruntime's defaults plus the file's
     ``ort_config``; ``config.threads`` does not apply to them).
-    Never prints; progress goes to ``progress``. Raises `BnexportError` for bad input.
+    Never prints; progress goes to ``progress``. Raises `BnexportError` for bad input, before
+    any work: the files (`check_bench_files`), memory for the input batches.
     """
     from bnexport.fold import fold_model
 
     check_benchable(source)
     config = config or BenchConfig()
+    check_bench_files(onnx_path, tuned_paths, source, config.batch_sizes)
+    check_feed_memory(source, config.batch_sizes)
     started = time.perf_counter()
     load_before = load_average()
     setup = _SetupSteps(progress, total=6)
