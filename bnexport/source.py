@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -18,11 +19,15 @@ from typing import Any
 
 from bnexport.data import Normalize
 from bnexport.errors import ModelSpecError
+from bnexport.limits import MAX_DIM, check_memory
 
 EXAMPLE_BATCH = 2
 NET_INPUT_NAMES = ("input",)  # the seed Net's ONNX interface: input → logits
 NET_OUTPUT_NAMES = ("logits",)
 EXAMPLE_SEED = 0
+#: Bytes per element of each input dtype.
+DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
+DTYPE_BYTES |= {"int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 #: Dtypes an ``--input-shape`` may name after a colon (``8:int64``), by alias → canonical name.
 INPUT_DTYPES = {
     **{n: n for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16")},
@@ -85,6 +90,11 @@ class ModelSource:
         """The first example input."""
         return self.example_inputs[0]
 
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes one sample of every input takes, as fed (to size a request against memory)."""
+        return sum(math.prod(s.shape) * DTYPE_BYTES[s.dtype] for s in self.input_specs)
+
 
 def parse_input_spec(text: str) -> InputSpec:
     """Parse ``"C,H,W"`` or ``"C,H,W:dtype"`` (any rank, no batch dimension)."""
@@ -110,6 +120,10 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d <= 0 for d in shape):
         raise ModelSpecError(
             f"--input-shape {text!r} needs positive sizes, without the batch dimension"
+        )
+    if any(d > MAX_DIM for d in shape):
+        raise ModelSpecError(
+            f"--input-shape {text!r}: a size is too large (at most {MAX_DIM} per dimension)"
         )
     return shape
 
@@ -220,6 +234,11 @@ def _user_source(
             f"--model {model_spec} needs --input-shape{names}, e.g. 3,32,32 (no batch dim)"
         )
     names = _input_names(model_spec, params, len(specs))
+    check_memory(
+        EXAMPLE_BATCH * sum(math.prod(s.shape) * DTYPE_BYTES[s.dtype] for s in specs),
+        f"--input-shape {' '.join(s.describe() for s in specs)} (a batch of {EXAMPLE_BATCH})",
+        "check the sizes (without the batch dimension)",
+    )
     sha = None
     if checkpoint is not None:
         state = read_torch_file(checkpoint)
@@ -289,6 +308,7 @@ def resolve_model(spec: str) -> Any:
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path:
         raise ModelSpecError(f"--model {spec!r} must look like package.module:factory")
+    _check_module_name(spec, module_name)
     with working_dir_importable():
         obj: Any = _import_user_module(spec, module_name)
         origin = getattr(obj, "__file__", None) or module_name
@@ -306,6 +326,37 @@ def resolve_model(spec: str) -> Any:
             f"--model {spec}: the factory returned {type(obj).__name__}, not a torch.nn.Module"
         )
     return obj
+
+
+def _check_module_name(spec: str, module_name: str) -> None:
+    """A dotted module name, as ``import`` takes it; a file path or a relative name is refused
+    with the ``--model`` that works (`ModelSpecError`), before anything is imported."""
+    if all(part.isidentifier() for part in module_name.split(".")):
+        return
+    attr = spec.partition(":")[2]
+    parts = [p for p in module_name.replace("\\", "/").split("/") if p not in ("", ".")]
+    up = [p for p in parts if p == ".."]
+    names = [p.removesuffix(".py") for p in parts if p != ".."]
+    dotted = ".".join(names)
+    if (
+        ("/" in module_name or module_name.endswith(".py"))
+        and names
+        and all(n.isidentifier() for n in names)
+    ):
+        fixed = f"--model {dotted}:{attr}"
+        if up:
+            folder = "/".join(up)
+            how = f"run bnexport from {folder} with {fixed} (or put {folder} on PYTHONPATH)"
+        else:
+            how = f"give {fixed}, from the folder that holds {parts[0]}"
+        raise ModelSpecError(
+            f"--model {spec}: {module_name!r} is a file path; --model takes a module as Python "
+            f"imports it, found from the working directory: {how}"
+        )
+    raise ModelSpecError(
+        f"--model {spec}: {module_name!r} is not a module name (dotted Python identifiers, no "
+        "leading dot: package.module:factory)"
+    )
 
 
 @contextlib.contextmanager
