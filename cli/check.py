@@ -180,12 +180,19 @@ def check_cli(
     A .data file of external weights is read beside MODEL.onnx, never outside its folder. The
     report files (--json, --junit, --markdown) are written all or nothing; none may be an input.
     """
+    from bnexport.ort import show_log
+
+    show_log(verbose)
     reports = {"--json": json_path, "--junit": junit_path, "--markdown": markdown_path}
     model = _check_target(model, url, name)
     _check_paths(model, [against, inputs], {**reports, "--save-inputs": save_inputs})
     from bnexport.parity import CheckConfig, InputConfig, check_parity
 
     _check_sources(ctx.args, model or Path(str(url)), against, model_spec, inputs, data)
+    if model is not None:
+        from bnexport.onnx_file import check_onnx_model
+
+        check_onnx_model(model)  # the front door: before any work
     config = CheckConfig(
         providers=split_values(providers, "--providers"),
         opt_levels=split_values(opt_levels, "--opt-levels"),
@@ -207,6 +214,7 @@ def check_cli(
         folded_gating=False,  # check's own fold: the file need not be its export
     )
     source = load_model_source(against, model_spec, input_shape, temperature)
+    check_check_memory(source, config)
     if url is not None:
         report = _check_url(url, str(name), grpc, timeout, source, config)
         report.write_reports(
@@ -229,9 +237,35 @@ def check_cli(
             progress=progress,
             rebuild=source.rebuild,
         )
+    refuse_unrunnable(model, report)
     report.write_reports(json_path=json_path, junit_path=junit_path, markdown_path=markdown_path)
     render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
+
+
+def check_check_memory(source: Any, config: Any) -> None:
+    """Refuse --samples or --batch-sizes whose inputs alone would not fit in the memory here: a
+    sample is kept as fed and in float64 for the truth (`bnexport.limits.check_memory`)."""
+    from bnexport.limits import check_memory
+
+    per_sample = 3 * source.sample_bytes
+    if config.samples:
+        check_memory(config.samples * per_sample, f"--samples {config.samples}", "give fewer")
+    if config.batch_sizes:
+        largest = max(config.batch_sizes)
+        check_memory(largest * per_sample, f"--batch-sizes {largest}", "give smaller ones")
+
+
+def refuse_unrunnable(model: Path, report: Any) -> None:
+    """A file no onnxruntime runner could run is bad input (exit 2), not a parity result."""
+    from bnexport.errors import ParityInputError
+
+    onnx = [r for r in report.results if r.kind != "torch"]
+    if onnx and all(r.error for r in onnx):
+        raise ParityInputError(
+            f"{model} cannot run on onnxruntime ({onnx[0].runner}: {onnx[0].error}); the file "
+            "is broken or is not this model's export: re-export it"
+        )
 
 
 def _check_target(model: Path | None, url: str | None, name: str | None) -> Path | None:
