@@ -109,6 +109,15 @@ def choices(values: Sequence[str], flag: str, *, multiple: bool = False) -> dict
 DEFAULT_PROVIDERS = ",".join(defaults.DEFAULT_PROVIDERS)
 DEFAULT_OPT_LEVELS = ",".join(defaults.DEFAULT_OPT_LEVELS)
 DEFAULT_TOLERANCE = defaults.DEFAULT_TOLERANCE_MODE
+#: What `onnx`, `fold` and `tune` do with a file whose parity check failed (docs/reference.md).
+KeepFailedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-failed",
+        help="When the parity check fails (exit 1), keep the file as NAME.failed.SUFFIX beside "
+        "-o for inspection (default: nothing is left at -o or beside it).",
+    ),
+]
 #: bench's and tune's timing (`bnexport.timing`); defaults in `bnexport.defaults`.
 MinTimeOpt = Annotated[
     float,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from bnexport.cli.errors import EXIT_MISMATCH, handle_errors
-from bnexport.cli.options import CooldownOpt, MinTimeOpt, WarmupOpt
+from bnexport.cli.options import CooldownOpt, KeepFailedOpt, MinTimeOpt, WarmupOpt
 from bnexport.cli.render import console, duration, load_averages, table
 from bnexport.defaults import (
     DEFAULT_CONFIRM_REPEATS,
@@ -90,6 +90,10 @@ def tune_cli(
         Path | None,
         typer.Option("--json", help="Write every timing ratio, the decision and the record here."),
     ] = None,
+    keep_failed: KeepFailedOpt = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log lines.")
+    ] = False,
 ) -> None:
     """Find the fastest onnxruntime settings for a batch size and carry them in the file.
 
@@ -99,17 +103,17 @@ def tune_cli(
     measurement, after checking the copy's outputs against the input. Deployers opt in with
     ORT_LOAD_CONFIG_FROM_MODEL=1.
 
-    Exit 0: written; 1: the tuned outputs differ (nothing written); 2: bad input.
+    Exit 0: written; 1: the tuned outputs differ (nothing left at -o; --keep-failed keeps the
+    file as NAME.failed.onnx); 2: bad input. The file, the output paths and every bound are
+    checked before any timing; -o and --json are written all or nothing.
     """
     from bnexport.errors import BnexportError
-    from bnexport.files import check_output_paths, write_json
-    from bnexport.onnx_file import external_data_files
+    from bnexport.ort import show_log
     from bnexport.tune import TuneConfig, tune_model
 
+    show_log(verbose)
     if providers not in ("cpu", "cuda"):
         raise BnexportError(f"--providers {providers!r}: choose cpu or cuda (one provider)")
-    data_files = external_data_files(model)  # the model is checked first: it exists, is ONNX
-    check_output_paths({"-o": output, "--json": json_path}, [model, *data_files])
     config = TuneConfig(
         batch_size=batch_size,
         max_threads=threads,
@@ -123,9 +127,14 @@ def tune_cli(
         warmup_s=warmup,
         cooldown_s=cooldown,
     )
-    report = tune_model(model, output, config, progress=_StageLines())
-    if json_path is not None:
-        write_json(json_path, report.to_dict())
+    report = tune_model(
+        model,
+        output,
+        config,
+        progress=_StageLines(),
+        json_path=json_path,
+        keep_failed=keep_failed,
+    )
     _render(report, json_path)
     if not report.passed:
         raise typer.Exit(EXIT_MISMATCH)
@@ -218,7 +227,12 @@ def _print_outcome(out: Any, report: Any) -> None:
             f"parity {status}: output {p.output!r}, error {p.error:.3g} ≤ limit {p.limit:.3g} "
             f"(noise {p.noise:.3g}; {p.samples} samples; truth = {p.truth})"
         )
-    if report.output is not None:
+    if report.output is not None and not report.passed:
+        out.print(
+            f"nothing left at -o: the tuned outputs differ from the input model's; the failing "
+            f"file is kept as {escape(report.output)} (--keep-failed)"
+        )
+    elif report.output is not None:
         out.print(
             f"wrote {escape(report.output)} (ort_config + bnexport_tune record; graph "
             "unchanged). Opt in: ORT_LOAD_CONFIG_FROM_MODEL=1"
@@ -229,7 +243,7 @@ def _print_outcome(out: Any, report: Any) -> None:
                 'providers=[("CUDAExecutionProvider", {"use_tf32": "0"})] by hand'
             )
     else:
-        out.print("nothing written: the tuned outputs differ from the input model's")
+        out.print("nothing left at -o: the tuned outputs differ from the input model's")
 
 
 def _ratio(r: Any) -> str:

@@ -36,13 +36,19 @@ if TYPE_CHECKING:
 TUNE_RECORD_KEY = "bnexport_tune"
 
 
-def check_tune_output(model_path: Path, output: Path, data_files: Sequence[Path]) -> None:
-    """``output`` checked before any work (`bnexport.files.check_output_paths`: not the input nor
-    its ``data_files``, a writable file), and, for a model with external data, in the input's
-    folder: onnxruntime resolves the data next to the .onnx file (`OutputPathError`)."""
+def check_tune_output(
+    model_path: Path,
+    output: Path,
+    data_files: Sequence[Path],
+    others: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """``output`` and the ``others`` (``--json``, …) checked before any work
+    (`bnexport.files.check_output_paths`: none is the input nor its ``data_files``, each a
+    writable file), and, for a model with external data, ``output`` in the input's folder:
+    onnxruntime resolves the data next to the .onnx file (`OutputPathError`)."""
     from bnexport.files import check_output_paths
 
-    check_output_paths({"-o": output}, [model_path, *data_files])
+    check_output_paths({"-o": output, **(others or {})}, [model_path, *data_files])
     if data_files and output.parent.resolve() != model_path.parent.resolve():
         raise OutputPathError(
             f"{model_path} keeps its weights in external data files, which onnxruntime resolves "
@@ -138,12 +144,11 @@ def tune_record(
     }
 
 
-def write_tuned(tuned_copy: Path, output: Path, record: Mapping[str, Any]) -> None:
-    """The measured copy plus the record, written atomically to ``output``."""
-    from bnexport.files import atomic_path
+def write_tuned(tuned_copy: Path, path: Path, record: Mapping[str, Any]) -> None:
+    """The measured copy plus the record, written to ``path`` (a temp path of
+    `bnexport.files.write_files`, which renames it into place with the rest of the set)."""
     from bnexport.onnx_file import load_onnx
 
     model = load_onnx(tuned_copy)
     final = with_metadata(model, {TUNE_RECORD_KEY: json.dumps(record, sort_keys=True)})
-    with atomic_path(output) as tmp:
-        tmp.write_bytes(final.SerializeToString())
+    path.write_bytes(final.SerializeToString())

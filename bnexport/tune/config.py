@@ -18,6 +18,15 @@ from bnexport.defaults import (
     DEFAULT_WARMUP_S,
 )
 from bnexport.errors import BnexportError
+from bnexport.limits import (
+    MAX_BUDGET_S,
+    MAX_DIM,
+    MAX_REPEATS,
+    check_count,
+    check_seconds,
+    check_seed,
+    check_threads,
+)
 from bnexport.ort_config import OrtSettings, check_carriable
 from bnexport.ort_names import EXECUTION_MODE_CODES, OPT_LEVEL_CODES
 from bnexport.timing import Ratio, TimingConfig
@@ -42,22 +51,22 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (
-                self.max_threads is None or self.max_threads >= 1,
-                f"threads must be >= 1, got {self.max_threads}",
-            ),
             (self.provider in ("cpu", "cuda"), f"provider {self.provider!r}: cpu or cuda"),
-            (self.budget_s > 0, f"budget must be > 0 s, got {self.budget_s}"),
-            (self.screen_repeats >= 1, f"screen repeats must be >= 1, got {self.screen_repeats}"),
             (self.confirm_repeats >= 3, "confirm repeats must be >= 3 (p10/p90 need them)"),
-            (self.finalists >= 1, f"finalists must be >= 1, got {self.finalists}"),
-            (self.min_time_s > 0, f"min time must be > 0 s, got {self.min_time_s}"),
-            (self.warmup_s >= 0 and self.cooldown_s >= 0, "warmup and cooldown must be >= 0 s"),
         ]
         for ok, message in checks:
             if not ok:
                 raise BnexportError(f"tune: {message}")
+        check_count(self.batch_size, "--batch-size", maximum=MAX_DIM)
+        check_threads(self.max_threads, "--threads")
+        check_seconds(self.budget_s, "--budget", positive=True, maximum=MAX_BUDGET_S)
+        check_count(self.screen_repeats, "--screen-repeats", maximum=MAX_REPEATS)
+        check_count(self.confirm_repeats, "--repeats", minimum=3, maximum=MAX_REPEATS)
+        check_count(self.finalists, "--finalists", maximum=MAX_REPEATS)
+        check_seconds(self.min_time_s, "--min-time", positive=True)
+        check_seconds(self.warmup_s, "--warmup")
+        check_seconds(self.cooldown_s, "--cooldown")
+        check_seed(self.seed)
         for key in self.fixed:
             check_carriable(key)
         fixed_settings(self.fixed)  # values valid?
@@ -93,8 +102,7 @@ def fixed_settings(fixed: Mapping[str, Any]) -> dict[str, Any]:
                 value = int(text)
             except ValueError:
                 raise BnexportError(f"{key}={raw!r} must be an integer >= 0") from None
-            if value < 0:
-                raise BnexportError(f"{key}={raw!r} must be an integer >= 0")
+            check_threads(value, f"--fix {key}=", allow_zero=True)  # 0: onnxruntime picks
             out[key] = value
     return out
 

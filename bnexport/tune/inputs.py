@@ -48,6 +48,24 @@ def model_inputs(session: Any, batch_size: int, where: str) -> list[ModelInput]:
     return inputs
 
 
+def check_feed_memory(inputs: Sequence[ModelInput], batch_size: int) -> None:
+    """Refuse a batch whose feed alone would not fit in the memory here (`bnexport.limits`)."""
+    import math
+
+    import numpy as np
+
+    from bnexport.limits import check_memory
+
+    needed = sum(batch_size * math.prod(i.shape) * np.dtype(i.dtype).itemsize for i in inputs)
+    check_memory(
+        needed,
+        f"--batch-size {batch_size} (its inputs, "
+        + ", ".join(f"{i.name} [{batch_size},{','.join(map(str, i.shape))}]" for i in inputs)
+        + ")",
+        "tune for a smaller --batch-size",
+    )
+
+
 def make_feeds(inputs: Sequence[ModelInput], count: int, seed: int) -> dict[str, np.ndarray]:
     """``count`` seeded samples per input (`bnexport.parity.inputs.random_inputs`)."""
     from bnexport.parity.inputs import random_inputs

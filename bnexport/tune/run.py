@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import BnexportError
+from bnexport.files import discard, failed_path, json_text, write_files
 from bnexport.machine import cpus_available, load_average
 from bnexport.ort_config import (
     CARRIED_KEYS,
@@ -29,7 +30,7 @@ from bnexport.timing import Ratio, collect_environment, paired_ratio
 from bnexport.tune.carry import carried_copies, check_tune_output, tune_record, write_tuned
 from bnexport.tune.check import check_outputs
 from bnexport.tune.config import CandidateResult, Decision, ParityResult, TuneConfig, TuneReport
-from bnexport.tune.inputs import ModelInput, make_feeds, model_inputs
+from bnexport.tune.inputs import ModelInput, check_feed_memory, make_feeds, model_inputs
 from bnexport.tune.search import (
     busy_warnings,
     candidate_settings,
@@ -37,7 +38,13 @@ from bnexport.tune.search import (
     pick,
     plan_repeats,
 )
-from bnexport.tune.sessions import measure, opted_in_session, per_call, runner, settings_session
+from bnexport.tune.sessions import (
+    first_call,
+    measure,
+    opted_in_session,
+    runner,
+    settings_session,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,17 +56,24 @@ def tune_model(
     output: str | os.PathLike[str],
     config: TuneConfig | None = None,
     progress: Progress | None = None,
+    *,
+    json_path: str | os.PathLike[str] | None = None,
+    keep_failed: bool = False,
 ) -> TuneReport:
     """Measure the best carried onnxruntime settings for ``model_path`` and write ``output``.
 
-    ``output`` is written (atomically) only when the picked file passes the parity check.
-    Never prints; progress goes to ``progress``. Raises `BnexportError` for bad input.
+    ``output`` (and ``json_path``, the report as JSON) are checked before any work and written
+    all or nothing, only when the picked file passes the parity check. When it fails, nothing is
+    left at ``output`` (a file there is removed: it is not this run's result); with
+    ``keep_failed`` the failing file is written to `bnexport.files.failed_path` (``output`` with
+    ``.failed`` before its suffix). Never prints; progress goes to ``progress``. Raises
+    `BnexportError` for bad input.
     """
     config = config or TuneConfig()
     model_path, output = Path(model_path), Path(output)
     started = time.perf_counter()
     load_before = load_average()
-    s = _prepare(model_path, output, config, progress)
+    s = _prepare(model_path, output, json_path, keep_failed, config, progress)
     defaults = s.candidates[0]
     screen = _screen(model_path, s.candidates, s.reference, s.feed, config, s.plan, progress)
     chosen = finalists(screen, defaults, config.finalists)
@@ -70,30 +84,49 @@ def tune_model(
             confirm, control, defaults, files, model_path, s.reference, s.inputs, config, progress
         )
         record = tune_record(model_path, config, s.plan, decision, control, load_before)
-        written: str | None = None
-        if parity is not None and parity.passed:
-            _event(progress, "write", str(output))
-            write_tuned(files[decision.settings], output, record)
-            written = str(output)
-    environment = collect_environment(load_before=load_before)
-    return TuneReport(
-        model=str(model_path),
-        output=written,
-        config=config,
-        screen=tuple(screen),
-        confirm=tuple(confirm),
-        control=control,
-        decision=decision,
-        parity=parity,
-        rejected=tuple(rejected),
-        warnings=tuple(
-            busy_warnings(load_before, environment["load_average_after"], cpus_available())
-        ),
-        plan=s.plan,
-        record=record,
-        environment=environment,
-        seconds=time.perf_counter() - started,
-    )
+        passed = parity is not None and parity.passed
+        target = output if passed else failed_path(output) if keep_failed else None
+        environment = collect_environment(load_before=load_before)
+        report = TuneReport(
+            model=str(model_path),
+            output=None if target is None else str(target),
+            config=config,
+            screen=tuple(screen),
+            confirm=tuple(confirm),
+            control=control,
+            decision=decision,
+            parity=parity,
+            rejected=tuple(rejected),
+            warnings=tuple(
+                busy_warnings(load_before, environment["load_average_after"], cpus_available())
+            ),
+            plan=s.plan,
+            record=record,
+            environment=environment,
+            seconds=time.perf_counter() - started,
+        )
+        _event(progress, "write", str(target) if target is not None else "nothing (parity failed)")
+        _write(report, files[decision.settings], output, target, json_path)
+    return report
+
+
+def _write(
+    report: TuneReport,
+    tuned_copy: Path,
+    output: Path,
+    target: Path | None,
+    json_path: str | os.PathLike[str] | None,
+) -> None:
+    """The tuned file (at ``target``: ``output``, the failed name, or nowhere) and the JSON
+    report, all or nothing; after a failed check nothing is left at ``output``."""
+    writers: dict[str | os.PathLike[str], Any] = {}
+    if target is not None:
+        writers[target] = lambda tmp: write_tuned(tuned_copy, tmp, report.record)
+    if json_path is not None:
+        writers[json_path] = lambda tmp: tmp.write_text(json_text(report.to_dict()))
+    write_files(writers)
+    if target != output:
+        discard(output)
 
 
 @dataclass(frozen=True)
@@ -112,27 +145,38 @@ class _Setup:
 
 
 def _prepare(
-    model_path: Path, output: Path, config: TuneConfig, progress: Progress | None
+    model_path: Path,
+    output: Path,
+    json_path: str | os.PathLike[str] | None,
+    keep_failed: bool,
+    config: TuneConfig,
+    progress: Progress | None,
 ) -> _Setup:
-    """Load and check the input and the output path, open the reference, plan the search."""
-    from bnexport.onnx_file import external_data_files, load_onnx
+    """Check the input (`bnexport.onnx_file.check_onnx_model`) and the output paths, open the
+    reference, size the feed against the memory, run it once, plan the search: every refusal
+    comes before the first progress event."""
+    from bnexport.onnx_file import check_onnx_model, external_data_files
 
-    model = load_onnx(model_path)
+    model = check_onnx_model(model_path)
     read_ort_config(model, str(model_path))  # bad JSON: refused before any work
     data_files = external_data_files(model_path)
-    check_tune_output(model_path, output, data_files)
+    failed = failed_path(output) if keep_failed else None
+    check_tune_output(
+        model_path, output, data_files, {"--json": json_path, "--keep-failed": failed}
+    )
     if config.provider == "cuda":
         _require_cuda()
-    _event(progress, "load", f"{model_path.name}: {len(model.graph.node)} nodes")
 
     reference = settings_session(model_path, None, config.provider)
     inputs = model_inputs(reference, config.batch_size, str(model_path))
+    check_feed_memory(inputs, config.batch_size)
     feed = make_feeds(inputs, config.batch_size, config.seed)
+    call_s = first_call(reference, feed, model_path)
     max_threads = config.max_threads or cpus_available()
     candidates = candidate_settings(max_threads, config.fixed, config.provider)
-    call_s = per_call(reference, feed)
     n_confirm = min(config.finalists, len(candidates) - 1) + 2
     plan = plan_repeats(call_s, len(candidates) + 1, n_confirm, config)
+    _event(progress, "load", f"{model_path.name}: {len(model.graph.node)} nodes")
     return _Setup(model, bool(data_files), reference, inputs, feed, candidates, plan)
 
 

@@ -49,6 +49,23 @@ def runner(name: str, session: Any) -> OnnxRuntimeRunner:
     return OnnxRuntimeRunner.wrap(session, name=name)
 
 
+def first_call(session: Any, feed: Mapping[str, Any], path: Path) -> float:
+    """`per_call`, with onnxruntime's failure to run the file (a shape its weights contradict, a
+    kernel missing for a type) as a `BnexportError` naming the file."""
+    from bnexport.errors import BnexportError, raise_if_interrupted
+
+    try:
+        return per_call(session, feed)
+    except Exception as exc:
+        raise_if_interrupted(exc)
+        if type(exc).__module__.split(".")[0] != "onnxruntime":
+            raise
+        raise BnexportError(
+            f"{path} cannot run on onnxruntime: {' '.join(str(exc).split())}; the file is "
+            "broken or needs inputs other than tune feeds: check it with bnexport check"
+        ) from exc
+
+
 def per_call(session: Any, feed: Mapping[str, Any]) -> float:
     """Seconds of one call (best of three, after one warm-up call)."""
     session.run(None, dict(feed))

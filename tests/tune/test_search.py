@@ -115,6 +115,8 @@ def test_fixed_settings_parse_names_and_codes() -> None:
     with pytest.raises(BnexportError, match="choose one of"):
         fixed_settings({"graph_optimization_level": "fast"})
     with pytest.raises(BnexportError, match="integer >= 0"):
+        fixed_settings({"intra_op_num_threads": "two"})
+    with pytest.raises(BnexportError, match=r"intra_op_num_threads=-1: give 0 to \d+ threads"):
         fixed_settings({"intra_op_num_threads": "-1"})
 
 
