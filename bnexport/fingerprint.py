@@ -18,6 +18,7 @@ from typing import Any
 from bnexport.errors import WeightsMismatchError
 
 METADATA_KEY = "weights_sha256"
+SOURCE_KEY = "source_name"  # the metadata key naming what `bnexport onnx` exported
 SHORT = 12  # hex digits shown in messages
 
 
@@ -80,9 +81,21 @@ def verify_weights(
             f"{head}; {factory} returns different weights on each call "
             f"({digest[:SHORT]}, then {again[:SHORT]}): seed it"  # type: ignore[index]
         )
+    source = metadata.get(SOURCE_KEY)
+    mine = f" ({name})" if name else ""
+    if source and source != name:
+        raise WeightsMismatchError(
+            f"{head}: the file records it was exported from {source}, the reference is another "
+            f"model{mine}; check it against {source}"
+        )
+    if source:  # the same source, other weights: a changed checkpoint, or the factory's seed
+        raise WeightsMismatchError(
+            f"{head}: the file was exported from {source} too, whose weights have changed since "
+            "(another seed or checkpoint); export it again or check against those weights"
+        )
     if again is not None:
         raise WeightsMismatchError(
-            f"{head}; is the factory seeded? ({factory} returns the same weights on each call, so "
-            "the ONNX comes from another seed or checkpoint)"
+            f"{head}; {factory} returns the same weights on each call, so the file comes from "
+            "other weights (another model, seed or checkpoint)"
         )
-    raise WeightsMismatchError(f"{head}; is the factory seeded? (or is it another checkpoint?)")
+    raise WeightsMismatchError(f"{head}: the file comes from another model or checkpoint")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bnexport.errors import WeightsMismatchError
-from bnexport.fingerprint import METADATA_KEY, verify_weights, weights_sha256
+from bnexport.fingerprint import METADATA_KEY, SOURCE_KEY, verify_weights, weights_sha256
 
 
 def _by_the_docs(model: nn.Module) -> str:
@@ -61,9 +61,22 @@ def test_verdicts() -> None:
     with pytest.raises(
         WeightsMismatchError,
         match=r"^this ONNX was exported from weights [0-9a-f]{12}, "
-        rf"the reference has {digest[:12]}; is the factory seeded\?",
+        rf"the reference has {digest[:12]}: the file comes from another model or checkpoint$",
     ):
         verify_weights(other, model)
+
+
+def test_another_model_is_named_by_the_source_the_file_records() -> None:
+    model = _model()
+    other = {METADATA_KEY: weights_sha256(_model(seed=1)), SOURCE_KEY: "pkg:resnet"}
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"the file records it was exported from pkg:resnet, the reference is another model "
+        r"\(pkg:mobilenet\); check it against pkg:resnet$",
+    ):
+        verify_weights(other, model, rebuild=_model, name="pkg:mobilenet")
+    with pytest.raises(WeightsMismatchError, match=r"exported from pkg:resnet too, whose weights"):
+        verify_weights(other, model, rebuild=_model, name="pkg:resnet")
 
 
 def test_an_unseeded_factory_is_named() -> None:

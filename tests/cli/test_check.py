@@ -272,6 +272,11 @@ FACTORIES = textwrap.dedent(
         return TwoInputs()
 
 
+    def seeded_other():
+        torch.manual_seed(1)
+        return TwoInputs()
+
+
     class ShapeBranch(nn.Module):  # torch.export follows the branch, torch.fx cannot
         def __init__(self):
             super().__init__()
@@ -331,6 +336,12 @@ def test_another_seeded_model_is_refused_and_the_same_one_passes(factories: Path
     _export("seeded", onnx_file)
     res = check(onnx_file, "--model", "bnx_factories:unseeded", *SHAPES, *QUICK)
     assert res.exit_code == 2 and "this ONNX was exported from weights" in _one_error_line(res)
+    res = check(onnx_file, "--model", "bnx_factories:seeded_other", *SHAPES, *QUICK)
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res)
+    assert "this ONNX was exported from weights" in line and "seeded?" not in line
+    assert "records it was exported from bnx_factories:seeded" in line
+    assert line.endswith("check it against bnx_factories:seeded")
     fed, j = factories / "fed.npz", factories / "r.json"
     args = ["--model", "bnx_factories:seeded", *SHAPES, "--providers", "cpu", *QUICK]
     res = check(onnx_file, *args, "--save-inputs", fed, "--json", j)
