@@ -121,7 +121,9 @@ def onnx_cli(
 
     Then (unless --no-check) it runs `bnexport check` against the unfolded model.
 
-    Exit 0: parity holds; 1: mismatch, or a BatchNorm left with --strict; 2: bad input.
+    Exit 0: parity holds; 1: mismatch, or with --strict a BatchNormalization left in the file's
+    graph (--strict judges the file: a BatchNorm the fold left and the exporter fused passes);
+    2: bad input.
     """
     from bnexport.errors import BnexportError
     from bnexport.files import check_output_paths
@@ -152,11 +154,13 @@ def onnx_cli(
         render_source(out, source)
         out.print("Not folded (--no-fold): the model is exported as it is.")
     else:
-        folded = fold_and_report(out, source, no_verify, strict)
+        folded = fold_and_report(out, source, no_verify, strict=False)  # --strict: the file
     with removed_on_error(output):
         with stage("Exporting to ONNX"):
             exported = _export(source, folded, output, out_names, opset)
         render_export(out, exported)
+        if strict:
+            _strict(out, folded.report, exported, output)
         parity = None if config is None else _check(source, folded, output, config)
         if report_json is not None:
             _write_report(report_json, source, folded, exported, parity)
@@ -165,6 +169,32 @@ def onnx_cli(
         raise typer.Exit(EXIT_OK)
     render_report(parity, verbose=verbose)  # `bnexport check`'s rendering: the same table
     raise typer.Exit(EXIT_OK if parity.passed else EXIT_MISMATCH)
+
+
+def _strict(out: Console, report: Any, exported: Any, output: Path) -> None:
+    """--strict judges the file's graph: exit 1 (the file removed) when it keeps a
+    BatchNormalization; say so when the exporter fused BatchNorms the fold left."""
+    kept = exported.op_counts.get("BatchNormalization", 0)
+    left = [e.bn for e in report.left]
+    names = ", ".join(left[:3]) + (f", … ({len(left)} in all)" if len(left) > 3 else "")
+    if kept:
+        output.unlink(missing_ok=True)
+        out.print(
+            f"--strict judges the file's graph: it keeps {kept} BatchNormalization node(s) (the "
+            f"fold left {names or 'none'}); no file written",
+            markup=False,
+            emoji=False,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_MISMATCH)
+    if left:
+        out.print(
+            f"--strict judges the file's graph, which has no BatchNormalization: the exporter "
+            f"fused the BatchNorm(s) the fold left ({names})",
+            markup=False,
+            emoji=False,
+            highlight=False,
+        )
 
 
 def _parity_config(

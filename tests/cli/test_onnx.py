@@ -72,6 +72,20 @@ class BnAfterRelu(nn.Module):
     def forward(self, x):
         y = self.bn(torch.relu(self.conv(x)))
         return self.head(torch.relu(y).amax((2, 3)))
+
+
+class ComputedWeight(nn.Module):
+    """A conv whose weight is computed in forward: the fold leaves its BN (no conv module), the
+    exporter folds the weight to a constant and fuses the BN into the Conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.bn = _stats(nn.BatchNorm2d(8), 3)
+
+    def forward(self, x):
+        return self.bn(torch.nn.functional.conv2d(x, self.weight * 0.5)).mean((2, 3))
 '''
 
 
@@ -226,9 +240,26 @@ def test_strict_refuses_a_left_batchnorm_and_writes_nothing(
     args = ["onnx", "--model", f"{user_models}:BnAfterRelu", "--input-shape", "3,12,12"]
     result = runner.invoke(app, [*args, "-o", str(out), "--strict"])
     assert result.exit_code == 1, result.output
-    assert "--strict: 1 BatchNorm layer(s) left unfolded (bn)" in result.stdout
+    assert (
+        "--strict judges the file's graph: it keeps 1 BatchNormalization node(s) (the fold left "
+        "bn); no file written"
+    ) in result.stdout
     assert "left" in result.stdout  # the report row says why
     assert list(tmp_path.iterdir()) == []
+
+
+def test_strict_passes_a_batchnorm_the_exporter_fused_and_says_so(
+    user_models: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "fused.onnx"
+    args = ["onnx", "--model", f"{user_models}:ComputedWeight", "--input-shape", "3,12,12"]
+    result = runner.invoke(app, [*args, "-o", str(out), "--strict"])
+    assert result.exit_code == 0, result.output
+    assert "BatchNormalization" not in _ops(out)
+    assert (
+        "--strict judges the file's graph, which has no BatchNormalization: the exporter fused "
+        "the BatchNorm(s) the fold left (bn)"
+    ) in " ".join(result.stdout.split())
 
 
 def _bad_checkpoint(kind: str, path: Path) -> None:
