@@ -42,6 +42,8 @@ LAYOUT_SEED_BATCHNORM2D = "seed-batchnorm2d"
 LAYOUT_SEED_MYBN = "seed-mybn"
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: How many bytes of a refused file are read to tell what it is (an ONNX model, a pickle).
+MAX_PICKLE_SCAN = 1 << 20
 
 
 @dataclass
@@ -96,8 +98,14 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; give the checkpoint file (.pt) inside it"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {path}: the file is empty (0 bytes); give the .pt file")
     try:
         with warnings.catch_warnings():
             # torch warns that a plain pickle's protocol may be unsupported; the error says more
@@ -105,6 +113,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = " ".join(str(exc).split())
+        _refuse_other_formats(path)
         if "unsupported global" in detail.lower():
             global_name = _unsupported_global(detail)
             raise CheckpointError(
@@ -116,10 +125,79 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
             f"cannot read {path}: corrupt checkpoint ({_unpickler_cause(detail)})"
         ) from exc
     except Exception as exc:  # zip errors, truncated files, EOF, wrong magic number
+        _refuse_other_formats(path)
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise CheckpointError(
             f"cannot read {path}: not a readable torch.save file ({detail})"
         ) from exc
+
+
+def _refuse_other_formats(path: Path) -> None:
+    """A file torch.load(weights_only=True) refused, named for what it is: an ONNX model (the
+    export, not its checkpoint), or a plain pickle, refused as code when it imports anything
+    (read with `pickletools`, which never executes it)."""
+    with open(path, "rb") as f:
+        head = f.read(MAX_PICKLE_SCAN)
+    if _is_onnx(head):
+        raise CheckpointError(
+            f"{path} is an ONNX model, not a checkpoint: give the .pt checkpoint it was exported "
+            f"from (to check the ONNX file itself: bnexport check {path} --against CHECKPOINT)"
+        )
+    if not head.startswith(b"\x80"):  # a pickle's PROTO opcode; torch's zip starts with PK
+        return
+    imports = _pickle_imports(head)
+    if imports:
+        raise CheckpointError(
+            f"refused to load {path}: it is a plain pickle that imports "
+            f"{', '.join(imports[:3])}, code bnexport never runs; save the weights with "
+            "torch.save(model.state_dict(), path)"
+        )
+    raise CheckpointError(
+        f"cannot read {path}: a plain pickle, not a torch.save file; save the weights with "
+        "torch.save(model.state_dict(), path)"
+    )
+
+
+#: The protobuf tags that may follow an ONNX ModelProto's ``ir_version`` (fields 2 to 8, 14).
+_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72})
+
+
+def _is_onnx(data: bytes) -> bool:
+    """Whether ``data`` starts like a serialized ONNX ModelProto (even truncated): field 1, the
+    IR version, a small varint, then another ModelProto field. No pickle or zip starts so."""
+    if not data.startswith(b"\x08"):
+        return False
+    value, shift, i = 0, 0, 1
+    while i < min(len(data), 11):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not byte & 0x80:
+            break
+    return 1 <= value <= 100 and i < len(data) and data[i] in _ONNX_NEXT_TAGS
+
+
+def _pickle_imports(data: bytes) -> list[str]:
+    """The ``module.name`` globals the first pickle in ``data`` imports (what unpickling would
+    call), read op by op without running anything."""
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name == "STOP":
+                break
+    except Exception:  # truncated or malformed: what was read so far
+        pass
+    return list(dict.fromkeys(found))
 
 
 def load_checkpoint(

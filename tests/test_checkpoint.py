@@ -132,8 +132,8 @@ def test_corrupt_files_are_refused(tmp_path: Path, content: bytes) -> None:
 @pytest.mark.parametrize(
     ("content", "cause"),
     [
-        (b"not a checkpoint at all", "(Unsupported operand 110)"),  # a pickle stream torch refuses
-        (pickle.dumps({"w": 1.0})[:-3], "(Unsupported operand 149)"),  # a truncated plain pickle
+        (b"not a checkpoint at all", "corrupt checkpoint (Unsupported operand 110)"),
+        (pickle.dumps({"w": 1.0})[:-3], "a plain pickle, not a torch.save file"),  # truncated
     ],
 )
 def test_a_corrupt_file_names_the_cause_and_never_advises_unsafe_loading(
@@ -144,9 +144,31 @@ def test_a_corrupt_file_names_the_cause_and_never_advises_unsafe_loading(
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     message = str(info.value)
-    assert message == f"cannot read {path}: corrupt checkpoint {cause}"
+    assert message.startswith(f"cannot read {path}: {cause}")
     assert "weights_only" not in message
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+class _Code:
+    """Unpickling it would call ``os.system``."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("echo unpickled",))
+
+
+def test_a_pickle_carrying_code_is_refused_as_code_and_an_onnx_file_is_named(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"state_dict": _Code()}))
+    with pytest.raises(CheckpointError, match=r"plain pickle that imports (posix|os|nt)\.system"):
+        load_checkpoint(path)
+    onnx_file = tmp_path / "net.onnx"
+    onnx_file.write_bytes(b"\x08\x0a\x12\x07pytorch" + b"\0" * 64)  # ir_version, producer
+    with pytest.raises(CheckpointError, match=r"net\.onnx is an ONNX model, not a checkpoint"):
+        load_checkpoint(onnx_file)
 
 
 def test_missing_file(tmp_path: Path) -> None:
