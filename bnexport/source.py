@@ -109,8 +109,15 @@ def parse_input_spec(text: str) -> InputSpec:
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """Parse ``"C,H,W"`` (any rank, no batch dimension) into positive ints."""
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    """Parse ``"C,H,W"`` (any rank, no batch dimension) into positive ints; ``3x64x64`` is
+    refused with the comma-separated spelling, never silently read."""
+    if "x" in text.lower():
+        fixed = ",".join(p.strip() for p in text.lower().split("x"))
+        raise ModelSpecError(
+            f"--input-shape {text!r}: write the sizes comma-separated, without the batch "
+            f"dimension: --input-shape {fixed}"
+        )
+    parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:

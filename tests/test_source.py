@@ -64,10 +64,16 @@ def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("text", "shape"), [("1,28,28", (1, 28, 28)), ("3x32x32", (3, 32, 32)), ("16", (16,))]
+    ("text", "shape"), [("1,28,28", (1, 28, 28)), (" 3, 32 ,32 ", (3, 32, 32)), ("16", (16,))]
 )
 def test_parse_input_shape(text: str, shape: tuple[int, ...]) -> None:
     assert parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["3x64x64", "3X64X64", "4x4:bf16"])
+def test_parse_input_shape_refuses_x_and_says_how_to_write_it(text: str) -> None:
+    with pytest.raises(ModelSpecError, match=r"comma-separated.*--input-shape \d,\d+"):
+        parse_input_spec(text)
 
 
 @pytest.mark.parametrize("text", ["", "a,b", "3,0,4", "-1,2"])
@@ -162,7 +168,7 @@ def test_user_model_needs_a_fitting_input_shape(user_dir: Path) -> None:
         ("3,32,32", InputSpec((3, 32, 32), "float32")),
         ("8:int64", InputSpec((8,), "int64")),
         ("8:long", InputSpec((8,), "int64")),
-        ("4x4:bf16", InputSpec((4, 4), "bfloat16")),
+        ("4,4:bf16", InputSpec((4, 4), "bfloat16")),
         ("2:bool", InputSpec((2,), "bool")),
         ("2: float16", InputSpec((2,), "float16")),
     ],
