@@ -22,14 +22,22 @@ set. Provider choice and provider options are never read from the model. The Pyt
 ``read_config_from_model=1`` keyword is not enough on its own (1.32 still reads the environment
 variable in C++); ``bnexport.ort.make_session(path, file_settings="opt_in")`` sets the variable
 for the duration of one session creation.
+
+Session config entries (``session.disable_prepacking`` and the like: measured 1.3–1.5× at batch
+1 on the shipped Net, slower at batch 8) are out of ``ort_config``'s reach, so bnexport carries
+them in its own metadata entry ``bnexport_session_config`` (a JSON object of string values, as
+``SessionOptions.add_session_config_entry`` takes them), read by `read_session_config` and
+applied by bnexport's session factory (``make_session(path, file_settings="apply")``: what
+``bnexport serve`` opens a file with). onnxruntime itself never reads that entry, and with
+``ORT_LOAD_CONFIG_FROM_MODEL=1`` it would drop a caller's entries anyway.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bnexport.defaults import OPT_LEVELS
@@ -49,6 +57,10 @@ if TYPE_CHECKING:
     import onnxruntime
 
 ORT_CONFIG_KEY = "ort_config"
+#: bnexport's own metadata entry for the session config entries ``ort_config`` cannot carry.
+SESSION_CONFIG_KEY = "bnexport_session_config"
+#: The prefix of onnxruntime's session config entry keys.
+SESSION_ENTRY_PREFIX = "session."
 SESSION_OPTIONS_KEY = "session_options"
 LOAD_CONFIG_ENV = "ORT_LOAD_CONFIG_FROM_MODEL"
 #: Where onnxruntime's parser lives, for messages and docs.
@@ -79,14 +91,19 @@ BY_HAND: dict[str, str] = {
 
 @dataclass(frozen=True)
 class OrtSettings:
-    """The session options an ``ort_config`` carries (onnxruntime's defaults when unset)."""
+    """The session settings a tuned file carries (onnxruntime's defaults when unset): the keys of
+    its ``ort_config`` and the session config entries of its ``bnexport_session_config``
+    (``((key, value), …)`` sorted; a mapping is accepted and sorted)."""
 
     intra_op_num_threads: int = 0
     inter_op_num_threads: int = 0
     execution_mode: ExecutionMode = "sequential"
     graph_optimization_level: OptLevel = "all"
+    session_config_entries: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        entries = check_session_entries(dict(self.session_config_entries), "session config")
+        object.__setattr__(self, "session_config_entries", tuple(sorted(entries.items())))
         for key in ("intra_op_num_threads", "inter_op_num_threads"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -102,12 +119,17 @@ class OrtSettings:
             )
 
     def changes(self) -> dict[str, Any]:
-        """The keys that differ from onnxruntime's defaults."""
-        default = OrtSettings()
-        return {k: v for k, v in asdict(self).items() if getattr(default, k) != v}
+        """The keys that differ from onnxruntime's defaults (entries as a dict)."""
+        default = OrtSettings().to_dict()
+        return {k: v for k, v in self.to_dict().items() if default[k] != v}
+
+    @property
+    def entries(self) -> dict[str, str]:
+        """The session config entries, as ``add_session_config_entry`` takes them."""
+        return dict(self.session_config_entries)
 
     def label(self) -> str:
-        """``defaults`` or the changed keys, e.g. ``threads=1, level=extended``."""
+        """``defaults`` or the changed keys, e.g. ``threads=1, level=extended, prepacking=off``."""
         short = {
             "intra_op_num_threads": "threads",
             "inter_op_num_threads": "inter-op threads",
@@ -115,7 +137,10 @@ class OrtSettings:
             "graph_optimization_level": "level",
         }
         changed = self.changes()
-        return ", ".join(f"{short[k]}={v}" for k, v in changed.items()) or "defaults"
+        changed.pop("session_config_entries", None)
+        parts = [f"{short[k]}={v}" for k, v in changed.items()]
+        parts += [ENTRY_LABELS.get((k, v), f"{k}={v}") for k, v in self.session_config_entries]
+        return ", ".join(parts) or "defaults"
 
     def session_options_json(self) -> dict[str, int]:
         """The ``session_options`` object onnxruntime parses (integers, every carried key)."""
@@ -156,11 +181,38 @@ class OrtSettings:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "session_config_entries": self.entries}
 
 
-def effective_settings(session: onnxruntime.InferenceSession) -> OrtSettings:
-    """The carried keys as a live session really uses them (``get_session_options()``)."""
+#: Short names of session config entries in labels.
+ENTRY_LABELS: dict[tuple[str, str], str] = {
+    ("session.disable_prepacking", "1"): "prepacking=off",
+    ("session.disable_prepacking", "0"): "prepacking=on",
+}
+
+
+def check_session_entries(entries: Mapping[str, Any], where: str) -> dict[str, str]:
+    """``entries`` if each is a ``session.*`` key with a string value; else `BnexportError`."""
+    out: dict[str, str] = {}
+    for key, value in entries.items():
+        if not isinstance(key, str) or not key.startswith(SESSION_ENTRY_PREFIX):
+            raise BnexportError(
+                f"{where}: {key!r} is not an onnxruntime session config entry "
+                f"(those start with {SESSION_ENTRY_PREFIX!r})"
+            )
+        if not isinstance(value, str):
+            raise BnexportError(
+                f"{where}: {key}={value!r} must be a string, as onnxruntime takes it"
+            )
+        out[key] = value
+    return out
+
+
+def effective_settings(
+    session: onnxruntime.InferenceSession, entries: Collection[str] = ()
+) -> OrtSettings:
+    """The carried keys, and the session config ``entries`` named, as a live session really uses
+    them (``get_session_options()``; an entry the session lacks is left out)."""
     import onnxruntime as ort
 
     so = session.get_session_options()
@@ -169,7 +221,14 @@ def effective_settings(session: onnxruntime.InferenceSession) -> OrtSettings:
     level = levels.get(so.graph_optimization_level)
     if level is None:
         raise BnexportError(f"session uses graph optimization level {so.graph_optimization_level}")
+    found = {}
+    for key in entries:
+        try:
+            found[key] = so.get_session_config_entry(key)
+        except Exception:  # onnxruntime raises for an entry it does not hold
+            continue
     return OrtSettings(
+        session_config_entries=tuple(found.items()),
         intra_op_num_threads=int(so.intra_op_num_threads),
         inter_op_num_threads=int(so.inter_op_num_threads),
         execution_mode=modes[so.execution_mode],  # type: ignore[arg-type]
@@ -220,22 +279,50 @@ def read_ort_config(model: onnx.ModelProto, where: str) -> dict[str, Any] | None
     return None
 
 
-def model_settings(path: str | os.PathLike[str]) -> OrtSettings | None:
-    """The settings a file's ``ort_config`` carries (None: no ``ort_config`` or none in it)."""
-    model = load_onnx(path)
-    data = read_ort_config(model, str(path))
-    if data is None or not isinstance(data.get(SESSION_OPTIONS_KEY), dict):
+def read_session_config(model: onnx.ModelProto, where: str) -> dict[str, str]:
+    """The session config entries of ``model``'s ``bnexport_session_config`` ({} when absent);
+    anything but a JSON object of ``session.*`` strings is an error."""
+    for prop in model.metadata_props:
+        if prop.key == SESSION_CONFIG_KEY:
+            try:
+                data = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise BnexportError(
+                    f"{where}: its {SESSION_CONFIG_KEY} is not JSON ({exc})"
+                ) from None
+            if not isinstance(data, dict):
+                raise BnexportError(f"{where}: its {SESSION_CONFIG_KEY} is not a JSON object")
+            return check_session_entries(data, f"{where}: {SESSION_CONFIG_KEY}")
+    return {}
+
+
+def carried_settings(model: onnx.ModelProto, where: str) -> OrtSettings | None:
+    """The settings ``model`` carries in ``ort_config`` and ``bnexport_session_config`` (None:
+    neither holds any)."""
+    data = read_ort_config(model, where)
+    options = (data or {}).get(SESSION_OPTIONS_KEY)
+    entries = read_session_config(model, where)
+    if not isinstance(options, dict) and not entries:
         return None
-    return OrtSettings.from_session_options_json(data[SESSION_OPTIONS_KEY], str(path))
+    settings = OrtSettings.from_session_options_json(options or {}, where)
+    return replace(settings, session_config_entries=tuple(entries.items()))
 
 
-def with_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``metadata_props`` has ``entries`` set (others kept, in order)."""
+def model_settings(path: str | os.PathLike[str]) -> OrtSettings | None:
+    """The settings a file carries (`carried_settings`; None: none)."""
+    return carried_settings(load_onnx(path), str(path))
+
+
+def with_metadata(
+    model: onnx.ModelProto, entries: Mapping[str, str], drop: Collection[str] = ()
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``metadata_props`` has ``entries`` set and the keys in ``drop``
+    removed (others kept, in order)."""
     import onnx
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    kept = [(p.key, p.value) for p in out.metadata_props if p.key not in entries]
+    kept = [(p.key, p.value) for p in out.metadata_props if p.key not in {*entries, *drop}]
     del out.metadata_props[:]
     for key, value in [*kept, *entries.items()]:
         prop = out.metadata_props.add()

@@ -84,8 +84,8 @@ def package_cli(
         if result.max_batch_size
         else "no batching (max_batch_size 0)"
     )
-    tuned = ", ".join(f"{k}={v}" for k, v in result.settings.items()) or "onnxruntime defaults"
-    out.print(f"  {batching}; settings: {tuned}", markup=False, highlight=False)
+    tuned = f"tuned: {result.settings_label()}" if result.settings else "onnxruntime defaults"
+    out.print(f"  {batching}; {tuned}", markup=False, highlight=False)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False)
     out.print(

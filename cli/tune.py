@@ -202,7 +202,8 @@ def _print_timings(out: Any, report: Any) -> None:
     out.print(
         table(
             f"confirm: {report.plan['confirm_repeats']} rounds, each file opened with "
-            "ORT_LOAD_CONFIG_FROM_MODEL=1 (every written key read back from the session)",
+            "ORT_LOAD_CONFIG_FROM_MODEL=1 (with session config entries: by bnexport's session "
+            "factory, as bnexport serve does; every written key read back from the session)",
             ["setting", "median", "×"],
             rows,
         )
@@ -233,10 +234,18 @@ def _print_outcome(out: Any, report: Any) -> None:
             f"file is kept as {escape(report.output)} (--keep-failed)"
         )
     elif report.output is not None:
+        entries = d.settings.entries
+        carried = "ort_config + bnexport_session_config" if entries else "ort_config"
         out.print(
-            f"wrote {escape(report.output)} (ort_config + bnexport_tune record; graph "
+            f"wrote {escape(report.output)} ({carried} + bnexport_tune record; graph "
             "unchanged). Opt in: ORT_LOAD_CONFIG_FROM_MODEL=1"
         )
+        for key, value in entries.items():
+            out.print(
+                f"{key}={value} is applied by bnexport serve and bnexport.ort.make_session("
+                'file_settings="apply"); onnxruntime does not read it from the file: add '
+                f'so.add_session_config_entry("{key}", "{value}") by hand'
+            )
         if report.config.provider == "cuda":
             out.print(
                 "the provider is not carried: create the session with "

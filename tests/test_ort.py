@@ -20,9 +20,11 @@ from bnexport.ort import DEFAULT_LOG_SEVERITY, ORT_DEFAULTS, SessionConfig, make
 from bnexport.ort_config import (
     LOAD_CONFIG_ENV,
     ORT_CONFIG_KEY,
+    SESSION_CONFIG_KEY,
     OrtSettings,
     effective_settings,
     model_settings,
+    read_session_config,
     with_metadata,
 )
 
@@ -207,3 +209,42 @@ def test_a_bad_ort_config_is_refused_when_applied(tmp_path: Path) -> None:
     path = save(with_metadata(conv_net(), bad), tmp_path / "bad.onnx")
     with pytest.raises(BnexportError, match="execution_mode 7 must be 0 or 1"):
         make_session(path, file_settings="apply")
+
+
+def test_session_config_entries_travel_in_bnexports_metadata_and_apply_only_when_asked(
+    tmp_path: Path,
+) -> None:
+    """``bnexport_session_config``: read back as written, set on the session by ``apply`` (over
+    bnexport's own entries), never by ``ignore`` nor by onnxruntime's ``opt_in``."""
+    from bnexport.tune import with_ort_config
+
+    off = {"session.disable_prepacking": "1"}
+    settings = OrtSettings(intra_op_num_threads=1, session_config_entries=off)  # type: ignore[arg-type]
+    path = save(with_ort_config(conv_net(), settings), tmp_path / "t.onnx")
+    assert model_settings(path) == settings and settings.label() == "threads=1, prepacking=off"
+    proto = onnx.load(str(path))
+    assert read_session_config(proto, "t") == off
+    assert [p.key for p in proto.metadata_props].count(SESSION_CONFIG_KEY) == 1
+
+    def entry(file_settings: str) -> str:
+        so = make_session(path, file_settings=file_settings).get_session_options()  # type: ignore[arg-type]
+        return so.get_session_config_entry("session.disable_prepacking")
+
+    assert entry("apply") == "1"
+    with pytest.raises(Exception, match="disable_prepacking"):
+        entry("ignore")  # unset: onnxruntime has no such entry
+    with pytest.raises(Exception, match="disable_prepacking"):
+        entry("opt_in")
+    untuned = with_ort_config(proto, OrtSettings())  # re-tuned to the defaults: the entry goes
+    assert SESSION_CONFIG_KEY not in {p.key for p in untuned.metadata_props}
+
+
+def test_a_bad_session_config_entry_is_refused(tmp_path: Path) -> None:
+    for value, message in (
+        ('{"intra_op_num_threads": "1"}', "not an onnxruntime session config entry"),
+        ('{"session.disable_prepacking": 1}', "must be a string"),
+        ("[1]", "not a JSON object"),
+    ):
+        bad = save(with_metadata(conv_net(), {SESSION_CONFIG_KEY: value}), tmp_path / "b.onnx")
+        with pytest.raises(BnexportError, match=message):
+            make_session(bad, file_settings="apply")

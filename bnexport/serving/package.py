@@ -81,6 +81,12 @@ class PackageResult:
     notes: list[str] = field(default_factory=list)
     replaced: bool = False
 
+    def settings_label(self) -> str:
+        """The tuned settings in one line (``threads=1, prepacking=off``; ``defaults``)."""
+        from bnexport.ort_config import OrtSettings
+
+        return OrtSettings(**self.settings).label()
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -130,7 +136,8 @@ def package_model(config: PackageConfig) -> PackageResult:
 
 
 def tuned_settings(path: Path) -> dict[str, Any]:
-    """The onnxruntime settings the file carries from `bnexport tune` ({} when untuned)."""
+    """The onnxruntime settings the file carries from `bnexport tune`: its ``ort_config`` keys
+    and ``session_config_entries`` ({} when untuned)."""
     from bnexport.ort_config import model_settings
 
     settings = model_settings(path)

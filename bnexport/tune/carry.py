@@ -1,8 +1,10 @@
 """What a tuned file carries: its ``ort_config``, the ``bnexport_tune`` record, and the writing.
 
 The tuned copy differs from the input only in ``metadata_props``: ``ort_config`` (the settings
-onnxruntime reads with ``ORT_LOAD_CONFIG_FROM_MODEL=1``) and ``bnexport_tune`` (the measurement
-behind them). The output path is checked before any work and written atomically.
+onnxruntime reads with ``ORT_LOAD_CONFIG_FROM_MODEL=1``), ``bnexport_session_config`` (session
+config entries onnxruntime never reads from a file, applied by bnexport's session factory; only
+when the pick has some) and ``bnexport_tune`` (the measurement behind them). The output path is
+checked before any work and written atomically.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bnexport.machine import cpu_flags, cpu_model, cpus_available, load_average
 from bnexport.ort_config import (
     LOAD_CONFIG_ENV,
     ORT_CONFIG_KEY,
+    SESSION_CONFIG_KEY,
     SESSION_OPTIONS_KEY,
     OrtSettings,
     read_ort_config,
@@ -61,13 +64,16 @@ def with_ort_config(
     model: onnx.ModelProto, settings: OrtSettings, record: Mapping[str, Any] | None = None
 ) -> onnx.ModelProto:
     """``model`` with ``ort_config`` carrying ``settings`` (other top-level keys of an existing
-    ``ort_config`` kept) and, if given, the ``bnexport_tune`` record."""
+    ``ort_config`` kept), ``bnexport_session_config`` carrying its session config entries (none:
+    no such entry) and, if given, the ``bnexport_tune`` record."""
     existing = read_ort_config(model, "the model") or {}
     config = {**existing, SESSION_OPTIONS_KEY: settings.session_options_json()}
     entries = {ORT_CONFIG_KEY: json.dumps(config, sort_keys=True)}
+    if settings.session_config_entries:
+        entries[SESSION_CONFIG_KEY] = json.dumps(settings.entries, sort_keys=True)
     if record is not None:
         entries[TUNE_RECORD_KEY] = json.dumps(record, sort_keys=True)
-    return with_metadata(model, entries)
+    return with_metadata(model, entries, drop=[SESSION_CONFIG_KEY])
 
 
 @contextmanager
@@ -127,8 +133,9 @@ def tune_record(
         "control": control.to_dict(),
         "noise_band": list(decision.band),
         "reference": "onnxruntime defaults (SessionOptions()) on the untuned file; ratio > 1: "
-        "the tuned file, opened with ORT_LOAD_CONFIG_FROM_MODEL=1, is faster (paired, median "
-        "and p10-p90)",
+        "the tuned file, opened with ORT_LOAD_CONFIG_FROM_MODEL=1 (with session config entries: "
+        "by bnexport's session factory, file_settings='apply'), is faster (paired, median and "
+        "p10-p90)",
         "repeats": {"screen": plan["screen_repeats"], "confirm": plan["confirm_repeats"]},
         "machine": {
             "cpu_model": cpu_model(),

@@ -2,8 +2,8 @@
 
 An arbitrary ONNX file has no float64 model, so the *truth* is the input run as written (graph
 optimizations disabled) and the *reference* (fp32's own error) the input under onnxruntime's
-defaults; the tuned file, opened as a deployer opts in, is the candidate. The comparison is the
-parity engine's (`bnexport.parity.engine.check_candidate`).
+defaults; the tuned file, opened as its user opens it (`bnexport.tune.sessions.tuned_session`),
+is the candidate. The comparison is the parity engine's (`bnexport.parity.engine.check_candidate`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from bnexport.ort_config import OrtSettings
 from bnexport.tune.config import ParityResult, TuneConfig
 from bnexport.tune.inputs import ModelInput, make_feeds
-from bnexport.tune.sessions import opted_in_session, settings_session
+from bnexport.tune.sessions import settings_session, tuned_session
 
 if TYPE_CHECKING:
     from bnexport.parity import OutputComparison, ParityInputs
@@ -27,7 +27,7 @@ PARITY_MIN_SAMPLES = 16  # parity feeds at least this many samples, in batches o
 def check_outputs(
     tuned: Path, untuned: Path, reference: Any, inputs: Sequence[ModelInput], config: TuneConfig
 ) -> ParityResult:
-    """The tuned file (opened with its ``ort_config``) vs the input model, `check`'s noise rule.
+    """The tuned file (opened with what it carries) vs the input model, `check`'s noise rule.
 
     Truth: the model as written (graph optimizations disabled); reference: onnxruntime's
     defaults (fp32's own error is ``N`` = reference vs truth, at the tuned batch size only);
@@ -44,9 +44,8 @@ def check_outputs(
     truth_session = settings_session(
         untuned, OrtSettings(graph_optimization_level="disabled"), config.provider
     )
-    tuned_session = opted_in_session(tuned, config.provider)
     comparisons = check_candidate(
-        OnnxRuntimeRunner.wrap(tuned_session, name="tuned"),
+        OnnxRuntimeRunner.wrap(tuned_session(tuned, config.provider), name="tuned"),
         OnnxRuntimeRunner.wrap(reference, name="reference"),
         OnnxRuntimeRunner.wrap(truth_session, name="truth"),
         samples,

@@ -41,9 +41,9 @@ from bnexport.tune.search import (
 from bnexport.tune.sessions import (
     first_call,
     measure,
-    opted_in_session,
     runner,
     settings_session,
+    tuned_session,
 )
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ def _confirm(
         f"{len(settings) - 1} finalists + control × {repeats} rounds, "
         f"opened with {LOAD_CONFIG_ENV}=1",
     )
-    sessions = {s: opted_in_session(files[s], config.provider) for s in settings}
+    sessions = {s: tuned_session(files[s], config.provider) for s in settings}
     for s, sess in sessions.items():
         _check_effective(s, sess, files[s])
     runners = [runner("reference", reference)]
@@ -250,7 +250,7 @@ def _confirm(
             "confirm",
             paired_ratio(ref, times[f"f{i}"]),
             statistics.median(times[f"f{i}"]),
-            effective_settings(sessions[s]),
+            effective_settings(sessions[s], s.entries),
         )
         for i, s in enumerate(settings)
         if i > 0

@@ -29,6 +29,11 @@ SLOW_CANDIDATE_FACTOR = 2.0
 # The noise band is never narrower than ±1 %: a quiet run's control can agree within less.
 MIN_NOISE_BAND = 0.01
 GRAPH_LEVELS: tuple[str, ...] = ("all", "extended", "basic")
+#: Session config entries the search tries beside onnxruntime's default for each setting
+#: (carried in ``bnexport_session_config``, applied by bnexport's session factory). Prepacking
+#: off: 1.46× the defaults at batch 1 on the shipped Net, 2.1× with one thread, but 0.83× at
+#: batch 8 (docs/serving.md): which way it goes depends on the model and batch, so it is measured.
+SEARCHED_ENTRIES: tuple[tuple[str, str], ...] = (("session.disable_prepacking", "1"),)
 
 
 def thread_counts(max_threads: int) -> tuple[int, ...]:
@@ -48,7 +53,8 @@ def candidate_settings(
 
     Threads × graph level (``all``, ``extended``, ``basic``) in sequential mode, plus parallel
     execution at the default threads (it only helps graphs with independent branches; not on
-    CUDA, where onnxruntime forces sequential execution).
+    CUDA, where onnxruntime forces sequential execution); each also with every entry of
+    `SEARCHED_ENTRIES` on the CPU (prepacking is a CPU kernel matter).
     """
     pinned = fixed_settings(fixed or {})
     out = [OrtSettings(**pinned)]
@@ -58,6 +64,7 @@ def candidate_settings(
             out.append(OrtSettings(intra_op_num_threads=threads, graph_optimization_level=level_))
     if provider != "cuda":
         out.append(OrtSettings(execution_mode="parallel"))
+        out += [replace(s, session_config_entries=(e,)) for e in SEARCHED_ENTRIES for s in out]
     seen: list[OrtSettings] = []
     for s in out:
         s = replace(s, **pinned)

@@ -1,8 +1,8 @@
 """tune's sessions (all from `bnexport.ort.make_session`) and their timing (`bnexport.timing`).
 
-Two ways to open a file: in-process, onnxruntime's defaults plus a setting's carried keys (what
-onnxruntime builds from an ``ort_config``: the screen, the reference, the truth), and as a
-deployer opts in (``ORT_LOAD_CONFIG_FROM_MODEL=1``: the confirm stage, the tuned file's check).
+Two ways to open a file: in-process, onnxruntime's defaults plus a setting's carried keys and
+entries (what onnxruntime builds from an ``ort_config``: the screen, the reference, the truth),
+and as its user opens the tuned file (`tuned_session`: the confirm stage, the tuned file's check).
 """
 
 from __future__ import annotations
@@ -37,9 +37,16 @@ def settings_session(
     return make_session(path, _defaults(provider).carrying(settings or OrtSettings()))
 
 
-def opted_in_session(path: Path, provider: str) -> onnxruntime.InferenceSession:
-    """``path`` opened as a deployer opts in: onnxruntime's defaults plus its ``ort_config``."""
-    return make_session(path, _defaults(provider), file_settings="opt_in")
+def tuned_session(path: Path, provider: str) -> onnxruntime.InferenceSession:
+    """``path`` opened as its user opens it: as a deployer opts in (onnxruntime's defaults plus
+    its ``ort_config``, ``ORT_LOAD_CONFIG_FROM_MODEL=1``), or, when it carries session config
+    entries (which onnxruntime never reads from a file), through bnexport's session factory as
+    ``bnexport serve`` does (``file_settings="apply"`` over onnxruntime's defaults)."""
+    from bnexport.ort_config import model_settings
+
+    settings = model_settings(path)
+    how = "apply" if settings is not None and settings.session_config_entries else "opt_in"
+    return make_session(path, _defaults(provider), file_settings=how)
 
 
 def runner(name: str, session: Any) -> OnnxRuntimeRunner:

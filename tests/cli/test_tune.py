@@ -61,7 +61,7 @@ def test_the_record_carries_machine_batch_and_ratio(run: tuple[object, Path, Pat
         assert record["ratio"] is None
     assert model_settings(out) is not None
     assert record["settings"] == model_settings(out).to_dict()  # type: ignore[union-attr]
-    assert len(data["screen"]) == 10 and data["parity"]["passed"]
+    assert len(data["screen"]) == 20 and data["parity"]["passed"]  # 10 settings × prepacking
 
 
 def test_the_tuned_file_runs_in_a_plain_session_and_only_metadata_changed(

@@ -17,6 +17,7 @@ from bnexport.ort_config import OrtSettings, with_metadata
 from bnexport.serving.errors import RepositoryError
 from bnexport.serving.graph_io import read_graph_io
 from bnexport.serving.triton_config import model_config_pb2, parse_config, validate_config
+from bnexport.tune import with_ort_config
 
 runner = CliRunner()
 GOLDEN = Path(__file__).parent / "golden"
@@ -85,6 +86,24 @@ def test_tuned_settings_map_to_backend_parameters(tmp_path: Path) -> None:
         "execution_mode": "1",
     }
     assert config.optimization.graph.level == 1  # Triton's numbering: 1 is extended
+
+
+def test_session_config_entries_map_where_triton_takes_them(tmp_path: Path) -> None:
+    entries = {
+        "session.disable_prepacking": "1",
+        "session.use_device_allocator_for_initializers": "1",
+    }
+    tuned = OrtSettings(intra_op_num_threads=1, session_config_entries=entries)  # type: ignore[arg-type]
+    model = save(with_ort_config(conv_net(), tuned), tmp_path / "tuned.onnx")
+    result = package(model, tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    config = parse_config((tmp_path / "repo" / "tuned" / "config.pbtxt").read_text(), "tuned")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["session.use_device_allocator_for_initializers"] == "1"
+    assert "session.disable_prepacking" not in params  # the backend has no such parameter
+    text = " ".join(result.output.split())
+    assert "tuned: threads=1, prepacking=off, session.use_device_allocator" in text
+    assert "no parameter for session.disable_prepacking=1: bnexport serve applies it" in text
 
 
 def test_external_data_lands_beside_the_model(tmp_path: Path) -> None:

@@ -93,13 +93,17 @@ def test_thread_counts() -> None:
     assert thread_counts(6) == (0, 1, 2, 4, 6)
 
 
-def test_candidates_start_with_defaults_and_cover_threads_levels_and_parallel() -> None:
+def test_candidates_start_with_defaults_and_cover_threads_levels_parallel_and_prepacking() -> None:
     cands = candidate_settings(2)
     assert cands[0] == OrtSettings()
-    assert len(cands) == len(set(cands)) == 3 * 3 + 1
+    assert len(cands) == len(set(cands)) == (3 * 3 + 1) * 2  # each with prepacking on and off
     assert OrtSettings(intra_op_num_threads=1, graph_optimization_level="extended") in cands
     assert OrtSettings(execution_mode="parallel") in cands
-    assert OrtSettings(execution_mode="parallel") not in candidate_settings(2, provider="cuda")
+    off = {"session.disable_prepacking": "1"}
+    assert OrtSettings(intra_op_num_threads=1, session_config_entries=off) in cands  # type: ignore[arg-type]
+    cuda = candidate_settings(2, provider="cuda")
+    assert OrtSettings(execution_mode="parallel") not in cuda
+    assert len(cuda) == 3 * 3 and not any(c.session_config_entries for c in cuda)
 
 
 def test_candidates_keep_fixed_keys() -> None:
