@@ -134,6 +134,23 @@ MarkdownOpt = Annotated[
         "--markdown", help="Write a Markdown summary (for a CI job page).", show_default=False
     ),
 ]
+LocalizeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--localize/--no-localize",
+        help="Name the first layer whose error exceeds its budget (default: when the check "
+        "fails; --localize also when it passes, with a JUnit case per layer).",
+        show_default=False,
+    ),
+]
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--html",
+        help="Write a self-contained HTML report (plots, layers, fold, machine).",
+        show_default=False,
+    ),
+]
 
 
 @handle_errors
@@ -165,6 +182,8 @@ def check_cli(
     json_path: JsonOpt = None,
     junit_path: JunitOpt = None,
     markdown_path: MarkdownOpt = None,
+    localize: LocalizeOpt = None,
+    html_path: HtmlOpt = None,
     verbose: VerboseOpt = False,
     url: UrlOpt = None,
     name: NameOpt = None,
@@ -183,7 +202,12 @@ def check_cli(
     from bnexport.ort import show_log
 
     show_log(verbose)
-    reports = {"--json": json_path, "--junit": junit_path, "--markdown": markdown_path}
+    reports = {
+        "--json": json_path,
+        "--junit": junit_path,
+        "--markdown": markdown_path,
+        "--html": html_path,
+    }
     model = _check_target(model, url, name)
     _check_paths(model, [against, inputs], {**reports, "--save-inputs": save_inputs})
     from bnexport.parity import CheckConfig, InputConfig, check_parity
@@ -212,18 +236,24 @@ def check_cli(
         ground_truth=ground_truth,
         folded=folded,
         folded_gating=False,  # check's own fold: the file need not be its export
+        localize={None: "on-failure", True: "always", False: "never"}[localize],
     )
     source = load_model_source(against, model_spec, input_shape, temperature)
     check_check_memory(source, config)
     if url is not None:
         report = _check_url(url, str(name), grpc, timeout, source, config)
         report.write_reports(
-            json_path=json_path, junit_path=junit_path, markdown_path=markdown_path
+            json_path=json_path,
+            junit_path=junit_path,
+            markdown_path=markdown_path,
+            html_path=html_path,
         )
         render_report(report, verbose=verbose)
         raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
     assert model is not None
-    folded_module, folded_reason = _fold_for_check(source) if folded else (None, "")
+    # The fold also maps a folded file's chains to the modules they end in (--localize).
+    fold = _fold_for_check(source) if folded or config.localize != "never" else None
+    folded_module, folded_reason, fold_report = fold or (None, "", None)
     with parity_progress() as progress:
         report = check_parity(
             model,
@@ -236,9 +266,15 @@ def check_cli(
             reference_name=source.name,
             progress=progress,
             rebuild=source.rebuild,
+            fold_report=fold_report,
         )
     refuse_unrunnable(model, report)
-    report.write_reports(json_path=json_path, junit_path=junit_path, markdown_path=markdown_path)
+    report.write_reports(
+        json_path=json_path,
+        junit_path=junit_path,
+        markdown_path=markdown_path,
+        html_path=html_path,
+    )
     render_report(report, verbose=verbose)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
 
@@ -306,18 +342,20 @@ def _check_url(url: str, name: str, grpc: bool, timeout: float, source: Any, con
         )
 
 
-def _fold_for_check(source: Any) -> tuple[Any, str]:
-    """The BN-folded model `check` runs as a candidate, or None and why: folding is not what
-    `check` checks, so a model that cannot be folded only skips that runner."""
+def _fold_for_check(source: Any) -> tuple[Any, str, Any]:
+    """The BN-folded model `check` runs as a candidate and its fold report, or None and why:
+    folding is not what `check` checks, so a model that cannot be folded only skips that
+    runner."""
     from bnexport.errors import raise_if_interrupted
     from bnexport.fold import fold_model
 
     try:
         # No self-check: the folded runner is itself checked against the float64 truth.
-        return fold_model(source.model, source.example_inputs, verify=False).module, ""
+        result = fold_model(source.model, source.example_inputs, verify=False)
+        return result.module, "", result.report
     except Exception as exc:
         raise_if_interrupted(exc)
-        return None, f"the model cannot be folded: {type(exc).__name__}: {exc}"
+        return None, f"the model cannot be folded: {type(exc).__name__}: {exc}", None
 
 
 def _check_paths(
@@ -404,8 +442,11 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
             f"FAIL: {', '.join(report.failing_runners) or 'no gating runner ran'}", width
         )
         wrapped += [w for line in failure_lines(report) for w in _wrap(line, width, "  ", "    ")]
-    lines = wrapped
-    _print_wrapped(out, lines)
+    if getattr(report, "layers", None) is not None:  # at most 10 lines, each within the width
+        from bnexport.parity.layer_report import summary_lines
+
+        wrapped += summary_lines(report.layers, width)
+    _print_wrapped(out, wrapped)
 
 
 def _wrap(text: str, width: int, first: str = "", rest: str = "  ") -> list[str]:

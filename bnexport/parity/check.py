@@ -35,6 +35,7 @@ def check_parity(
     reference_name: str = "",
     progress: Progress | None = None,
     rebuild: Callable[[], Any] | None = None,
+    fold_report: Any = None,
 ) -> ParityReport:
     """Compare ``onnx_model`` (a path or bytes) with the PyTorch ``reference`` module.
 
@@ -44,7 +45,9 @@ def check_parity(
     ``config.folded`` (None: that runner is listed as skipped, with ``folded_reason``).
     ``rebuild`` builds the reference again (a ``--model`` factory): on a weights mismatch, it
     tells an unseeded factory apart. ``progress`` receives a `ProgressEvent` as each run
-    finishes. Returns a :class:`ParityReport`; never prints, never exits.
+    finishes. ``config.localize`` says when to name the first failing layer
+    (`bnexport.parity.localize`; ``fold_report``, the fold of ``folded``, maps a folded file's
+    chains). Returns a :class:`ParityReport`; never prints, never exits.
     """
     config = config or CheckConfig()
     with torch_threads(config.torch_threads):
@@ -61,7 +64,22 @@ def check_parity(
             rebuild=rebuild,
         )
         results = run_check(check, progress)
-        return parity_report(check, results, time.perf_counter() - started)
+        report = parity_report(check, results, time.perf_counter() - started)
+        if config.localize == "always" or (config.localize == "on-failure" and not report.passed):
+            from bnexport.parity.localize import localize
+
+            report.layers = localize(
+                onnx_model,
+                check,
+                results,
+                fold_report=fold_report,
+                folded=folded,
+                requested=config.localize == "always",
+                progress=progress,
+            )
+        if fold_report is not None:
+            report.fold = fold_report.to_dict()
+        return report
 
 
 def parity_report(

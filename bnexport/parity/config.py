@@ -36,6 +36,8 @@ CUDA_OPT_LEVEL = "all"
 DEFAULT_TORCH_THREADS: int | None = None  # None: leave torch's setting alone
 DEFAULT_ORT_THREADS: int | None = None  # None: torch's thread count; 0: onnxruntime's choice
 DEFAULT_ORT_SPINNING = False
+#: When a check localizes (`bnexport.parity.localize`): never, when a gating runner fails, always.
+LOCALIZE_MODES: tuple[str, ...] = ("never", "on-failure", "always")
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,16 @@ class CheckConfig:
     torch_threads: int | None = DEFAULT_TORCH_THREADS  # None: leave torch's setting alone
     ort_threads: int | None = DEFAULT_ORT_THREADS  # None: torch's count; 0: onnxruntime's
     ort_spinning: bool = DEFAULT_ORT_SPINNING
+    localize: str = "never"  # one of LOCALIZE_MODES (bnexport.parity.localize)
 
     def __post_init__(self) -> None:
         self._check_runners()
         self._check_sizes()
         self._check_tolerances()
+        if self.localize not in LOCALIZE_MODES:
+            raise ParityInputError(
+                f"localize {self.localize!r}: choose {', '.join(LOCALIZE_MODES)}"
+            )
 
     def _check_runners(self) -> None:
         bad = [p for p in self.providers if p not in PROVIDER_CHOICES]

@@ -145,6 +145,8 @@ class ParityReport:
     notes: list[str] = field(default_factory=list)
     tolerance_mode: str = "noise"
     noise_tolerance: NoiseTolerance = field(default_factory=NoiseTolerance)
+    layers: Any = None  # a `bnexport.parity.localize.Localization`, when localization ran
+    fold: dict[str, Any] | None = None  # the fold report's dict, for the HTML report only
 
     @property
     def rule_note(self) -> str:
@@ -198,6 +200,7 @@ class ParityReport:
             "cuda_probe": self.cuda_probe,
             "seconds": self.seconds,
             "notes": self.notes,
+            **({"layers": self.layers.to_dict()} if self.layers is not None else {}),
         }
 
     def to_junit_xml(self) -> str:
@@ -251,11 +254,19 @@ class ParityReport:
                 time="0",
             )
             ET.SubElement(case, "skipped", message=s["reason"])
+        failures = len(self.failures)
+        if self.layers is not None and self.layers.requested:  # --localize: a case per layer
+            from bnexport.parity.layer_report import add_junit_cases
+
+            added, failed = add_junit_cases(suite, self.layers)
+            cases, failures = cases + added, failures + failed
+            suite.set("tests", str(cases))
+            suite.set("failures", str(failures))
         root = ET.Element(
             "testsuites",
             name="bnexport check",
             tests=str(cases),
-            failures=str(len(self.failures)),
+            failures=str(failures),
             time=f"{self.seconds:.3f}",
         )
         root.append(suite)
@@ -293,6 +304,10 @@ class ParityReport:
         if self.notes or self.inputs.get("notes"):
             lines += ["", "### Notes", ""]
             lines += [f"- {n}" for n in [*self.notes, *self.inputs.get("notes", [])]]
+        if self.layers is not None:
+            from bnexport.parity.layer_report import markdown_lines
+
+            lines += ["", *markdown_lines(self.layers)]
         lines += [
             "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()),
@@ -317,8 +332,10 @@ class ParityReport:
         json_path: str | os.PathLike[str] | None = None,
         junit_path: str | os.PathLike[str] | None = None,
         markdown_path: str | os.PathLike[str] | None = None,
+        html_path: str | os.PathLike[str] | None = None,
     ) -> None:
-        """Write the asked-for JSON / JUnit / Markdown files all or nothing (`write_files`)."""
+        """Write the asked-for JSON / JUnit / Markdown / HTML files all or nothing
+        (`write_files`)."""
         from bnexport.files import json_text, write_files
 
         writers: dict[str | os.PathLike[str], Callable[[Path], object]] = {}
@@ -332,6 +349,10 @@ class ParityReport:
             writers[markdown_path] = lambda tmp: tmp.write_text(
                 self.to_markdown(), encoding="utf-8"
             )
+        if html_path is not None:
+            from bnexport.parity.html import html_report
+
+            writers[html_path] = lambda tmp: tmp.write_text(html_report(self), encoding="utf-8")
         if writers:
             write_files(writers)
 
