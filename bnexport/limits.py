@@ -29,6 +29,10 @@ MAX_SEED = 2**64 - 1
 MAX_DIM = 2**31 - 1
 #: The most timed rounds (repeats) a timing option may ask for.
 MAX_REPEATS = 10_000
+#: The temperatures a ``--temperature`` option may give: it scales the logits (the shipped model's
+#: is 1.5); zero, negative or astronomically large ones are typos, and 1e40 overflows float32.
+MIN_TEMPERATURE = 1e-6
+MAX_TEMPERATURE = 1e6
 #: Share of the available memory a request may plan to use (the rest: the libraries, the model,
 #: the work a request needs beyond what is estimated).
 MEMORY_SHARE = 0.8
@@ -48,6 +52,17 @@ def check_seconds(
         raise BnexportError(
             f"{_shown(flag, f'{value:g}')}: give a finite number of seconds {low} and at most "
             f"{maximum:g} ({maximum / 3600:g} h)"
+        )
+    return value
+
+
+def check_temperature(value: float, flag: str = "--temperature") -> float:
+    """``value`` if it is a finite temperature from `MIN_TEMPERATURE` to `MAX_TEMPERATURE`;
+    else `BnexportError` naming ``flag``."""
+    if not (math.isfinite(value) and MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
+        raise BnexportError(
+            f"{_shown(flag, f'{value:g}')}: give a temperature > 0, from {MIN_TEMPERATURE:g} to "
+            f"{MAX_TEMPERATURE:g} (the shipped model's is 1.5)"
         )
     return value
 

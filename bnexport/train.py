@@ -43,6 +43,14 @@ from bnexport.defaults import (
 )
 from bnexport.errors import BnexportError, ProviderUnavailableError
 from bnexport.files import sha256_file
+from bnexport.limits import (
+    MAX_DIM,
+    MAX_REPEATS,
+    check_count,
+    check_seed,
+    check_temperature,
+    check_threads,
+)
 
 Device = Literal["auto", "cpu", "cuda"]
 EVAL_BATCH = 1000
@@ -93,6 +101,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise BnexportError(message)
+        check_temperature(self.temperature)
+        check_seed(self.seed)
+        check_count(self.epochs, "--epochs", maximum=MAX_REPEATS)
+        check_count(self.batch_size, "--batch-size", maximum=MAX_DIM)
+        check_threads(self.threads, "--threads")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -314,8 +327,9 @@ def _fit(
         test_loss, test_acc = evaluate(model, *test_set)
         if not math.isfinite(train_loss):
             raise BnexportError(
-                f"training diverged in epoch {epoch} (loss {train_loss}); lower --lr "
-                f"(now {config.lr})"
+                f"training diverged in epoch {epoch} (loss {train_loss}) at --lr {config.lr} and "
+                f"--temperature {config.temperature:g}; lower --lr, or give a temperature nearer "
+                "1 (the shipped model's is 1.5)"
             )
         elapsed = time.perf_counter() - epoch_start
         history.append(EpochStats(epoch, train_loss, train_acc, test_loss, test_acc, elapsed))

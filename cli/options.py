@@ -55,8 +55,11 @@ def load_model_source(
     temperature: float | None,
 ) -> Any:
     """Parse the shared model options and load the model (`bnexport.source.load_source`)."""
+    from bnexport.limits import check_temperature
     from bnexport.source import load_source, parse_input_spec
 
+    if temperature is not None:
+        check_temperature(temperature)
     specs = [parse_input_spec(text) for text in input_shapes or ()]
     source = load_source(
         checkpoint, model_spec=model, input_specs=specs or None, temperature=temperature
