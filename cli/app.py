@@ -66,6 +66,7 @@ app = typer.Typer(
     help="Fold BatchNorm and temperature into PyTorch layers, export to ONNX, prove parity.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's help: paragraphs rewrapped, options wrapped at any width
     add_completion=True,  # --install-completion: choices complete in bash, zsh, fish, PowerShell
     context_settings={"help_option_names": ["-h", "--help"]},
 )

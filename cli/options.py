@@ -184,9 +184,10 @@ SamplesOpt = Annotated[
         "--samples",
         "--random",
         min=0,
-        help="Seeded random samples to feed, with every edge case. Default: 64, fewer for a "
-        "model whose forward is slow (the check is sized to a few seconds; the slowest get 2 "
-        "with only the zeros and ±large edge cases, and a note says so).",
+        help="Seeded random samples to feed, with every edge case. Default: 64, fewer for an "
+        "expensive model (sized on its counted FLOPs, never on the clock, so the same check "
+        "feeds the same samples anywhere; the most expensive get 2 with only the zeros and "
+        "±large edge cases, and a note says what was fed and why).",
         show_default=False,
     ),
 ]
@@ -194,7 +195,8 @@ BatchSizesOpt = Annotated[
     str | None,
     typer.Option(
         "--batch-sizes",
-        help="onnxruntime batch sizes, comma-separated. Default: 1,7,64, or 1,7 for a slow model.",
+        help="onnxruntime batch sizes, comma-separated. Default: 1,7,64, or 1,7 for an "
+        "expensive model; a fixed-batch file: its batch.",
         show_default=False,
     ),
 ]

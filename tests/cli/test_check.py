@@ -449,3 +449,14 @@ def test_torch_default_static_batch_export_is_checked_at_its_batch(
     ort = [r for r in data["results"] if r["runner"].startswith("ort-cpu")]
     assert ort and all(r["passed"] and r["batch_size"] == 4 for r in ort)
     assert all(r["outputs"][0]["shape"][0] == data["inputs"]["samples"] for r in ort)
+
+
+@pytest.mark.parametrize("command", ["check", "onnx"])
+def test_help_wraps_cleanly_at_80_columns(command: str) -> None:
+    res = runner.invoke(app, [command, "--help"], terminal_width=80)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(map(len, lines)) <= 80
+    # the docstring's paragraphs are rewrapped, not cut where its source lines end
+    if command == "check":
+        assert any("factory), or both (your factory with weights)" in ln for ln in lines)
