@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
 from bnexport.cli.options import InputShapeOpt, ModelOpt, TemperatureOpt, load_model_source
-from bnexport.cli.render import console, table
+from bnexport.cli.render import console, print_lines, table, wrap
 
 # Options shared with `bnexport onnx` (same names, same meaning).
 CheckpointArg = Annotated[
@@ -49,6 +49,17 @@ NoVerifyOpt = Annotated[
         "rounding); for models that are random in eval mode. Reported in the output.",
     ),
 ]
+LocalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--localize",
+        help="Compare every fold step with the unfolded model in float64 and name the first "
+        "whose output diverges (done anyway when the self-check fails).",
+    ),
+]
+
+#: Lines of the fold's output are wrapped at this many columns (or the terminal's width).
+REPORT_WIDTH = 100
 
 
 @handle_errors
@@ -64,6 +75,7 @@ def fold_cli(
     report_json: ReportJsonOpt = None,
     strict: StrictOpt = False,
     no_verify: NoVerifyOpt = False,
+    localize: LocalizeOpt = False,
 ) -> None:
     """Fold BatchNorm and temperature into the layers; save a torch.export program (.pt2).
 
@@ -82,7 +94,7 @@ def fold_cli(
     out = console()
     with stage("Loading the model"):
         source = load_model_source(checkpoint, model, input_shape, temperature)
-    folded = fold_and_report(out, source, no_verify, strict)
+    folded = fold_and_report(out, source, no_verify, strict, localize=localize)
 
     with removed_on_error(output):
         with stage("Saving the torch.export program"):
@@ -107,22 +119,31 @@ def fold_cli(
                     "parity": check.to_dict(),
                 },
             )
-    out.print(
+    wrote = (
         f"Wrote {program.path} ({program.size_bytes / 1e6:.2f} MB, sha256 {program.sha256[:16]}…, "
         f"{program.num_nodes} aten ops, dynamic batch); load it with "
         "torch.export.load(path).module()"
     )
+    print_lines(out, wrap(wrote, _width(out)))
     render_program_check(out, check)
     raise typer.Exit(EXIT_OK if check.passed else EXIT_MISMATCH)
 
 
-def fold_and_report(out: Console, source: Any, no_verify: bool, strict: bool) -> Any:
+def _width(out: Console) -> int:
+    return min(out.width, REPORT_WIDTH)
+
+
+def fold_and_report(
+    out: Console, source: Any, no_verify: bool, strict: bool, *, localize: bool = False
+) -> Any:
     """Fold the source's model and print the source and the fold report; exit 1 under --strict
     when a BatchNorm is left (for `fold` and `onnx`)."""
     from bnexport.fold import fold_model
 
     with stage("Folding BatchNorm"):
-        folded = fold_model(source.model, source.example_inputs, verify=not no_verify)
+        folded = fold_model(
+            source.model, source.example_inputs, verify=not no_verify, localize=localize
+        )
     render_source(out, source)
     render_fold_report(out, folded.report)
     if strict and refuse_unfolded(out, folded.report):
@@ -156,103 +177,30 @@ def render_source(out: Console, source: Any) -> None:
         parts.append(f"temperature {source.temperature:g}")
     if source.sha256:
         parts.append(f"sha256 {source.sha256[:16]}…")
-    out.print(", ".join(parts), markup=False, highlight=False)
-    for note in getattr(source, "notes", []):
-        out.print(f"  note: {note}", markup=False, highlight=False)
-
-
-#: Up to this many BatchNorms, the fold table has a row for each; beyond, folded ones are grouped.
-FULL_REPORT_ROWS = 12
-
-
-def _entry_row(e: Any) -> list[str]:
-    into = "-"
-    if e.status == "folded":
-        into = f"{e.into} ({e.layer_type}, {e.direction})"
-        if e.new_module:
-            into += f" as {e.new_module}"
-    change = "-" if e.max_rel_weight_change is None else f"{e.max_rel_weight_change:.3g}"
-    why = [e.reason] if e.reason else []
-    if e.chain_stop:
-        why.append(f"chain stops: {e.chain_stop}")
-    if e.subnormals_flushed:
-        why.append(f"{e.subnormals_flushed} subnormals flushed to 0")
-    why += list(e.notes)
-    cells = [f"{e.bn} ({e.bn_type})", e.status, into, e.chain or "-", change]
-    return [escape(c) for c in [*cells, "; ".join(why) or "-"]]
-
-
-def _group_label(entries: list[Any]) -> str:
-    """``32 × BatchNorm2d:`` and the first and last module paths, a line each."""
-    return f"{len(entries)} × {entries[0].bn_type}:\n{entries[0].bn} …\n{entries[-1].bn}"
-
-
-def _grouped_rows(report: Any) -> tuple[list[list[str]], list[str]]:
-    """Rows for a long report: one per (type, layer type, direction, chain) group of plain folds
-    and one per (type, reason code, chain) group of left BatchNorms; an entry with notes (shared
-    layer, chain stop, subnormals) or alone in its group keeps its own row. Also returns a line
-    per group of left BatchNorms: the reason code's meaning and its first entry's full reason."""
-    from bnexport.fold.report import REASONS
-
-    rows: list[list[str]] = []
-    folded: dict[tuple[Any, ...], list[Any]] = {}
-    left: dict[tuple[Any, ...], list[Any]] = {}
-    for e in report.entries:
-        if e.notes or e.chain_stop or e.subnormals_flushed or e.new_module:
-            rows.append(_entry_row(e))
-        elif e.status == "folded":
-            folded.setdefault((e.bn_type, e.layer_type, e.direction, e.chain), []).append(e)
-        else:
-            left.setdefault((e.bn_type, e.reason_code, e.chain), []).append(e)
-    for (_, layer_type, direction, chain), entries in folded.items():
-        if len(entries) == 1:
-            rows.append(_entry_row(entries[0]))
-            continue
-        change = max(e.max_rel_weight_change or 0.0 for e in entries)
-        cells = [_group_label(entries), "folded", f"{layer_type}, {direction}", chain]
-        rows.append([escape(c) for c in [*cells, f"≤ {change:.3g}", "-"]])
-    examples = []
-    for (_, code, chain), entries in left.items():
-        if len(entries) == 1:
-            rows.append(_entry_row(entries[0]))
-            continue
-        cells = [_group_label(entries), "left", "-", chain or "-", "-", str(code)]
-        rows.append([escape(c) for c in cells])
-        meaning = f" ({REASONS[code]})" if code in REASONS else ""
-        examples.append(f"{code}{meaning}, e.g. {entries[0].bn}: {entries[0].reason}")
-    return rows, examples
+    width = _width(out)
+    lines = wrap(", ".join(parts), width)
+    lines += [w for note in getattr(source, "notes", []) for w in wrap(note, width, "  note: ")]
+    print_lines(out, lines)
 
 
 def render_fold_report(out: Console, report: Any) -> None:
-    """The fold report as a table: a row per BatchNorm folded or left (always with its reason),
-    grouped when there are many, then the scale/shift chains folded without a BatchNorm."""
-    examples: list[str] = []
-    if len(report.entries) <= FULL_REPORT_ROWS:
-        rows = [_entry_row(e) for e in report.entries]
-    else:
-        rows, examples = _grouped_rows(report)
-    n = len(report.entries)
-    title = (
-        f"Fold report: {len(report.folded)} folded, {len(report.left)} left "
-        f"(of {n} BatchNorm{'' if n == 1 else 's'})"
-    )
-    if n > FULL_REPORT_ROWS:
-        title += "; --report-json lists each"
-    if rows:
-        out.print(table(title, ["BN", "status", "into", "chain", "max |ΔW|/|W|", "reason"], rows))
-    else:
-        out.print(f"{title}: nothing to fold", markup=False)
-    for example in examples:
-        out.print(f"  left: {example}", markup=False, highlight=False)
-    for c in report.chains:
-        out.print(f"Scale/shift chain: {c}", markup=False, highlight=False)
-    v = report.verification
-    if v:
-        from bnexport.fold.report import verification_line
+    """The fold report (`bnexport.fold.tables`) at most `REPORT_WIDTH` columns wide: a row per
+    BatchNorm (alike ones grouped when there are many), module paths never broken; then why each
+    was left, the scale/shift chains without a BatchNorm, the self-check, the localization and
+    the notes, wrapped."""
+    from bnexport.fold.tables import REPORT_COLUMNS, footer_lines, report_rows, title
 
-        out.print(verification_line(v), markup=False, highlight=False)
-    for note in report.notes:
-        out.print(f"  note: {note}", markup=False, highlight=False)
+    width = _width(out)
+    rows, lines = report_rows(report)
+    if rows:
+        cells = [[escape(c) for c in row] for row in rows]
+        grid = table(None, REPORT_COLUMNS, cells, whole_words=True)
+        print_lines(out, wrap(title(report), width))
+        out.print(grid, width=width)
+    else:
+        print_lines(out, wrap(f"{title(report)}: nothing to fold", width))
+    lines += footer_lines(report)
+    print_lines(out, [w for line in lines for w in wrap(line, width, "  ", "    ")])
 
 
 def refuse_unfolded(out: Console, report: Any) -> bool:
@@ -260,11 +208,10 @@ def refuse_unfolded(out: Console, report: Any) -> bool:
     if not report.left:
         return False
     names = ", ".join(e.bn for e in report.left)
-    out.print(
-        f"--strict: {len(report.left)} BatchNorm layer(s) left unfolded ({names}); no file written",
-        markup=False,
-        highlight=False,
+    text = (
+        f"--strict: {len(report.left)} BatchNorm layer(s) left unfolded ({names}); no file written"
     )
+    print_lines(out, wrap(text, _width(out)))
     return True
 
 
@@ -285,15 +232,17 @@ def render_program_check(out: Console, check: Any) -> None:
                 "PASS" if o.passed else "FAIL",
             ]
         )
+    width = _width(out)
     out.print(
         table(
             "Saved program vs unfolded model (PyTorch, CPU)",
             ["output", "samples", "error", "error/floor", "limit", "argmax", "result"],
             rows,
-        )
+        ),
+        width=width,
     )
     sets = ", ".join(f"{s['name']} ({s['samples']})" for s in check.inputs.get("sets", []))
-    out.print(f"Inputs: {sets}", markup=False, highlight=False)
+    lines = [f"Inputs: {sets}"]
     for o in check.outputs:
         if o.passed:
             continue
@@ -309,8 +258,9 @@ def render_program_check(out: Console, check: Any) -> None:
                 f"{o.violations} of {o.elements} elements outside {o.tolerance}; would pass with "
                 f"atol {o.min_atol_scale:.3g} or rtol {o.min_rtol:.3g}"
             )
-        out.print(f"Mismatch in {o.name!r}: {why}; worst: {worst}", markup=False, highlight=False)
-    out.print("Parity: PASS" if check.passed else "Parity: FAIL", markup=False)
+        lines.append(f"Mismatch in {o.name!r}: {why}; worst: {worst}")
+    lines.append("Parity: PASS" if check.passed else "Parity: FAIL")
+    print_lines(out, [w for line in lines for w in wrap(line, width)])
 
 
 @contextlib.contextmanager

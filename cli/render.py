@@ -26,16 +26,51 @@ def console() -> Console:
     return Console(no_color=True, width=width, soft_wrap=True, highlight=False, emoji=False)
 
 
-def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    """A rich table: boxed on a terminal, plain aligned columns when piped."""
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    whole_words: bool = False,
+) -> Table:
+    """A rich table: boxed on a terminal, plain aligned columns when piped. ``whole_words``: no
+    column is narrower than its longest word (a module path is never broken mid-name; cells wrap
+    at spaces and at their own line breaks)."""
     boxed = sys.stdout.isatty()
     kwargs: dict[str, Any] = {} if boxed else {"box": None, "show_edge": False}
     t = Table(title=title, title_justify="left", **kwargs)
-    for col in columns:
-        t.add_column(col, overflow="fold")
+    for k, col in enumerate(columns):
+        longest = max((len(w) for row in rows for w in str(row[k]).split()), default=0)
+        t.add_column(col, overflow="fold", min_width=longest if whole_words else None)
     for row in rows:
         t.add_row(*(str(v) for v in row))
     return t
+
+
+def wrap(text: str, width: int, first: str = "", rest: str = "  ") -> list[str]:
+    """``text`` wrapped at ``width`` columns at spaces (indented ``first``, then ``rest``); its
+    own line breaks kept; a word longer than a line (a long path) is never broken."""
+    import textwrap
+
+    return [
+        line
+        for k, para in enumerate(text.split("\n"))
+        for line in textwrap.wrap(
+            para,
+            width,
+            initial_indent=first if k == 0 else rest,
+            subsequent_indent=rest,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        or [""]
+    ]
+
+
+def print_lines(out: Console, lines: Sequence[str]) -> None:
+    """Print each line as typed: no markup, no emoji codes, no highlighting, no rewrapping."""
+    for line in lines:
+        out.print(line, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
 def duration(seconds: float) -> str:

@@ -134,7 +134,8 @@ def test_strict_exits_1_and_writes_nothing_when_a_batchnorm_is_left(
     args = ["fold", "--model", f"{user_models}:BnFirst", "--input-shape", "6"]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "x.pt2"), "--strict"])
     assert result.exit_code == 1, result.output
-    assert "left" in result.stdout and "bn (BatchNorm1d)" in result.stdout
+    assert "left: nonlinearity" in result.stdout and "(BatchNorm1d)" in result.stdout
+    assert "left bn: relu (call function relu) sits between bn and out" in result.stdout
     assert list(tmp_path.iterdir()) == []
 
     # Without --strict the BN stays, the report says why, and the program still matches.
@@ -207,12 +208,12 @@ def test_a_long_fold_report_groups_folded_and_left_batchnorms_in_100_columns() -
         "Fold report: 15 folded, 4 left (of 19 BatchNorms); --report-json lists each"
     )
     # A group's first cell is its count and type, then its first and last paths, a line each.
-    assert re.search(r"14 × BatchNorm2d: folded Conv2d, after BatchNorm2d ≤ \S+ - 1 … 27 ", flat)
-    assert re.search(rf"3 × BatchNorm2d: left - BatchNorm2d - {codes[1]} 33 … 37 ", flat)
-    assert "29 (BatchNorm2d) folded 28 (ConvTranspose2d," in flat  # alone in its group: own row
+    assert re.search(r"14 × BatchNorm2d into Conv2d BatchNorm2d ≤ \S+ 1 … \(after\) 27 ", flat)
+    assert re.search(rf"3 × BatchNorm2d left: {codes[1]} BatchNorm2d - 33 … 37 ", flat)
+    assert "29 into 28 BatchNorm2d" in flat  # alone in its group: its own row
     single, grouped = report.left[0], report.left[1]
-    assert " ".join(single.reason.split()) in flat  # a left BN on its own row has its full reason
-    assert f"left: {codes[1]} (" in flat
+    assert " ".join(f"left {single.bn}: {single.reason}".split()) in flat  # its full reason
+    assert f"left: {codes[1]} × 3 (" in flat
     assert " ".join(f"e.g. {grouped.bn}: {grouped.reason}".split()) in flat
     assert all(len(line) <= 100 for line in lines), text
     assert len(lines) <= 24, text  # a row per BatchNorm would take over 35

@@ -155,7 +155,7 @@ def test_folded_export_holds_only_conv_relu_reshape_gemm_and_passes(folded_run, 
     assert result.exit_code == 0, result.output
     assert _ops(out) == ["Conv", "Gemm", "Relu", "Reshape"]
     assert "Fold report: 1 folded, 0 left" in result.stdout
-    assert "bn1 (TemperatureBatchNorm2d)" in result.stdout and "conv1" in result.stdout
+    assert "(TemperatureBatchNorm2d)" in result.stdout and "into conv1" in result.stdout
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
     _assert_matches(_ort(out, X7.numpy()), net_forward_f64(ckpt[2], X7, TEMPERATURE))
 
