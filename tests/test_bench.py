@@ -176,3 +176,24 @@ def test_report_to_dict_is_json_with_versions_threads_and_cpu(report: BenchRepor
     assert d["config"]["batch_sizes"] == [1, 4]
     assert len(d["measurements"]) == len(report.measurements)
     assert d["flops"]["per_image"] == 953_344
+
+
+def test_a_tuned_file_is_benched_with_every_setting_it_carries(tmp_path: Path) -> None:
+    """Its ort_config keys and its session config entries (which onnxruntime never reads from a
+    file: bnexport's factory applies them); a file carrying only ort_config is opted in."""
+    from tiny_onnx import conv_net, save
+
+    from bnexport.bench.candidates import tuned_candidates
+    from bnexport.ort_config import OrtSettings, effective_settings
+    from bnexport.tune import with_ort_config
+
+    off = {"session.disable_prepacking": "1"}
+    settings = OrtSettings(intra_op_num_threads=1, session_config_entries=off)  # type: ignore[arg-type]
+    carried = save(with_ort_config(conv_net(), settings), tmp_path / "t.onnx")
+    plain = save(
+        with_ort_config(conv_net(), OrtSettings(intra_op_num_threads=1)), tmp_path / "p.onnx"
+    )
+    (info, runner), (plain_info, _) = tuned_candidates([carried, plain], ["x"])
+    assert effective_settings(runner.session, off) == settings
+    assert "prepacking=off" in info.label and "apply" in info.session_options["opened"]
+    assert plain_info.session_options["opened"] == "ORT_LOAD_CONFIG_FROM_MODEL=1"

@@ -9,7 +9,8 @@
   options (`bnexport.ort.SessionConfig`);
 * ``ort_bnexport_cuda`` — the same file on onnxruntime's CUDA provider, only when
   `bnexport.ort.probe_cuda` proves it runs (otherwise listed as unavailable, with the reason);
-* ``ort_tuned:<file>`` — a file from ``bnexport tune``, opened with its own ``ort_config``.
+* ``ort_tuned:<file>`` — a file from ``bnexport tune``, opened with what it carries (its
+  ``ort_config``; its session config entries through bnexport's session factory).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _tuned_candidate(
     path: Path, name: str, feed_names: Sequence[str]
 ) -> tuple[CandidateInfo, OnnxRuntimeRunner]:
     from bnexport.onnx_file import check_onnx_path
-    from bnexport.ort import make_session
+    from bnexport.ort import ORT_DEFAULTS, make_session
     from bnexport.ort_config import model_settings
 
     check_onnx_path(path, "--tuned")
@@ -158,17 +159,21 @@ def _tuned_candidate(
             f"{path} carries no ort_config session options; tune it first "
             "(bnexport tune MODEL.onnx -o TUNED.onnx)"
         )
+    # Session config entries are never read by onnxruntime from a file: bnexport's factory
+    # applies them (as bnexport serve does); without any, the file is opened as a deployer opts in.
+    how = "apply" if settings.session_config_entries else "opt_in"
+    opened = {
+        "apply": "bnexport.ort.make_session(file_settings='apply') over onnxruntime's defaults",
+        "opt_in": "ORT_LOAD_CONFIG_FROM_MODEL=1",
+    }[how]
     t0 = time.perf_counter()
-    session = make_session(path, file_settings="opt_in")
+    session = make_session(path, ORT_DEFAULTS, file_settings=how)
     init_s = time.perf_counter() - t0
     info = CandidateInfo(
         name,
-        f"onnxruntime CPU, {path.name} (its ort_config: {settings.label()})",
+        f"onnxruntime CPU, {path.name} (what it carries: {settings.label()})",
         True,
-        session_options={
-            "ort_config": settings.to_dict(),
-            "opt_in": "ORT_LOAD_CONFIG_FROM_MODEL=1",
-        },
+        session_options={"ort_config": settings.to_dict(), "opened": opened},
         model_path=str(path),
         op_counts=op_counts(path),
         init_s=init_s,
