@@ -209,6 +209,19 @@ def discard(path: str | os.PathLike[str]) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def settle_failed(path: str | os.PathLike[str], keep: bool) -> Path | None:
+    """After a failed parity check: the file at ``path`` moved to `failed_path` (``keep``) or
+    removed, so nothing is left at ``path``. Returns where it was kept (None: removed)."""
+    path = Path(path)
+    if not keep:
+        discard(path)
+        return None
+    target = failed_path(path)
+    with _naming(target):
+        os.replace(path, target)
+    return target
+
+
 def json_text(data: Any) -> str:
     """`data` as bnexport writes JSON: indented, non-JSON values as strings, a final newline."""
     return json.dumps(data, indent=2, default=str) + "\n"

@@ -17,7 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
-from bnexport.cli.options import InputShapeOpt, ModelOpt, TemperatureOpt, load_model_source
+from bnexport.cli.options import (
+    InputShapeOpt,
+    KeepFailedOpt,
+    ModelOpt,
+    TemperatureOpt,
+    load_model_source,
+)
 from bnexport.cli.render import console, print_lines, table, wrap
 
 # Options shared with `bnexport onnx` (same names, same meaning).
@@ -76,6 +82,7 @@ def fold_cli(
     strict: StrictOpt = False,
     no_verify: NoVerifyOpt = False,
     localize: LocalizeOpt = False,
+    keep_failed: KeepFailedOpt = False,
 ) -> None:
     """Fold BatchNorm and temperature into the layers; save a torch.export program (.pt2).
 
@@ -83,18 +90,25 @@ def fold_cli(
 
     Prints the fold report and the saved program's parity with the unfolded model.
 
-    Exit 0: parity holds; 1: mismatch, or a BatchNorm left with --strict; 2: bad input.
+    Exit 0: parity holds; 1: mismatch (nothing left at -o; --keep-failed keeps the program as
+    NAME.failed.pt2), or a BatchNorm left with --strict (nothing written); 2: bad input.
     """
-    from bnexport.files import check_output_paths, write_json
+    from bnexport.files import check_output_paths, discard, failed_path, write_json
 
-    check_output_paths({"-o": output, "--report-json": report_json}, [checkpoint])
+    failed = failed_path(output) if keep_failed else None
+    outputs = {"-o": output, "--report-json": report_json, "--keep-failed": failed}
+    check_output_paths(outputs, [checkpoint])
     from bnexport.export import save_program
     from bnexport.parity.program import check_program
 
     out = console()
     with stage("Loading the model"):
         source = load_model_source(checkpoint, model, input_shape, temperature)
-    folded = fold_and_report(out, source, no_verify, strict, localize=localize)
+    try:
+        folded = fold_and_report(out, source, no_verify, strict, localize=localize)
+    except typer.Exit:  # --strict: a BatchNorm left, exit 1: nothing at -o
+        discard(output)
+        raise
 
     with removed_on_error(output):
         with stage("Saving the torch.export program"):
@@ -126,6 +140,8 @@ def fold_cli(
     )
     print_lines(out, wrap(wrote, _width(out)))
     render_program_check(out, check)
+    if not check.passed:
+        settle_failed_file(out, output, keep_failed)
     raise typer.Exit(EXIT_OK if check.passed else EXIT_MISMATCH)
 
 
@@ -272,6 +288,16 @@ def stage(description: str) -> Iterator[None]:
         return
     with err.status(f"{description}…"):
         yield
+
+
+def settle_failed_file(out: Console, output: Path, keep_failed: bool) -> None:
+    """A file whose parity check failed is not left at -o: removed, or with --keep-failed moved
+    to NAME.failed.SUFFIX (`bnexport.files.settle_failed`; the rule in docs/reference.md)."""
+    from bnexport.files import settle_failed
+
+    kept = settle_failed(output, keep_failed)
+    where = f"kept as {kept} (--keep-failed)" if kept else "removed (--keep-failed keeps it)"
+    out.print(f"Parity failed: {output} {where}", markup=False, highlight=False)
 
 
 @contextlib.contextmanager

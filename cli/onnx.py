@@ -24,6 +24,7 @@ from bnexport.cli.fold import (
     fold_and_report,
     removed_on_error,
     render_source,
+    settle_failed_file,
     source_summary,
     stage,
 )
@@ -34,6 +35,7 @@ from bnexport.cli.options import (
     AtolOpt,
     BatchSizesOpt,
     InputShapeOpt,
+    KeepFailedOpt,
     ModelOpt,
     NoiseFactorOpt,
     OptLevelsOpt,
@@ -110,6 +112,7 @@ def onnx_cli(
     batch_sizes: BatchSizesOpt = None,
     opt_levels: OptLevelsOpt = DEFAULT_OPT_LEVELS,
     verbose: VerboseOpt = False,
+    keep_failed: KeepFailedOpt = False,
 ) -> None:
     """Fold BatchNorm and temperature, export one self-contained ONNX file, check its parity.
 
@@ -121,14 +124,18 @@ def onnx_cli(
 
     Then (unless --no-check) it runs `bnexport check` against the unfolded model.
 
-    Exit 0: parity holds; 1: mismatch, or with --strict a BatchNormalization left in the file's
-    graph (--strict judges the file: a BatchNorm the fold left and the exporter fused passes);
-    2: bad input.
+    Exit 0: parity holds; 1: mismatch (nothing left at -o; --keep-failed keeps the file as
+    NAME.failed.onnx), or with --strict a BatchNormalization left in the file's graph (--strict
+    judges the file: a BatchNorm the fold left and the exporter fused passes); 2: bad input.
     """
     from bnexport.errors import BnexportError
-    from bnexport.files import check_output_paths
+    from bnexport.files import check_output_paths, failed_path
+    from bnexport.ort import show_log
 
-    check_output_paths({"-o": output, "--report-json": report_json}, [checkpoint])
+    show_log(verbose)
+    failed = failed_path(output) if keep_failed else None
+    outputs = {"-o": output, "--report-json": report_json, "--keep-failed": failed}
+    check_output_paths(outputs, [checkpoint])
     if no_fold and strict:
         raise BnexportError("--strict needs folding; drop --no-fold or --strict")
     out_names = split_names(output_names, "--output-names")
@@ -168,6 +175,8 @@ def onnx_cli(
         out.print("Parity check skipped (--no-check).")
         raise typer.Exit(EXIT_OK)
     render_report(parity, verbose=verbose)  # `bnexport check`'s rendering: the same table
+    if not parity.passed:
+        settle_failed_file(out, output, keep_failed)
     raise typer.Exit(EXIT_OK if parity.passed else EXIT_MISMATCH)
 
 
