@@ -16,7 +16,7 @@ $(VENV)/.cpu: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.cpu
-	$(PIP) install -q -c constraints.txt -e '.[cpu,dev,real,serve]'
+	$(PIP) install -q -c constraints.txt -e '.[cpu,dev,real,serve,report]'
 	touch $@
 
 ## demo: fold the shipped model, export it to ONNX and prove parity on onnxruntime

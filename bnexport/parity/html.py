@@ -26,6 +26,8 @@ PASS_COLOR = "#2a7d3f"
 FAIL_COLOR = "#c0392b"
 LIMIT_COLOR = "#555555"
 FIG_WIDTH_IN = 9.0
+#: A fold with more BatchNorms than this is listed folded away (click to open).
+FOLD_ROWS_OPEN = 24
 STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
        max-width: 1000px; color: #222; line-height: 1.4; padding: 0 1em; }
@@ -35,7 +37,8 @@ h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; border-botto
 .pass { background: #2a7d3f; } .fail { background: #c0392b; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
 td, th { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.bad td { background: #fdecea; } tr.first td { background: #f9c9c3; font-weight: bold; }
 code { background: #f3f3f3; padding: 0 .2em; border-radius: 3px; }
 .muted { color: #666; } figure { margin: .5em 0; } svg { max-width: 100%; height: auto; }
@@ -81,14 +84,22 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.{digits}g}")
 
 
-def _table(head: Sequence[str], rows: Iterable[Sequence[Any]], classes: Sequence[str] = ()) -> str:
+def _table(
+    head: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    classes: Sequence[str] = (),
+    numeric: Sequence[int] = (),
+) -> str:
+    """A table; cells that are numbers, or in the ``numeric`` columns, right-aligned, unwrapped."""
     cells = "".join(f"<th>{_e(h)}</th>" for h in head)
     out = [f"<table><tr>{cells}</tr>"]
     for i, row in enumerate(rows):
         cls = f" class='{classes[i]}'" if i < len(classes) and classes[i] else ""
         tds = "".join(
-            f"<td class='num'>{_e(c)}</td>" if isinstance(c, int | float) else f"<td>{_e(c)}</td>"
-            for c in row
+            f"<td class='num'>{_e(c)}</td>"
+            if isinstance(c, int | float) or k in numeric
+            else f"<td>{_e(c)}</td>"
+            for k, c in enumerate(row)
         )
         out.append(f"<tr{cls}>{tds}</tr>")
     out.append("</table>")
@@ -161,9 +172,11 @@ def _output_figure(name: str, rows: Sequence[tuple[Any, Any]]) -> Figure:
     ratios = [o.error / o.limit if o.error is not None and o.limit else o.margin for _, o in rows]
     colors = [PASS_COLOR if o.passed else FAIL_COLOR for _, o in rows]
     shown = [max(v, 1e-3) for v in ratios]
-    left.barh(labels, shown, color=colors)
+    bars = left.barh(labels, shown, color=colors)
+    left.bar_label(bars, [f"{_fmt(v, 2)}×" for v in ratios], padding=3, fontsize=8)
     left.axvline(1.0, color=LIMIT_COLOR, linestyle="--", label="budget")
     left.set_xscale("log")
+    left.set_xlim(min([*shown, 1.0]) / 3, max([*shown, 1.0]) * 30)
     left.set_xlabel("error / budget (≤ 1 passes)")
     left.invert_yaxis()
     left.legend(loc="lower right", fontsize=8)
@@ -178,7 +191,7 @@ def _output_figure(name: str, rows: Sequence[tuple[Any, Any]]) -> Figure:
     right.set_xticks(
         range(len(hist)), [k.replace("..", "–") for k in hist], rotation=60, fontsize=7
     )
-    right.set_yscale("symlog")
+    right.set_yscale("symlog", linthresh=1)
     right.set_ylabel("elements")
     right.set_title(f"|a − r| of {worst_r.runner} (b{worst_r.batch_size})", fontsize=10)
     if worst_o.limit and worst_o.ref_max_abs:
@@ -259,6 +272,7 @@ def _layers(report: ParityReport) -> str:
             ],
             rows,
             classes,
+            numeric=(2, 3, 4, 5),
         )
     )
     unmapped = loc.layer_map.unmapped
@@ -277,9 +291,14 @@ def _profile(ordered: Sequence[Any], first: Any) -> Figure:
     ax = fig.subplots()
     xs = [r.layer.order for r in ordered]
     ys = [max(r.comparison.noise_ratio or r.comparison.margin, 1e-3) for r in ordered]
-    colors = [PASS_COLOR if r.passed else FAIL_COLOR for r in ordered]
     ax.plot(xs, ys, color="#999999", linewidth=0.8, zorder=1)
-    ax.scatter(xs, ys, c=colors, s=18, zorder=2)
+    ok = [i for i, r in enumerate(ordered) if r.passed]
+    bad = [i for i, r in enumerate(ordered) if not r.passed]
+    for idx, color, label in ((ok, PASS_COLOR, "agrees"), (bad, FAIL_COLOR, "exceeds its budget")):
+        if idx:
+            ax.scatter(
+                [xs[i] for i in idx], [ys[i] for i in idx], c=color, s=18, zorder=2, label=label
+            )
     limits = [
         r.comparison.limit / r.comparison.floor
         for r in ordered
@@ -287,7 +306,7 @@ def _profile(ordered: Sequence[Any], first: Any) -> Figure:
     ]
     if limits:
         ax.axhline(max(limits), color=LIMIT_COLOR, linestyle="--", label=f"limit {max(limits):g}×")
-        ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("module call, in execution order")
     ax.set_ylabel("error / noise floor")
@@ -296,12 +315,16 @@ def _profile(ordered: Sequence[Any], first: Any) -> Figure:
         ax.annotate(
             f"first failing: {first.layer.key}",
             (first.layer.order, y),
-            xytext=(10, -18),
+            xytext=(-30 if first.layer.order > xs[-1] * 0.7 else 30, -45),
             textcoords="offset points",
+            ha="right" if first.layer.order > xs[-1] * 0.7 else "left",
+            va="top",
             fontsize=9,
             color=FAIL_COLOR,
             arrowprops={"arrowstyle": "->", "color": FAIL_COLOR},
+            bbox={"boxstyle": "round", "fc": "white", "ec": FAIL_COLOR},
         )
+        ax.scatter([first.layer.order], [y], s=120, facecolors="none", edgecolors=FAIL_COLOR)
     ax.set_title("per-layer error along the depth", fontsize=10)
     return fig
 
@@ -343,7 +366,7 @@ def _worst(report: ParityReport) -> str:
         "|error|",
         "allowed",
     ]
-    return "<h2>Worst samples</h2>" + _table(head, rows, classes)
+    return "<h2>Worst samples</h2>" + _table(head, rows, classes, numeric=(5, 6, 7, 8))
 
 
 def _fold(report: ParityReport) -> str:
@@ -365,11 +388,12 @@ def _fold(report: ParityReport) -> str:
         f"{fold.get('folded', 0)} of {fold.get('batchnorms', 0)} BatchNorms folded, "
         f"{fold.get('left', 0)} left"
     )
-    return f"<h2>Fold</h2><p>{_e(head)}.</p>" + _table(
-        ["BatchNorm", "type", "status", "into", "chain", "why left"], rows
-    )
+    table = _table(["BatchNorm", "type", "status", "into", "chain", "why left"], rows)
+    if len(rows) > FOLD_ROWS_OPEN:
+        table = f"<details><summary>every BatchNorm ({len(rows)})</summary>{table}</details>"
+    return f"<h2>Fold</h2><p>{_e(head)}.</p>" + table
 
 
 def _machine(report: ParityReport) -> str:
     rows = [[k, v] for k, v in {**report.device, **report.versions}.items()]
-    return "<h2>Machine and versions</h2>" + _table(["", ""], rows)
+    return "<h2>Machine and versions</h2>" + _table(["what", "value"], rows)
