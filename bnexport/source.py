@@ -217,6 +217,13 @@ def _net_source(
     )
 
 
+#: Said when a --model factory returns its model in train mode (every command runs it in eval).
+TRAIN_MODE_NOTE = (
+    "the factory returned the model in train mode; bnexport uses it in eval mode (BatchNorm "
+    "running statistics, dropout off), as an exported model runs"
+)
+
+
 def _user_source(
     checkpoint: str | os.PathLike[str] | None,
     model_spec: str,
@@ -255,6 +262,7 @@ def _user_source(
             raise ModelSpecError(f"{checkpoint}: expected a state_dict, got {type(state).__name__}")
         load_state_dict_strict(model, state, checkpoint)
         sha = sha256_file(checkpoint)
+    notes = [TRAIN_MODE_NOTE] if any(m.training for m in model.modules()) else []
     model.eval()
     examples = example_inputs(specs)
     try:
@@ -282,6 +290,7 @@ def _user_source(
         name=model_spec,
         is_net=False,
         rebuild=rebuild if checkpoint is None else None,
+        notes=notes,
     )
 
 

@@ -143,9 +143,10 @@ def chain_lines(chains: list[ChainEntry]) -> list[str]:
     lines = []
     for (status, layer_type, chain), members in groups.items():
         first = members[0]
-        where = first.layer if len(members) == 1 else f"{first.layer} … {members[-1].layer}"
-        count = "" if len(members) == 1 else f"{len(members)} × "
-        line = f"Scale/shift chain: {status} {count}{chain} after {where} ({layer_type})"
+        where = first.layer
+        if len(members) > 1:
+            where = f"{len(members)} layers, {first.layer} … {members[-1].layer}"
+        line = f"Scale/shift chain {chain} after {where} ({layer_type}): {status}"
         if first.reason:
             line += f": {first.reason}"
         if first.chain_stop:

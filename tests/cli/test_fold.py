@@ -46,6 +46,10 @@ class LinearBn(nn.Module):
         return self.out(torch.relu(self.bn(self.fc(x)) * -2.0))
 
 
+def TrainMode():  # a factory that returns its model in train mode
+    return LinearBn().train()
+
+
 class BnFirst(nn.Module):
     '''BatchNorm1d straight on the input, then ReLU: no layer to fold it into.'''
 
@@ -217,3 +221,114 @@ def test_a_long_fold_report_groups_folded_and_left_batchnorms_in_100_columns() -
     assert " ".join(f"e.g. {grouped.bn}: {grouped.reason}".split()) in flat
     assert all(len(line) <= 100 for line in lines), text
     assert len(lines) <= 24, text  # a row per BatchNorm would take over 35
+
+
+def _lines_fit(text: str, width: int = 100) -> None:
+    lines = text.splitlines()
+    assert lines and all(len(line) <= width for line in lines), text
+
+
+def test_the_shipped_model_fits_100_columns_with_its_type_whole(tmp_path: Path) -> None:
+    out = tmp_path / "net.pt2"
+    result = runner.invoke(
+        app, ["fold", "models/net.pt", "-o", str(out), "--localize"], env={"COLUMNS": "100"}
+    )
+    assert result.exit_code == 0, result.output
+    _lines_fit(result.stdout)
+    assert any(
+        line.strip().startswith("(TemperatureBatchNorm2d)") for line in result.stdout.splitlines()
+    )
+    assert "localization: 1 fold step compared with the unfolded model in float64" in result.stdout
+    assert "none diverges" in " ".join(result.stdout.split())
+
+
+def test_a_train_mode_factory_is_said_to_run_in_eval(user_models: str, tmp_path: Path) -> None:
+    args = ["fold", "--model", f"{user_models}:TrainMode", "--input-shape", "6"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "x.pt2")], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.stdout.split())
+    assert (
+        "note: the factory returned the model in train mode; bnexport uses it in eval mode" in flat
+    )
+    _lines_fit(result.stdout)
+
+
+def test_user_text_is_printed_as_typed(user_models: str, tmp_path: Path) -> None:
+    """rich would turn :rocket: into an emoji and [red] into markup: a wrong path on the screen."""
+    out = tmp_path / "o:rocket:[red]x[/red].pt2"
+    args = ["fold", "--model", f"{user_models}:LinearBn", "--input-shape", "6", "-o", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"Wrote {out} (" in result.stdout
+    assert "🚀" not in result.stdout
+
+
+def test_a_fold_that_fails_its_self_check_is_localized_and_fits_100_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the fold math (a weight 1 % off) breaks the fold of the shipped model's one
+    BatchNorm: the command localizes it, leaves it unfolded and still writes a program that
+    passes."""
+    import bnexport.fold.math as fm
+
+    original = fm.fold_after
+
+    def off(kind, weight, bias, scale, shift, groups=1):  # type: ignore[no-untyped-def]
+        folded = original(kind, weight, bias, scale, shift, groups)
+        return fm.Folded(folded.weight * 1.01, folded.bias)
+
+    monkeypatch.setattr(fm, "fold_after", off)
+    out = tmp_path / "net.pt2"
+    result = runner.invoke(app, ["fold", "models/net.pt", "-o", str(out)], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    _lines_fit(result.stdout)
+    flat = " ".join(result.stdout.split())
+    assert "Fold report: 0 folded, 1 left" in flat and "left: self_check" in flat
+    assert "left bn1: folding it into conv1 failed the float64 self-check" in flat
+    assert "localization: the first fold step whose float64 output diverges is bn1" in flat
+    assert "Parity: PASS" in flat
+
+
+def _render(report: object, width: int = 100) -> str:
+    import io
+
+    from rich.console import Console
+
+    from bnexport.cli.fold import render_fold_report
+
+    buffer = io.StringIO()
+    render_fold_report(Console(file=buffer, width=width), report)
+    return buffer.getvalue()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    ("name", "folded", "left"),
+    [
+        ("torchvision/resnet50", 53, 0),
+        ("timm/levit_128s", 52, 0),
+        ("timm/resnetv2_50", 32, 17),  # pre-activation: BNs left, with reasons
+    ],
+)
+def test_real_fold_reports_fit_100_columns(name: str, folded: int, left: int) -> None:
+    from real.tv_compat import ensure_torchvision_ops
+
+    ensure_torchvision_ops()  # before timm imports torchvision (a CPU-only torch build)
+    pytest.importorskip("timm")
+    from real.zoo import REAL_MODELS
+
+    from bnexport.fold import fold_model
+
+    model, inputs = REAL_MODELS[name]()
+    report = fold_model(model, inputs).report
+    assert (len(report.folded), len(report.left)) == (folded, left)
+    text = _render(report)
+    _lines_fit(text)
+    assert len(text.splitlines()) <= 40, text
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    tops = {n.split(".")[0] for n in names if n}
+    for line in text.splitlines():  # a module path is never broken: every one is whole
+        for word in line.split():
+            word = word.strip("(),:;…")
+            if "." in word and word.split(".")[0] in tops:
+                assert word in names, f"{word!r} is no path of {name}:\n{text}"
