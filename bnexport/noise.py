@@ -159,39 +159,69 @@ def sample_errors(candidate: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def noise_floor(
-    draws: Iterable[np.ndarray],
-    truth: np.ndarray,
-    edge: np.ndarray | None,
-    reordered: Iterable[np.ndarray] = (),
+    draws: Iterable[np.ndarray], truth: np.ndarray, edge: np.ndarray | None
 ) -> tuple[float, np.ndarray]:
-    """``(N, ungated)`` for one output: the worst fp32 error over the reference's ``draws`` and
-    the ``reordered`` ones (its sums added in another order) on the gated samples, and which
-    samples are left out as ill-conditioned edge cases (module docstring). ``edge`` marks the
-    edge-case samples (None: no sample is left out). Ill-conditioning is judged on ``draws``
-    alone: a long sum of same-signed terms (a constant image's map) errs more in sequential
-    order without being ill-conditioned."""
+    """``(N, ungated)`` for one output: the worst fp32 error over the reference's ``draws`` and the
+    gated samples, and which samples are left out as ill-conditioned edge cases (module
+    docstring). ``edge`` marks the edge-case samples (None: no sample is left out)."""
     per = np.max([sample_errors(d, truth) for d in draws], axis=0)
     ungated = np.zeros(per.shape, dtype=bool)
     if edge is not None and edge.shape == per.shape and (~edge).any():
         eps = float(np.finfo(np.float32).eps)
         data = max(float(per[~edge].max()), NOISE_FLOOR_ULPS * eps)
         ungated = edge & (per > ILL_CONDITIONED_RATIO * data)
-    for draw in reordered:
-        per = np.maximum(per, sample_errors(draw, truth))
     gated = per[~ungated]
     return (float(gated.max()) if gated.size else float(per.max())), ungated
+
+
+def order_floors(
+    reordered: Iterable[np.ndarray], truth: np.ndarray, noise: float
+) -> np.ndarray | None:
+    """Each sample's noise floor ``Nᵢ = max(N, Rᵢ)``: PyTorch's own ``N`` (`noise_floor`), raised
+    on the samples where the ``reordered`` draws (the reference with its long sums added in
+    another order, `bnexport.parity.orders`) err more, ``Rᵢ`` their worst error on sample ``i``.
+
+    Order raises the floor only where it changes the result: on conv → global pool 64×64 the
+    constant images' long same-signed sums err 12× PyTorch's own in 8-lane order, the random
+    samples' do not, so a fault still has to hide under PyTorch's own floor there. None when
+    there is no reordered draw."""
+    draws = [sample_errors(d, truth) for d in reordered]
+    if not draws:
+        return None
+    return np.maximum(np.max(draws, axis=0), noise)
 
 
 def draw_floors(
     draws: Iterable[np.ndarray], truth: np.ndarray, ungated: np.ndarray | None
 ) -> list[float]:
-    """Each draw's own ``N`` over the gated samples (which draw sets the floor, for a report)."""
+    """Each draw's own worst error over the gated samples (which draw sets a floor, for a
+    report)."""
     floors = []
     for draw in draws:
         per = sample_errors(draw, truth)
         keep = per if ungated is None or ungated.shape != per.shape else per[~ungated]
         floors.append(float(keep.max()) if keep.size else float(per.max()))
     return floors
+
+
+def worst_sample(
+    candidate: np.ndarray, truth: np.ndarray, floors: np.ndarray, eps: float
+) -> tuple[SampleError, float]:
+    """``(E at the worst sample, that sample's floor Nᵢ)``, the worst sample being the one with
+    the largest ``Eᵢ / max(Nᵢ, NOISE_FLOOR_ULPS · eps)`` (`order_floors`)."""
+    tru = np.asarray(truth, dtype=np.float64)
+    per = sample_errors(candidate, tru)
+    floor = np.maximum(np.broadcast_to(floors, per.shape), NOISE_FLOOR_ULPS * eps)
+    with np.errstate(invalid="ignore"):
+        ratio = np.where(np.isnan(per), np.inf, per / floor)
+    i = int(np.argmax(ratio))
+    at_floor = float(np.broadcast_to(floors, per.shape)[i])
+    if tru.ndim <= 1 or not tru.size:
+        return relative_error(candidate, tru), at_floor
+    rel, full = _relative(candidate, tru)
+    pos = np.unravel_index(int(np.argmax(rel[i])), tru.shape[1:])
+    index = tuple(int(k) for k in pos)
+    return SampleError(float(rel[i][index]), i, index, float(full[i][index])), at_floor
 
 
 def gated_candidate(

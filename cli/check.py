@@ -107,6 +107,16 @@ EdgeCasesOpt = Annotated[
     typer.Option("--edge-cases/--no-edge-cases", help="Feed zeros, constant images and ±1e4."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+TimeBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--time-budget",
+        min=0.001,
+        help="Size the default samples and batch sizes for this many seconds of forwards at "
+        "nominal speed (default 6; counted from the model's FLOPs, never timed).",
+        show_default=False,
+    ),
+]
 Tf32GateOpt = Annotated[
     bool, typer.Option("--tf32-gate", help="Let the CUDA-with-TF32 runner fail the check too.")
 ]
@@ -170,6 +180,7 @@ def check_cli(
     save_inputs: SaveInputsOpt = None,
     bundled: BundledOpt = None,
     samples: SamplesOpt = None,
+    time_budget: TimeBudgetOpt = None,
     edge_cases: EdgeCasesOpt = True,
     seed: SeedOpt = 0,
     tolerance: ToleranceOpt = DEFAULT_TOLERANCE,
@@ -230,6 +241,7 @@ def check_cli(
             edge_cases=edge_cases,
         ),
         samples=samples,
+        **({} if time_budget is None else {"time_budget_s": time_budget}),
         save_inputs=save_inputs,
         **tolerance_config(tolerance, noise_factor, rtol, atol),
         tf32_gate=tf32_gate,

@@ -4,16 +4,19 @@ For the seed Net (``models/net.pt``) and the real models of ``tests/real/zoo.py`
 
 * inputs as `bnexport check` feeds them (bundled images for the Net; seeded random samples and the
   edge cases for the others; ``--random`` samples);
-* the truth: the float64 forward of the unfolded model; the noise floor ``F``: PyTorch fp32's error
-  against it (`bnexport.noise.relative_error`, floored at ``NOISE_FLOOR_ULPS`` ulps);
+* the truth: the float64 forward of the unfolded model; the noise floor ``F``: fp32's error against
+  it (`bnexport.noise.relative_error`, floored at ``NOISE_FLOOR_ULPS`` ulps) over PyTorch at batch
+  32 and batch 1 and, since issue 18, PyTorch with its long sums added in 8 lanes in order
+  (`bnexport.parity.orders`); the old floor (PyTorch's two draws only) is measured too;
 * **correct exports**, as `bnexport onnx` makes them (``fold_model`` + ``export_onnx``): the folded
   PyTorch module and onnxruntime CPU at every optimization level, at batch 1 and batch ``--batch``;
   each as ``E / F`` (a multiple of the noise floor);
 * the **fold self-check**: a float64 copy folded in float64 against the truth, as
   ``E / (2⁻²⁹ · F)`` (the rule's ``ρ`` for float64);
 * **faults** (``--faults`` models), on onnxruntime CPU ``all``, each as ``E / F``: one conv output
-  channel scaled, and one conv bias nudged, so that their effect is ``--fault-target`` × F
-  (calibrated: the effect of a 1e-2 change, measured, scaled linearly, then measured again); the
+  channel scaled, and one conv bias nudged, so that their effect is ``--fault-target`` × the OLD
+  floor (PyTorch's own error; calibrated: the effect of a 1e-2 change, measured, scaled linearly,
+  then measured again), and where the new floor is above the old one, also × the new floor; the
   fold done without eps; one conv kernel transposed; one weight set to NaN; the temperature
   dropped (models that have one: the Net, handmade/two_input_net).
 
@@ -61,10 +64,13 @@ from bnexport.noise import (  # noqa: E402
     NOISE_FLOOR_ULPS,
     gated_candidate,
     noise_floor,
+    order_floors,
     relative_error,
+    worst_sample,
 )
 from bnexport.ort import SessionConfig, make_session  # noqa: E402
 from bnexport.parity.inputs import InputConfig, build_inputs  # noqa: E402
+from bnexport.parity.orders import lane_sums_mode  # noqa: E402
 from bnexport.signature import TensorSpec, name_outputs  # noqa: E402
 from bnexport.source import load_source  # noqa: E402
 
@@ -86,6 +92,13 @@ DEFAULT_MODELS = (
     "timm/rexnet_100",
     "timm/mixnet_s",
     "handmade/two_input_net",
+    # issue 18: long reductions (global pools over big maps, attention softmax, layer norms)
+    "handmade/conv_gap",
+    "timm/levit_128s",
+    "timm/efficientformerv2_s0",
+    "torchvision/convnext_tiny",
+    "torchvision/efficientnet_v2_s",
+    "timm/ghostnetv2_100",
 )
 DEFAULT_FAULTS = (
     NET,
@@ -93,7 +106,11 @@ DEFAULT_FAULTS = (
     "torchvision/mobilenet_v2",
     "torchvision/shufflenet_v2_x1_0",
     "handmade/two_input_net",
+    "handmade/conv_gap",
+    "timm/levit_128s",
 )
+#: A new floor this many times the old one gets faults calibrated to it too.
+RAISED = 1.5
 
 
 def log(msg: str) -> None:
@@ -184,15 +201,21 @@ def ort_forward(
 def ratio(
     cand: dict[str, np.ndarray],
     truth: dict[str, np.ndarray],
-    floor: dict[str, float],
+    floor: dict[str, Any],
     ungated: dict[str, np.ndarray],
 ) -> float:
     """The worst output's ``E / F``, ill-conditioned edge cases left out as `bnexport check`
-    leaves them out (`bnexport.noise.noise_floor`)."""
-    return max(
-        relative_error(gated_candidate(cand[k], truth[k], ungated[k]), truth[k]).value / floor[k]
-        for k in truth
-    )
+    leaves them out (`bnexport.noise.noise_floor`); ``floor[k]`` one value, or one per sample
+    (`bnexport.noise.order_floors`: the worst ``Eᵢ / Nᵢ``)."""
+    worst = 0.0
+    for k in truth:
+        gated = gated_candidate(cand[k], truth[k], ungated[k])
+        if np.ndim(floor[k]):
+            e, n = worst_sample(gated, truth[k], floor[k], EPS32)
+            worst = max(worst, e.value / max(n, NOISE_FLOOR_ULPS * EPS32))
+        else:
+            worst = max(worst, relative_error(gated, truth[k]).value / floor[k])
+    return worst
 
 
 def faults(
@@ -200,21 +223,29 @@ def faults(
     data: bytes,
     feed: dict[str, np.ndarray],
     truth: dict[str, np.ndarray],
-    floor: dict[str, float],
+    floors: dict[str, dict[str, float]],
     ungated: dict[str, np.ndarray],
     target: float,
     tmp: Path,
 ) -> dict[str, float]:
+    """Each fault as ``E / F`` under the new floor; the calibrated ones sized to ``target`` × the
+    old floor (``channel``, ``bias``) and, where the new floor is raised, × the new one too
+    (``channel_new``, ``bias_new``)."""
     convs = ConvInitializers(data)
     out: dict[str, float] = {}
+    new = floors["new"]
 
-    def effect(model: bytes) -> float:
+    def effect(model: bytes, floor: dict[str, float] = new) -> float:
         return ratio(ort_forward(model, feed), truth, floor, ungated)
 
-    out["channel_delta"], out["channel"] = calibrated(
-        lambda d: effect(convs.channel_scaled(d)), target
-    )
-    out["bias_delta"], out["bias"] = calibrated(lambda d: effect(convs.bias_nudged(d)), target)
+    raised = max(float(np.max(new[k])) / floors["old"][k] for k in new) > RAISED
+    for key, edit in (("channel", convs.channel_scaled), ("bias", convs.bias_nudged)):
+        delta, out[f"{key}_old"] = calibrated(
+            lambda d, edit=edit: effect(edit(d), floors["old"]), target
+        )
+        out[key] = effect(edit(delta))
+        if raised:
+            _, out[f"{key}_new"] = calibrated(lambda d, edit=edit: effect(edit(d)), target)
     out["transposed"] = effect(convs.transposed())
     out["nan"] = effect(convs.nan())
     if case.name == NET:  # its BN is matched by what it computes: fold it by hand with eps = 0
@@ -241,42 +272,52 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         feed = case.feed(data)
         names = case.out_names
         truth = torch_forward(copy.deepcopy(case.model).double(), feed, names, torch.float64)
-        # The noise floor: PyTorch fp32's error over two of its execution paths (batch 1 and batch
-        # 32 pick different kernels), as `bnexport check` measures it.
+        # The noise floor as `bnexport check` measures it: fp32's error over PyTorch's own two
+        # execution paths (batch 1 and batch 32 pick different kernels) and PyTorch with its long
+        # sums in another order; the old floor without the last.
         ref = torch_forward(case.model, feed, names, torch.float32)
         ref1 = torch_forward(case.model, feed, names, torch.float32, batch=1)
+        with lane_sums_mode():
+            reordered = torch_forward(case.model, feed, names, torch.float32)
         floors = {k: noise_floor([ref[k], ref1[k]], truth[k], case.edge) for k in names}
         noise = {k: n for k, (n, _) in floors.items()}
         ungated = {k: u for k, (_, u) in floors.items()}
-        floor = {k: max(noise[k], NOISE_FLOOR_ULPS * EPS32) for k in names}
+        floor_old = {k: max(noise[k], NOISE_FLOOR_ULPS * EPS32) for k in names}
+        floor = {k: order_floors([reordered[k]], truth[k], noise[k]) for k in names}
         row: dict[str, Any] = {
             "model": name,
             "samples": int(next(iter(feed.values())).shape[0]),
-            "noise": noise,
+            "noise_old": noise,
+            "noise": {k: float(np.max(f[~ungated[k]])) for k, f in floor.items()},
+            "raised": {k: int((f > noise[k]).sum()) for k, f in floor.items()},
             "ungated": sorted(
                 {case.locate(int(i))[0] for u in ungated.values() for i in np.flatnonzero(u)}
             ),
             "correct": {},
         }
-        row["correct"]["torch-folded"] = ratio(
-            torch_forward(folded, feed, names, torch.float32), truth, floor, ungated
-        )
+        row["correct_old"] = {}
+        candidates = {"torch-folded": torch_forward(folded, feed, names, torch.float32)}
         for level in OPT_LEVELS:
             for batch in (1, args.batch):
-                row["correct"][f"ort-{level}-b{batch}"] = ratio(
-                    ort_forward(data, feed, level, batch), truth, floor, ungated
-                )
+                candidates[f"ort-{level}-b{batch}"] = ort_forward(data, feed, level, batch)
+        for where, got in candidates.items():
+            row["correct"][where] = ratio(got, truth, floor, ungated)
+            row["correct_old"][where] = ratio(got, truth, floor_old, ungated)
         work64 = copy.deepcopy(case.model).double()
         ex64 = tuple(x.double() if x.is_floating_point() else x for x in case.example)
         folded64 = fold_model(work64, ex64, verify=False).module
         got64 = torch_forward(folded64, feed, names, torch.float64)
-        row["self_check"] = ratio(got64, truth, {k: RHO64 * f for k, f in floor.items()}, ungated)
+        row["self_check"] = ratio(
+            got64, truth, {k: RHO64 * f for k, f in floor_old.items()}, ungated
+        )
         if name in args.faults:
-            row["faults"] = faults(case, data, feed, truth, floor, ungated, args.fault_target, tmp)
+            both = {"old": floor_old, "new": floor}
+            row["faults"] = faults(case, data, feed, truth, both, ungated, args.fault_target, tmp)
     row["seconds"] = time.perf_counter() - t0
     worst = max(row["correct"], key=row["correct"].get)
     log(
-        f"{name}: F {max(floor.values()):.3g}, "
+        f"{name}: F {max(floor_old.values()):.3g} (raised to {max(row['noise'].values()):.3g} on "
+        f"{sum(row['raised'].values())} samples), "
         f"worst correct {row['correct'][worst]:.3g} ({worst}), "
         f"self-check {row['self_check']:.3g}, faults {row.get('faults', {})} "
         f"({row['seconds']:.0f} s)"
@@ -287,21 +328,21 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     kinds = ("channel", "bias", "no_eps", "transposed", "nan", "no_temperature")
     head = (
-        "| model | samples | noise floor N | worst correct E/F | where | fold self-check E/(ρF) | "
+        "| model | samples | N old | N | worst correct E/F | where | E/F old | fold self-check | "
         + " | ".join(kinds)
-        + " | mildest fault |"
+        + " | channel, bias at 8×F |"
     )
-    lines = [head, "|" + " --- |" * (6 + len(kinds) + 1)]
+    lines = [head, "|" + " --- |" * (8 + len(kinds) + 1)]
     for r in rows:
         worst = max(r["correct"], key=r["correct"].get)
+        worst_old = max(r["correct_old"].values())
         f = r.get("faults", {})
-        cells = [f"{f[k]:.3g}" if k in f else "-" for k in kinds]
-        mild = min((f[k] for k in kinds if k in f), default=None)
+        cells = [f"{f[k]:.3g}" if k in f else "" for k in kinds]
+        at_new = f"{f['channel_new']:.3g}, {f['bias_new']:.3g}" if "channel_new" in f else ""
         lines.append(
-            f"| {r['model']} | {r['samples']} | {max(r['noise'].values()):.3g} | "
-            f"{r['correct'][worst]:.3g} | {worst} | {r['self_check']:.3g} | "
-            + " | ".join(cells)
-            + f" | {'-' if mild is None else f'{mild:.3g}'} |"
+            f"| {r['model']} | {r['samples']} | {max(r['noise_old'].values()):.3g} | "
+            f"{max(r['noise'].values()):.3g} | {r['correct'][worst]:.3g} | {worst} | "
+            f"{worst_old:.3g} | {r['self_check']:.3g} | " + " | ".join(cells) + f" | {at_new} |"
         )
     return "\n".join(lines)
 

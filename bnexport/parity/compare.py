@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from bnexport.noise import NoiseTolerance, gated_candidate, relative_error, sample_scale
+from bnexport.noise import (
+    NoiseTolerance,
+    gated_candidate,
+    relative_error,
+    sample_scale,
+    worst_sample,
+)
 from bnexport.parity.tolerance import Tolerance
 
 # Histogram of |a − r|: exact zeros, then decades 1e-9 … 1e1, then the rest and the non-finite.
@@ -93,6 +99,7 @@ class OutputComparison:
     floor: float | None = None
     limit: float | None = None
     classifier: bool = False  # [N, C>1] output: argmax agreement means something
+    base_floor: float | None = None  # PyTorch's own floor, before summation order raised a sample's
 
     @property
     def noise_ratio(self) -> float | None:
@@ -182,6 +189,7 @@ def compare_output(
     precision: float = 1.0,
     locate: Any = None,
     ungated: np.ndarray | None = None,
+    sample_floors: np.ndarray | None = None,
 ) -> OutputComparison:
     """Compare ``candidate`` with ``truth`` and ``reference`` (same shape; first axis = samples).
 
@@ -192,7 +200,9 @@ def compare_output(
     reference (``E``/``N`` still reported when a truth is given).
     ``locate(sample) -> (input_set, index_in_set)`` names where the worst sample came from.
     ``ungated``: samples left out of ``E`` (ill-conditioned edge cases; `noise_floor`), where
-    only a NaN/Inf the truth does not have counts.
+    only a NaN/Inf the truth does not have counts. ``sample_floors``: each sample's floor ``Nᵢ``
+    (`bnexport.noise.order_floors`); then ``E`` and ``N`` are those of the sample with the largest
+    ``Eᵢ / Nᵢ``.
     Smallest passing tolerances, per element with ``e = |a − r|`` and ``s`` the sample's
     ``max(1, max|ref|)``: ``min_atol_scale = max((e − rtol·|r|)⁺ / s)``,
     ``min_rtol = max((e − atol)⁺ / |r|)`` (inf where the reference is 0 and ``e > atol``).
@@ -223,6 +233,7 @@ def compare_output(
             precision=precision,
             ungated=ungated,
             locate=locate,
+            sample_floors=sample_floors,
         )
         if isinstance(tolerance, NoiseTolerance):
             passed = stats.passed
@@ -250,6 +261,7 @@ def compare_output(
         noise=stats.noise,
         floor=stats.floor,
         limit=stats.limit,
+        base_floor=stats.base_floor,
         **_similarity(cand, ref, truth, agree_nonfinite),
     )
 
@@ -265,6 +277,7 @@ class _TruthStats:
     limit: float | None = None
     passed: bool = True
     worst: WorstElement | None = None
+    base_floor: float | None = None
 
 
 def _against_truth(
@@ -278,19 +291,26 @@ def _against_truth(
     precision: float,
     ungated: np.ndarray | None,
     locate: Any,
+    sample_floors: np.ndarray | None = None,
 ) -> _TruthStats:
-    """``E`` (ungated samples left out), ``N`` (the reference's error, unless measured),
-    ``F`` and the limit; with the noise rule, its verdict and worst element."""
+    """``E`` (ungated samples left out), ``N`` (the reference's error, unless measured; the
+    worst sample's own with ``sample_floors``), ``F`` and the limit; with the noise rule, its
+    verdict and worst element."""
     cand = np.asarray(candidate, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
     if tru.shape != ref.shape:
         raise ValueError(f"output {name!r}: truth shape {tru.shape} vs {ref.shape}")
     eps = _eps(candidate)
-    e = relative_error(gated_candidate(cand, tru, ungated), tru)
+    gated = gated_candidate(cand, tru, ungated)
     noise = relative_error(ref, tru).value if noise is None else noise
     rule = tolerance if isinstance(tolerance, NoiseTolerance) else NoiseTolerance()
+    base_floor = rule.floor(noise, eps)
+    if sample_floors is not None:
+        e, noise = worst_sample(gated, tru, sample_floors, eps)
+    else:
+        e = relative_error(gated, tru)
     limit = rule.limit(noise, eps, precision)
-    stats = _TruthStats(noise, e.value, rule.floor(noise, eps), limit)
+    stats = _TruthStats(noise, e.value, rule.floor(noise, eps), limit, base_floor=base_floor)
     if not isinstance(tolerance, NoiseTolerance):
         return stats
     stats.passed = tolerance.passes(e.value, noise, eps, precision)

@@ -27,6 +27,7 @@ from bnexport.noise import (
     NoiseTolerance,
     draw_floors,
     noise_floor,
+    order_floors,
 )
 from bnexport.parity.compare import OutputComparison, compare_output
 from bnexport.parity.inputs import ParityInputs
@@ -43,7 +44,8 @@ Step = Callable[[str], None]
 @dataclass
 class Baseline:
     """What candidates are compared with: the reference's outputs, the truth's (once it ran) and,
-    with a truth, each output's noise floor and its ill-conditioned edge cases (`noise_floor`)."""
+    with a truth, each output's noise floor and its ill-conditioned edge cases (`noise_floor`),
+    and with reordered draws each sample's floor (`order_floors`)."""
 
     names: list[str]
     ref: dict[str, np.ndarray]
@@ -51,6 +53,7 @@ class Baseline:
     noise: dict[str, float] = field(default_factory=dict)
     ungated: dict[str, np.ndarray] = field(default_factory=dict)
     draws: dict[str, dict[str, float]] = field(default_factory=dict)  # output → draw → its N
+    floors: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample Nᵢ (order_floors)
 
     def ungated_notes(self, inputs: ParityInputs) -> list[str]:
         """For each output with ill-conditioned edge cases: which, and what is still checked."""
@@ -133,9 +136,12 @@ def measure_baseline(
     edge = inputs.edge_case_mask()
     for n in base.names:
         own, other = [d[n] for d in draws.values()], [d[n] for d in reordered.values()]
-        base.noise[n], base.ungated[n] = noise_floor(own, base.truth[n], edge, other)
-        floors = draw_floors([*own, *other], base.truth[n], base.ungated[n])
-        base.draws[n] = dict(zip([*draws, *reordered], floors, strict=True))
+        base.noise[n], base.ungated[n] = noise_floor(own, base.truth[n], edge)
+        floors = order_floors(other, base.truth[n], base.noise[n])
+        if floors is not None:
+            base.floors[n] = floors
+        worst = draw_floors([*own, *other], base.truth[n], base.ungated[n])
+        base.draws[n] = dict(zip([*draws, *reordered], worst, strict=True))
     return base
 
 
@@ -167,6 +173,7 @@ def compare_outputs(
                 precision=KIND_PRECISION.get(runner.kind, 1.0),
                 locate=inputs.locate,
                 ungated=base.ungated.get(name),
+                sample_floors=base.floors.get(name),
             )
         )
         if truth is not None:

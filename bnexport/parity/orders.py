@@ -17,7 +17,7 @@ separation set's other models move by under 1.x, docs/parity.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bnexport.runners import Feed, Runner, TorchRunner
@@ -266,21 +266,23 @@ SHORT_NAMES = {
 }
 
 
-def reordered_notes(draws: Mapping[str, Mapping[str, float]], runner: ReorderedRunner) -> list[str]:
-    """For each output whose noise floor the reordered draw set: by how much, and which sums."""
+def reordered_notes(base: Any, runner: ReorderedRunner) -> list[str]:
+    """For each output whose floor summation order raised (`bnexport.noise.order_floors`): on
+    how many samples, by how much at most, and which sums (``base``: the check's `Baseline`)."""
     lengths: dict[str, int] = {}
     for op, n in runner.lengths.items():
         short = SHORT_NAMES.get(op, op)
         lengths[short] = max(n, lengths.get(short, 0))
     sums = ", ".join(f"{op} {n}" for op, n in lengths.items())
     notes = []
-    for output, floors in draws.items():
-        mine = max((v for k, v in floors.items() if k.startswith(runner.name)), default=None)
-        others = max((v for k, v in floors.items() if not k.startswith(runner.name)), default=0)
-        if mine is None or not others or mine <= others:
+    for output, floors in base.floors.items():
+        noise = base.noise[output]
+        raised = floors > noise
+        if not noise or not raised.any():
             continue
         notes.append(  # fits 100 columns after "note: " for short names and a few ops
-            f"{output!r} floor {mine:.2g} is summation order ({ACCUMULATION_LANES}-lane sums: "
-            f"{sums}): {mine / others:.2g}× PyTorch's own"
+            f"{output!r}: summation order ({ACCUMULATION_LANES}-lane sums: {sums}) raises the "
+            f"floor of {int(raised.sum())} of {raised.size} samples, up to "
+            f"{float(floors.max()) / noise:.2g}×"
         )
     return notes

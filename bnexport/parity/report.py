@@ -18,12 +18,11 @@ from bnexport.parity.tolerance import Tolerance
 
 REPORT_FORMAT = "bnexport.parity/2"
 NOISE_NOTE = (
-    "error: the worst sample's max|a−t| / max|t| against the float64 truth t; floor: fp32's own "
-    "error, measured the same way (PyTorch at two batch sizes and with its long sums in another "
-    "order); a runner passes while error/floor <= the limit; fixed atol: the smallest "
-    "--tolerance fixed --atol (at rtol 0) that would pass, "
-    "measured against PyTorch fp32 as fixed tolerances are (so it can read below the error); "
-    "argmax: agreement with the truth's top class (classifier outputs)"
+    "error: max|a−t| / max|t| per sample against the float64 truth t; floor: PyTorch fp32's own "
+    "error (two batch sizes; raised where its long sums in another order err more); "
+    "error/floor, at the worst sample, must stay within the limit; fixed atol: the smallest "
+    "passing --tolerance fixed --atol at rtol 0, against fp32 (it can read below the error); "
+    "argmax: agreement with the truth's top class"
 )
 FIXED_NOTE = (
     "An element passes when |a − r| <= atol·max(1, max|ref|) + rtol·|r| against PyTorch fp32 "
@@ -153,12 +152,14 @@ class ParityReport:
         return NOISE_NOTE if self.tolerance_mode == "noise" else FIXED_NOTE
 
     def noise_floors(self) -> dict[str, float]:
-        """Per output, the noise floor F the check measured (fp32 vs the float64 truth)."""
+        """Per output, the noise floor F the check measured (fp32 vs the float64 truth; before
+        summation order raised it on some samples)."""
         floors: dict[str, float] = {}
         for r in self.results:
             for o in r.outputs:
-                if o.floor is not None and o.dtype == "float32":
-                    floors.setdefault(o.name, o.floor)
+                floor = o.floor if o.base_floor is None else o.base_floor
+                if floor is not None and o.dtype == "float32":
+                    floors.setdefault(o.name, floor)
         return floors
 
     def worst_per_runner(self) -> list[RunnerResult]:

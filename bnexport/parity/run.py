@@ -65,7 +65,7 @@ def run_check(check: PreparedCheck, progress: Progress | None) -> list[RunnerRes
     )
     check.notes.extend(base.ungated_notes(check.inputs))
     for runner in reordered:
-        check.notes.extend(reordered_notes(base.draws, runner))
+        check.notes.extend(reordered_notes(base, runner))
     results: list[RunnerResult] = []
     for runner, batch in runs:
         out, result = _timed_run(runner, check.inputs, batch, check.config)

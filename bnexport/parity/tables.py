@@ -24,8 +24,8 @@ VERBOSE_COLUMNS = ("runner", "batch", "output", *TABLE_COLUMNS[1:], "worst eleme
 REPORT_WIDTH = 100
 #: Why a check's own fold of the PyTorch model does not gate: the file is not that model's export.
 FOLDED_INFO = (
-    "torch-folded: bnexport's fold of the PyTorch model, reported, not gating: the file is "
-    "judged by its onnxruntime runners"
+    "torch-folded: bnexport's own fold of the model, reported, not gating: onnxruntime judges "
+    "the file"
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -460,3 +461,33 @@ def test_help_wraps_cleanly_at_80_columns(command: str) -> None:
     # the docstring's paragraphs are rewrapped, not cut where its source lines end
     if command == "check":
         assert any("factory), or both (your factory with weights)" in ln for ln in lines)
+
+
+def test_the_default_plan_is_the_same_beside_a_cpu_bound_process(
+    onnx_path: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    # a budget that sheds (the plan's note says so), so a plan that followed the clock would feed
+    # fewer samples on the busy machine; it follows the model's counted cost instead
+    args = [onnx_path, "--against", checkpoint, "--providers", "cpu", "--time-budget", "0.1"]
+    idle = check(*args, "--save-inputs", tmp_path / "idle.npz", "--json", tmp_path / "idle.json")
+    assert idle.exit_code == 0, idle.output
+    burn = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+    try:
+        busy = check(
+            *args, "--save-inputs", tmp_path / "busy.npz", "--json", tmp_path / "busy.json"
+        )
+    finally:
+        for proc in burners:
+            proc.kill()
+            proc.wait()
+    assert busy.exit_code == 0, busy.output
+    plans = [json.loads((tmp_path / f"{k}.json").read_text()) for k in ("idle", "busy")]
+    assert plans[0]["inputs"]["sets"] == plans[1]["inputs"]["sets"]
+    assert plans[0]["batch_sizes"] == plans[1]["batch_sizes"]
+    assert plans[0]["inputs"]["plan"]["random"] < plans[0]["inputs"]["plan"]["random_asked"]
+    with np.load(tmp_path / "idle.npz") as a, np.load(tmp_path / "busy.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert "note: plan: " in idle.output
