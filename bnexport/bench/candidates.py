@@ -84,7 +84,7 @@ def _first_output(runner: Runner, feed: Mapping[str, np.ndarray], info: Candidat
         raise BnexportError(
             f"{info.model_path or info.label} cannot run on onnxruntime ({info.label}): "
             f"{' '.join(str(exc).split())}; the file is broken or not this model's export: "
-            "check it with bnexport check"
+            "re-export it"
         ) from exc
 
 

@@ -69,7 +69,7 @@ def first_call(session: Any, feed: Mapping[str, Any], path: Path) -> float:
             raise
         raise BnexportError(
             f"{path} cannot run on onnxruntime: {' '.join(str(exc).split())}; the file is "
-            "broken or needs inputs other than tune feeds: check it with bnexport check"
+            "broken, or needs other inputs than the random ones tune feeds: re-export it"
         ) from exc
 
 
