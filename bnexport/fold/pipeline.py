@@ -16,11 +16,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
 from bnexport.errors import FoldError
+from bnexport.fold.children import fold_children
 from bnexport.fold.context import Probe
 from bnexport.fold.localize import Localization, StepCheck, localize
 from bnexport.fold.passes import fold_graph
 from bnexport.fold.report import ChainEntry, FoldEntry, FoldReport, rename_entries, renamed_back
-from bnexport.fold.trace import Traced, remove_eval_identities, trace
+from bnexport.fold.trace import ForwardNotTraceable, Traced, remove_eval_identities, trace
 from bnexport.fold.verify import check_inputs, clone_inputs, measure_fold
 
 #: Reasons meaning a BatchNorm normalizes with each batch's statistics (a batch-dependent output).
@@ -39,9 +40,10 @@ TRAIN_MODE_NOTE = (
 
 @dataclass
 class FoldResult:
-    """The folded module (a GraphModule in eval mode, called like the original) and its report."""
+    """The folded module (in eval mode, called like the original: a GraphModule, or the model's
+    own class with folded children when its forward can't be traced) and its report."""
 
-    module: fx.GraphModule
+    module: nn.Module
     report: FoldReport
 
 
@@ -223,32 +225,62 @@ def fold_model(
     # replaced); the result gets its own copies of those it keeps (`_own_parameters`).
     originals = {id(p): p for p in model.parameters()}
     work = copy.deepcopy(model, dict(originals)).eval()
-    fold = _fold_copy(work, inputs, leaf_modules)
+    try:
+        fold = _fold_copy(work, inputs, leaf_modules)
+    except ForwardNotTraceable as exc:  # fold each child on its own
+        options = {"leaf_modules": leaf_modules, "verify": verify}
+        report, module = _fold_by_children(work, inputs, exc, options)
+        return _finish(module, report, was_training, strict, originals)
     verification, loc = None, None
     if verify:
         fold, verification, loc = _checked_fold(work, fold, inputs, leaf_modules)
     if localize and loc is None:
         loc = localize_fold(fold, inputs)
-    report = _report(fold, verification, loc, was_training)
+    report = _report(fold, verification, loc)
+    return _finish(fold.gm, report, was_training, strict, originals)
+
+
+def _finish(
+    module: nn.Module,
+    report: FoldReport,
+    was_training: bool,
+    strict: bool,
+    originals: Mapping[int, nn.Parameter],
+) -> FoldResult:
+    """The train-mode note, --strict, and the result's own copies of the Parameters it kept."""
+    if was_training:
+        report.notes.append(TRAIN_MODE_NOTE)
     if strict and report.left:
         listed = "; ".join(f"{e.bn}: {e.reason}" for e in report.left)
         raise FoldError(f"{len(report.left)} BatchNorm(s) could not be folded: {listed}")
-    _own_parameters(fold.gm, originals)
-    return FoldResult(fold.gm, report)
+    _own_parameters(module, originals)
+    return FoldResult(module.eval(), report)
+
+
+def _fold_by_children(
+    work: nn.Module, inputs: tuple[Any, ...], exc: ForwardNotTraceable, options: dict[str, Any]
+) -> tuple[FoldReport, nn.Module]:
+    """`bnexport.fold.children`: each child folded and self-checked on its own; the report's
+    verification is the child check closest to its limit."""
+    cause = exc.__cause__ or exc
+    why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+    done = fold_children(work, inputs, why, lambda m, args: fold_model(m, args, **options))
+    report = FoldReport(entries=done.entries, chains=done.chains, notes=done.notes)
+    if done.checks:
+        worst = max(done.checks, key=lambda c: c["relative_error"] / c["limit"])
+        report.verification = {**worst, "scope": "each folded child, the one closest to its limit"}
+    elif not options["verify"]:
+        report.notes.append(NO_VERIFY_NOTE)
+    return report, done.module
 
 
 def _report(
-    fold: _Folded,
-    verification: dict[str, Any] | None,
-    loc: Localization | None,
-    was_training: bool,
+    fold: _Folded, verification: dict[str, Any] | None, loc: Localization | None
 ) -> FoldReport:
-    """The report of ``fold``, with its notes (trace, train mode, identities, skipped check)."""
+    """The report of ``fold``, with its notes (trace, identities, skipped check)."""
     report = FoldReport(entries=fold.entries, chains=fold.chains, notes=_trace_notes(fold.traced))
     report.verification = verification
     report.localization = loc.to_dict() if loc is not None else None
-    if was_training:
-        report.notes.append(TRAIN_MODE_NOTE)
     if fold.removed:
         report.notes.append(
             f"removed {fold.removed} op(s) that are the identity in eval mode (Dropout, Identity)"

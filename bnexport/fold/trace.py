@@ -85,6 +85,10 @@ class FoldTracer(ConcreteTracer):
             raise
 
 
+class ForwardNotTraceable(FoldError):
+    """The model's own ``forward`` (not one of its submodules) can't be traced."""
+
+
 @dataclass
 class Traced:
     """The traced module, the blocks run as black boxes because fx can't trace them, the shape
@@ -119,7 +123,8 @@ def trace(
             if path and path not in untraceable and len(untraceable) < MAX_UNTRACEABLE:
                 untraceable[path] = _first_line(exc)
                 continue
-            raise FoldError(
+            error = ForwardNotTraceable if not path else FoldError
+            raise error(
                 f"cannot trace {type(model).__name__}.forward with torch.fx "
                 f"({_first_line(exc)}); fix: move the Python that branches on tensor values into "
                 "a submodule (bnexport runs a submodule it can't trace as a black box and folds "

@@ -635,11 +635,18 @@ class Wrapper(nn.Module):
         return self.bn(self.conv(self.inner(x)))
 
 
-def test_untraceable_model_raises_fold_error_with_the_fix() -> None:
-    match = r"cannot trace Untraceable.*submodule.*torch\.fx\.wrap"
-    with pytest.raises(FoldError, match=match) as e:
-        fold_model(Untraceable().eval(), torch.randn(2, 2, 3, 3))
-    assert "leaf_modules" not in str(e.value)  # the CLI can't pass it
+def test_a_model_whose_own_forward_cant_be_traced_is_folded_child_by_child() -> None:
+    """Its forward branches on tensor values: the children fold on their own (conv has no BN),
+    and the BN the forward calls itself is left with the reason; no leaf_modules hint."""
+    model = Untraceable().eval()
+    x = torch.randn(2, 2, 3, 3)
+    result = fold_model(model, x)
+    (entry,) = result.report.entries
+    assert (entry.bn, entry.status, entry.reason_code) == ("bn", "left", "not_traceable")
+    assert "called by Untraceable.forward itself, which torch.fx can't trace" in entry.reason
+    assert "leaf_modules" not in str(result.report)
+    assert type(result.module) is Untraceable
+    close(result.module(x), model(x))
 
 
 def test_an_untraceable_block_runs_as_a_black_box_and_its_bn_is_reported() -> None:

@@ -8,7 +8,6 @@ import torch
 from fold_ref import close, has_batchnorm, randomize_bn
 from torch import nn
 
-from bnexport.errors import FoldError
 from bnexport.fold import fold_model
 from bnexport.fold.trace import reserved_names
 
@@ -136,11 +135,31 @@ class DataBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.block = _conv_bn()
+        self.twice = _conv_bn(4, 4)
+        self.last = randomize_bn(nn.BatchNorm2d(4), seed=9)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x) if x.sum() > 0 else self.block(-x)
+        y = self.block(x) if x.sum() > 0 else self.block(-x)
+        return self.last(self.twice(self.twice(y)))
 
 
-def test_control_flow_on_tensor_values_is_not_specialized() -> None:
-    with pytest.raises(FoldError, match=r"cannot trace DataBranch\.forward.*submodule"):
-        fold_model(DataBranch().eval(), X)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_control_flow_on_tensor_values_folds_the_children_on_their_own(sign: float) -> None:
+    """Not specialized on the example's values: the top-level forward stays as written, and each
+    child called once folds with the inputs it receives."""
+    model = DataBranch().eval()
+    x = X.abs() * sign  # either branch
+    result = fold_model(model, x)
+    report = result.report
+    assert [(e.bn, e.status, e.reason_code) for e in report.entries] == [
+        ("block.1", "folded", None),
+        ("twice.1", "left", "not_traceable"),
+        ("last", "left", "not_traceable"),
+    ]
+    assert "called 2 times by DataBranch.forward" in report.entry("twice.1").reason
+    assert report.entry("block.1").into == "block.0"
+    assert report.verification is not None and report.verification["passed"]
+    assert any("each of its children was folded on its own" in n for n in report.notes)
+    assert type(result.module) is DataBranch
+    for x2 in (X.abs(), -X.abs()):  # both branches, whichever the example took
+        close(result.module(x2), model(x2))
