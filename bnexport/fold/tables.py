@@ -136,22 +136,27 @@ def _param_lines(report: FoldReport) -> list[str]:
 
 def chain_lines(chains: list[ChainEntry]) -> list[str]:
     """Scale/shift chains folded (or left) after a layer without a BatchNorm, grouped by layer
-    type, status and chain shape: a line per group with its first member's reason."""
+    type, status and chain shape: a line per group with its first member's reason, and the
+    learnable parameters folded as constants."""
     groups: dict[tuple[str, str, str], list[ChainEntry]] = {}
     for c in chains:
         groups.setdefault((c.status, c.layer_type, chain_pattern(c.chain)), []).append(c)
     lines = []
     for (status, layer_type, chain), members in groups.items():
         first = members[0]
-        where = first.layer
+        where, text = first.layer, first.chain
         if len(members) > 1:
-            where = f"{len(members)} layers, {first.layer} … {members[-1].layer}"
-        line = f"Scale/shift chain {chain} after {where} ({layer_type}): {status}"
+            where, text = f"{len(members)} layers, {first.layer} … {members[-1].layer}", chain
+        line = f"Scale/shift chain {text} after {where} ({layer_type}): {status}"
         if first.reason:
             line += f": {first.reason}"
         if first.chain_stop:
             line += f"; chain stops: {first.chain_stop}"
-        lines.append(line)
+        params = [n for c in members for n in c.notes if n.startswith(_PARAM_NOTE)]
+        others = [n for c in members for n in c.notes if not n.startswith(_PARAM_NOTE)]
+        if params:
+            line += f"; {len(params)} learnable parameter(s) folded as constants (their values now)"
+        lines += [line, *others]
     return lines
 
 
