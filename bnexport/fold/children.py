@@ -31,6 +31,7 @@ class ChildrenFold:
     entries: list[FoldEntry] = field(default_factory=list)
     chains: list[ChainEntry] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)  # each child's self-check
+    steps: list[dict[str, Any]] = field(default_factory=list)  # each child's localized steps
     notes: list[str] = field(default_factory=list)
 
 
@@ -123,6 +124,10 @@ def fold_children(
         result.notes += [f"{name}: {note}" for note in folded.report.notes]
         if folded.report.verification:
             result.checks.append(folded.report.verification)
+        for step in (folded.report.localization or {}).get("steps", []):
+            result.steps.append(
+                {**step, "bn": f"{name}.{step['bn']}", "into": f"{name}.{step['into']}"}
+            )
     result.notes.insert(
         0,
         f"{top}.forward can't be traced ({why}): each of its children was folded on its own, "

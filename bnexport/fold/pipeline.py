@@ -228,7 +228,7 @@ def fold_model(
     try:
         fold = _fold_copy(work, inputs, leaf_modules)
     except ForwardNotTraceable as exc:  # fold each child on its own
-        options = {"leaf_modules": leaf_modules, "verify": verify}
+        options = {"leaf_modules": leaf_modules, "verify": verify, "localize": localize}
         report, module = _fold_by_children(work, inputs, exc, options)
         return _finish(module, report, was_training, strict, originals)
     verification, loc = None, None
@@ -271,6 +271,9 @@ def _fold_by_children(
         report.verification = {**worst, "scope": "each folded child, the one closest to its limit"}
     elif not options["verify"]:
         report.notes.append(NO_VERIFY_NOTE)
+    if options["localize"]:
+        first = next((s["bn"] for s in done.steps if not s["passed"]), None)
+        report.localization = {"rule": "noise", "steps": done.steps, "first_failing": first}
     return report, done.module
 
 

@@ -149,8 +149,10 @@ def test_control_flow_on_tensor_values_folds_the_children_on_their_own(sign: flo
     child called once folds with the inputs it receives."""
     model = DataBranch().eval()
     x = X.abs() * sign  # either branch
-    result = fold_model(model, x)
+    result = fold_model(model, x, localize=True)
     report = result.report
+    assert report.localization is not None and report.localization["first_failing"] is None
+    assert [s["bn"] for s in report.localization["steps"]] == ["block.1"]
     assert [(e.bn, e.status, e.reason_code) for e in report.entries] == [
         ("block.1", "folded", None),
         ("twice.1", "left", "not_traceable"),
