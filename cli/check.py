@@ -35,6 +35,7 @@ from bnexport.cli.options import (
 )
 from bnexport.cli.progress import parity_progress
 from bnexport.cli.render import console, table
+from bnexport.limits import MAX_SEED
 from bnexport.serving.defaults import DEFAULT_TIMEOUT_S
 
 ModelArg = Annotated[
@@ -106,7 +107,9 @@ EdgeCasesOpt = Annotated[
     bool,
     typer.Option("--edge-cases/--no-edge-cases", help="Feed zeros, constant images and ±1e4."),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the random inputs.")
+]
 TimeBudgetOpt = Annotated[
     float | None,
     typer.Option(

@@ -255,6 +255,8 @@ OPTION_ROWS = {
         ("onnx", "{ckpt}", "-o", "{out}/m.onnx", "--temperature", "-1"), "> 0"
     ),
     "check --temperature 0": Case((*CHECK, "--temperature", "0"), "> 0"),
+    "check --seed -1": Case((*CHECK, "--seed", "-1"), "greater than or equal to 0"),
+    "check --seed 2**70": Case((*CHECK, "--seed", str(2**70)), "less than or equal to"),
     "bench --temperature -1": Case((*BENCH, "--temperature", "-1"), "> 0"),
 }
 
