@@ -295,16 +295,14 @@ def check_cli(
 
 
 def check_check_memory(source: Any, config: Any) -> None:
-    """Refuse --samples or --batch-sizes whose inputs alone would not fit in the memory here: a
-    sample is kept as fed and in float64 for the truth (`bnexport.limits.check_memory`)."""
+    """Refuse --samples whose inputs alone would not fit in the memory here: a sample is kept as
+    fed and in float64 for the truth (`bnexport.limits.check_memory`). A batch size larger than
+    the samples runs them all in one batch: no bound of its own."""
     from bnexport.limits import check_memory
 
-    per_sample = 3 * source.sample_bytes
     if config.samples:
-        check_memory(config.samples * per_sample, f"--samples {config.samples}", "give fewer")
-    if config.batch_sizes:
-        largest = max(config.batch_sizes)
-        check_memory(largest * per_sample, f"--batch-sizes {largest}", "give smaller ones")
+        needed = config.samples * 3 * source.sample_bytes
+        check_memory(needed, f"--samples {config.samples}", "give fewer")
 
 
 def refuse_unrunnable(model: Path, report: Any) -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnexport.cli.check import render_report
+from bnexport.cli.check import check_check_memory, render_report
 from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
 from bnexport.cli.fold import (
     CheckpointArg,
@@ -156,6 +156,8 @@ def onnx_cli(
     out = console()
     with stage("Loading the model"):
         source = load_model_source(checkpoint, model, input_shape, temperature)
+    if config is not None:
+        check_check_memory(source, config)
     folded = None
     if no_fold:
         render_source(out, source)

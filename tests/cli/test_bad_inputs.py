@@ -210,7 +210,9 @@ BENCH = ("bench", "{ckpt}")
 OPTION_ROWS = {
     # sizes and counts past the memory: refused up front with the estimate
     "check --samples 10000000": Case((*CHECK, "--samples", "10000000"), "GiB of memory"),
-    "check --batch-sizes 10000000": Case((*CHECK, "--batch-sizes", "10000000"), "GiB of memory"),
+    "onnx --samples 10000000": Case(
+        ("onnx", "{ckpt}", "-o", "{out}/m.onnx", "--samples", "10000000"), "GiB of memory"
+    ),
     "bench --batch-sizes 10000000": Case((*BENCH, "--batch-sizes", "10000000"), "GiB of memory"),
     "tune -b 100000000": Case((*TUNE, "-b", "100000000"), "GiB of memory"),
     "--input-shape 3,99999999999999999999999,8": Case(
