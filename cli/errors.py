@@ -87,6 +87,11 @@ def error_line(exc: BaseException) -> str:
             f"out of memory ({_one_line(str(exc)) or type(exc).__name__}); ask for less: a "
             "smaller batch size, fewer samples, or a machine with more memory"
         )
+    if type(exc).__module__.split(".")[0] == "onnxruntime":  # the library, not bnexport
+        return (
+            f"onnxruntime failed: {_one_line(str(exc))}; the model cannot run as given (rerun "
+            "with --verbose for onnxruntime's log)"
+        )
     hint = "" if State.debug else " (rerun with --debug)"
     return f"unexpected {type(exc).__name__}: {_one_line(str(exc))}{hint}"
 

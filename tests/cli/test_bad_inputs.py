@@ -508,3 +508,21 @@ def test_tune_leaves_nothing_at_o_when_parity_fails(
     data = json.loads(report.read_text())  # written with the file, all or nothing
     assert data["parity"]["passed"] is False
     assert data["output"] == (str(failed) if keep else None)
+
+
+def test_a_library_failure_is_one_line_and_unexpected_is_kept_for_bugs() -> None:
+    import errno
+
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from bnexport.cli.errors import error_line
+
+    full = OSError(errno.ENOSPC, "No space left on device", "out.onnx")
+    assert error_line(full) == (
+        "cannot use out.onnx: No space left on device; free some disk space or write elsewhere"
+    )
+    assert error_line(MemoryError()).startswith("out of memory (MemoryError); ask for less")
+    torch_oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
+    assert error_line(torch_oom).startswith("out of memory (DefaultCPUAllocator")
+    assert error_line(Fail("boom")).startswith("onnxruntime failed: boom;")
+    assert error_line(KeyError("x")) == "unexpected KeyError: 'x' (rerun with --debug)"
