@@ -118,9 +118,12 @@ def localize(
     folded: Any = None,
     requested: bool = False,
     progress: Progress | None = None,
+    strategy: str = "auto",
 ) -> Localization | None:
     """Localize the worst failing onnxruntime runner of ``results`` (with ``requested``, the
-    worst one even when all passed); None when no onnxruntime runner ran."""
+    worst one even when all passed); None when no onnxruntime runner ran. ``strategy``: "auto"
+    (every layer at once up to `FULL_MARK_LAYERS`, else bisection), "all" (every layer, in
+    chunks: what measuring a model's per-layer floors needs) or "bisect"."""
     started = time.perf_counter()
     picked = _target(check, results, requested)
     if picked is None:
@@ -145,7 +148,9 @@ def localize(
         tolerance=check.config.tolerance_for(runner.kind),
         noise_runner=_reordered(),
     )
-    _Search(loc, setup, view, progress).run(lmap.layers, failing=not result.passed)
+    _Search(loc, setup, view, progress).run(
+        lmap.layers, failing=not result.passed, strategy=strategy
+    )
     loc.seconds = time.perf_counter() - started
     return loc
 
@@ -229,10 +234,10 @@ class _Search:
         self.progress = progress
         self.expected = 1  # rounds expected, for progress
 
-    def run(self, layers: list[Layer], *, failing: bool) -> None:
+    def run(self, layers: list[Layer], *, failing: bool, strategy: str = "auto") -> None:
         if not layers:
             return
-        if len(layers) <= FULL_MARK_LAYERS:
+        if strategy == "all" or (strategy == "auto" and len(layers) <= FULL_MARK_LAYERS):
             self.loc.strategy = "all"
             self.expected = len(_chunks(layers, self.loc.samples))
             self._segment(layers, stop_at_failure=False)
