@@ -80,12 +80,17 @@ def package_cli(
     for tensor in result.io.outputs:
         out.print(f"  output {tensor.describe()}", markup=False, highlight=False)
     batching = (
-        f"dynamic batching up to {result.max_batch_size}"
+        f"dynamic batching up to {result.max_batch_size} rows, {queue_delay_us} µs queue delay"
         if result.max_batch_size
         else "no batching (max_batch_size 0)"
     )
-    tuned = f"tuned: {result.settings_label()}" if result.settings else "onnxruntime defaults"
-    out.print(f"  {batching}; {tuned}", markup=False, highlight=False)
+    tuned = (
+        f"tuned: {result.settings_label()}"
+        if result.settings
+        else "untuned: onnxruntime's default session options"
+    )
+    for line in (batching, tuned):
+        out.print(f"  {line}", markup=False, highlight=False)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False)
     out.print(

@@ -47,10 +47,7 @@ def serve_cli(
     for warning in plan.warnings:
         typer.echo(f"bnexport: warning: {warning}", err=True)
     names = ", ".join(m.name for m in plan.models)
-    typer.echo(
-        f"serving {names} at {plan.http_url} (gRPC {plan.grpc_url}, metrics {plan.metrics_url});"
-        " Ctrl-C stops",
-        err=True,
-    )
+    typer.echo(f"serving {names} at {plan.http_url} (gRPC {plan.grpc_url}); Ctrl-C stops", err=True)
+    typer.echo(f"metrics at {plan.metrics_url}", err=True)
     run_server(plan)
     typer.echo("bnexport serve: stopped", err=True)

@@ -10,6 +10,7 @@ SIGTERM, on which MLServer stops accepting, finishes the requests in flight and 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import tempfile
@@ -103,9 +104,13 @@ def plan_server(config: ServeConfig) -> ServePlan:
 
 
 def run_server(plan: ServePlan) -> None:
-    """Run MLServer on ``plan`` until SIGINT/SIGTERM (in-flight requests finish first)."""
+    """Run MLServer on ``plan`` until SIGINT/SIGTERM (in-flight requests finish first), on uvloop's
+    event loop as ``mlserver start`` runs it."""
     import asyncio
 
+    from mlserver.utils import install_uvloop_event_loop
+
+    install_uvloop_event_loop()
     with tempfile.TemporaryDirectory(prefix="bnexport-serve-") as scratch:
         asyncio.run(_serve(plan, Path(scratch)))
 
@@ -133,10 +138,33 @@ async def _serve(plan: ServePlan, scratch: Path) -> None:
     models = [
         load_model_settings(str(m.folder.resolve() / "model-settings.json")) for m in plan.models
     ]
+    quiet = QuietLog()
+    for name in ("mlserver", "uvicorn.error"):
+        logging.getLogger(name).addFilter(quiet)
     server = MLServer(settings)  # installs its SIGINT/SIGTERM handlers on this loop
     # MLServer keeps its FastAPI app private; the guard needs it before the first request.
     harden_app(server._rest_server._app, config.max_body_mb * MIB)
     await server.start(models)
+
+
+#: MLServer's lines `QuietLog` drops: a note that adaptive batching does not cover streaming
+#: (bnexport serves no stream), and the metrics URL (bnexport prints it).
+QUIET_NOTES: tuple[str, ...] = (
+    "not supported for inference streaming",
+    "Prometheus scraping endpoint",
+)
+
+
+class QuietLog(logging.Filter):
+    """Drops the lines that tell a ``bnexport serve`` user nothing: uvicorn's start-up notes
+    (MLServer runs two uvicorn servers, so each came twice; bnexport prints the URLs once) and
+    `QUIET_NOTES`. Warnings and errors of uvicorn, and MLServer's other lines, stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn"):
+            return record.levelno >= logging.WARNING
+        message = record.getMessage()
+        return not any(note in message for note in QUIET_NOTES)
 
 
 def _check_settings(entry: ModelEntry) -> None:
