@@ -50,6 +50,13 @@ def TrainMode():  # a factory that returns its model in train mode
     return LinearBn().train()
 
 
+def Marked():  # module names that rich would read as markup and an emoji
+    model = nn.Sequential()
+    model.add_module("fc[red]:rocket:", nn.Linear(6, 5))
+    model.add_module("bn[/]", nn.BatchNorm1d(5))
+    return model.eval()
+
+
 class BnFirst(nn.Module):
     '''BatchNorm1d straight on the input, then ReLU: no layer to fold it into.'''
 
@@ -256,10 +263,11 @@ def test_a_train_mode_factory_is_said_to_run_in_eval(user_models: str, tmp_path:
 def test_user_text_is_printed_as_typed(user_models: str, tmp_path: Path) -> None:
     """rich would turn :rocket: into an emoji and [red] into markup: a wrong path on the screen."""
     out = tmp_path / "o:rocket:[red]x[/red].pt2"
-    args = ["fold", "--model", f"{user_models}:LinearBn", "--input-shape", "6", "-o", str(out)]
+    args = ["fold", "--model", f"{user_models}:Marked", "--input-shape", "6", "-o", str(out)]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert f"Wrote {out} (" in result.stdout
+    assert "bn[/]" in result.stdout and "into fc[red]:rocket:" in result.stdout
     assert "🚀" not in result.stdout
 
 
