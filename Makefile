@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 OUT    := out
 
-.PHONY: demo test test-fast lint gate clean
+.PHONY: demo test test-fast test-real-cli lint gate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ $(VENV)/.dev: $(VENV)/.cpu
 demo: $(VENV)/.cpu
 	$(BIN)/bnexport onnx models/net.pt -o $(OUT)/net.onnx
 
-## test: the whole test suite, real torchvision/timm models included, on 2 worker processes
+## test: the whole test suite, real torchvision/timm models included (but the real_cli lane),
+## on 2 worker processes
 ## (one torch thread each: two processes with a thread per core would oversubscribe the CPUs)
 test: $(VENV)/.dev
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not real_cli"
+
+## test-real-cli: issue 18's slower real models through `bnexport onnx` and `bnexport check`
+test-real-cli: $(VENV)/.dev
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m real_cli
 
 ## test-fast: the inner loop: everything but the real-model and full-dataset tests
 test-fast: $(VENV)/.dev
