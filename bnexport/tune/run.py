@@ -227,15 +227,15 @@ def _confirm(
     plan: Mapping[str, Any],
     progress: Progress | None,
 ) -> tuple[list[CandidateResult], Ratio]:
-    """The finalists' files opened as a deployer opts in, the defaults copy as the control."""
+    """The finalists' files opened as their user opens them (`tuned_session`), the defaults copy
+    as the control."""
     repeats = plan["confirm_repeats"]
     settings = list(files)
-    _event(
-        progress,
-        "confirm",
-        f"{len(settings) - 1} finalists + control × {repeats} rounds, "
-        f"opened with {LOAD_CONFIG_ENV}=1",
-    )
+    how = f"with {LOAD_CONFIG_ENV}=1"
+    if any(s.session_config_entries for s in settings):
+        how = "as deployed (ort_config + session entries)"  # `tuned_session`
+    rounds = f"{len(settings) - 1} finalists + control × {repeats} rounds"
+    _event(progress, "confirm", f"{rounds}, opened {how}")
     sessions = {s: tuned_session(files[s], config.provider) for s in settings}
     for s, sess in sessions.items():
         _check_effective(s, sess, files[s])
