@@ -8,8 +8,9 @@ and unfolded (``--no-fold``: its BatchNormalization nodes stay). Kinds:
 * ``channel``: one output channel ``c`` of a (folded) conv's weight scaled by ``1 + δ``, and
 * ``bias``: that conv's bias ``c`` shifted by ``δ · max(1, max|b|)``, each with ``δ`` calibrated
   so that the check's onnxruntime runner errs `TARGET` = 8× the output's noise floor (as the
-  fault tests do: the effect of δ = 1e-2 measured, scaled linearly, measured again): the mildest
-  fault the gate catches; ``c`` is the channel whose weights move its output most;
+  fault tests do: the effect of δ = 1e-2 measured and δ scaled linearly, repeated until the
+  effect is within 1.25× of 8: squeeze-excite gates are not linear in δ): the mildest fault the
+  gate catches; ``c`` is the channel whose weights move its output most;
 * ``node``: one activation node replaced: Relu → LeakyRelu(0.01), Sigmoid → HardSigmoid(1/6, ½),
   HardSwish → x·HardSigmoid(1/5, ½) (the sites: activations whose output, or whose consumer's,
   is a module's output in the file's table);
@@ -32,7 +33,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
-from real.faults import calibrated
+from real.faults import CALIBRATION_STEP
 from real.zoo import REAL_MODELS
 
 from bnexport.export import export_onnx
@@ -221,7 +222,7 @@ def conv_faults(
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         moving = np.abs(y - bias.reshape(1, -1, *([1] * (y.ndim - 2))))
         c = int(np.argmax(moving.reshape(*moving.shape[:2], -1).max(axis=(0, 2))))
-        conv = min(owners[node.output[0]], key=len)
+        conv = max(owners[node.output[0]], key=len)  # the conv (not a container of it)
         expected = _chain_modules(prep, conv)
         unit = max(1.0, float(np.abs(bias).max()))
         edits: dict[str, tuple[str, Callable[[np.ndarray, float], np.ndarray]]] = {
@@ -235,7 +236,7 @@ def conv_faults(
             def make(d: float, name: str = name, edit: Any = edit) -> bytes:
                 return _edited(prep.folded, lambda p: _edit_init(p, name, lambda a: edit(a, d)))
 
-            delta, effect = calibrated(lambda d, make=make: gate_effect(prep, make(d)), TARGET)
+            delta, effect = calibrate(lambda d, make=make: gate_effect(prep, make(d)))
             detail = f"{conv} {kind} {c} δ={delta:.2g} (gate {effect:.3g}×)"
             faults.append(
                 Fault(prep.name, kind, position, node.name, make(delta), expected, detail)
@@ -366,6 +367,25 @@ def eps_faults(prep: Prepared, positions: Sequence[str] = tuple(POSITIONS)) -> l
             )
         )
     return faults
+
+
+#: Calibration stops within this factor of `TARGET` (or after `CALIBRATION_ROUNDS` steps).
+CALIBRATION_SPREAD = 1.25
+CALIBRATION_ROUNDS = 5
+
+
+def calibrate(measure: Callable[[float], float]) -> tuple[float, float]:
+    """``(δ, effect at δ)`` with the effect near `TARGET`: δ scaled by ``TARGET / effect`` from
+    `CALIBRATION_STEP` until it lands within `CALIBRATION_SPREAD` (a gate behind a saturating
+    gate, e.g. squeeze-excite, is not linear in δ: one linear step can land at 1×)."""
+    delta = CALIBRATION_STEP
+    effect = measure(delta)
+    for _ in range(CALIBRATION_ROUNDS):
+        if TARGET / CALIBRATION_SPREAD <= effect <= TARGET * CALIBRATION_SPREAD:
+            break
+        delta *= TARGET / max(effect, 1e-300)
+        effect = measure(delta)
+    return delta, effect
 
 
 def gate_effect(prep: Prepared, data: bytes) -> float:
