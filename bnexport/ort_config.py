@@ -23,11 +23,11 @@ set. Provider choice and provider options are never read from the model. The Pyt
 variable in C++); ``bnexport.ort.make_session(path, file_settings="opt_in")`` sets the variable
 for the duration of one session creation.
 
-Session config entries (``session.disable_prepacking`` and the like: measured 1.3–1.5× at batch
-1 on the shipped Net, slower at batch 8) are out of ``ort_config``'s reach, so bnexport carries
-them in its own metadata entry ``bnexport_session_config`` (a JSON object of string values, as
-``SessionOptions.add_session_config_entry`` takes them), read by `read_session_config` and
-applied by bnexport's session factory (``make_session(path, file_settings="apply")``: what
+Session config entries (``session.disable_prepacking`` and the like: 1.40× at batch 1 on the
+shipped Net, 0.72× at batch 8: docs/serving.md) are out of ``ort_config``'s reach, so bnexport
+carries them in its own metadata entry ``bnexport_session_config`` (a JSON object of string
+values, as ``SessionOptions.add_session_config_entry`` takes them), read by `read_session_config`
+and applied by bnexport's session factory (``make_session(path, file_settings="apply")``: what
 ``bnexport serve`` opens a file with). onnxruntime itself never reads that entry, and with
 ``ORT_LOAD_CONFIG_FROM_MODEL=1`` it would drop a caller's entries anyway.
 """

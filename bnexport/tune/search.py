@@ -31,7 +31,7 @@ MIN_NOISE_BAND = 0.01
 GRAPH_LEVELS: tuple[str, ...] = ("all", "extended", "basic")
 #: Session config entries the search tries beside onnxruntime's default for each setting
 #: (carried in ``bnexport_session_config``, applied by bnexport's session factory). Prepacking
-#: off: 1.46× the defaults at batch 1 on the shipped Net, 2.1× with one thread, but 0.83× at
+#: off: 1.40× the defaults at batch 1 on the shipped Net, 2.13× with one thread, but 0.72× at
 #: batch 8 (docs/serving.md): which way it goes depends on the model and batch, so it is measured.
 SEARCHED_ENTRIES: tuple[tuple[str, str], ...] = (("session.disable_prepacking", "1"),)
 
