@@ -264,36 +264,34 @@ def check_carriable(key: str) -> str:
 
 def read_ort_config(model: onnx.ModelProto, where: str) -> dict[str, Any] | None:
     """The parsed ``ort_config`` entry of ``model`` (None when absent); bad JSON is an error."""
-    for prop in model.metadata_props:
-        if prop.key == ORT_CONFIG_KEY:
-            try:
-                data = json.loads(prop.value)
-            except json.JSONDecodeError as exc:
-                raise BnexportError(
-                    f"{where}: its ort_config metadata is not JSON ({exc}); onnxruntime refuses "
-                    f"such a model when {LOAD_CONFIG_ENV}=1"
-                ) from None
-            if not isinstance(data, dict):
-                raise BnexportError(f"{where}: its ort_config metadata is not a JSON object")
-            return data
-    return None
+    refused = f"; onnxruntime refuses such a model when {LOAD_CONFIG_ENV}=1"
+    return _metadata_object(model, ORT_CONFIG_KEY, where, refused)
 
 
 def read_session_config(model: onnx.ModelProto, where: str) -> dict[str, str]:
     """The session config entries of ``model``'s ``bnexport_session_config`` ({} when absent);
     anything but a JSON object of ``session.*`` strings is an error."""
+    data = _metadata_object(model, SESSION_CONFIG_KEY, where)
+    return {} if data is None else check_session_entries(data, f"{where}: {SESSION_CONFIG_KEY}")
+
+
+def _metadata_object(
+    model: onnx.ModelProto, key: str, where: str, refused: str = ""
+) -> dict[str, Any] | None:
+    """The JSON object in ``model``'s metadata entry ``key`` (None when absent); anything else
+    is a `BnexportError` (``refused``: who else would refuse it)."""
     for prop in model.metadata_props:
-        if prop.key == SESSION_CONFIG_KEY:
+        if prop.key == key:
             try:
                 data = json.loads(prop.value)
             except json.JSONDecodeError as exc:
                 raise BnexportError(
-                    f"{where}: its {SESSION_CONFIG_KEY} is not JSON ({exc})"
+                    f"{where}: its {key} metadata is not JSON ({exc}){refused}"
                 ) from None
             if not isinstance(data, dict):
-                raise BnexportError(f"{where}: its {SESSION_CONFIG_KEY} is not a JSON object")
-            return check_session_entries(data, f"{where}: {SESSION_CONFIG_KEY}")
-    return {}
+                raise BnexportError(f"{where}: its {key} metadata is not a JSON object")
+            return data
+    return None
 
 
 def carried_settings(model: onnx.ModelProto, where: str) -> OrtSettings | None:
