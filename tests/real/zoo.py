@@ -8,9 +8,10 @@ says which package a name needs.
 Weights are random but the BatchNorms are not trivial: with the global RNG seeded from the name
 (`seed_of`, restored afterwards), the factory builds the model, draws every BN's γ ~ U(0.5, 1.5)
 and β ~ N(0, 0.1), then sets the running statistics to those of one train-mode batch of
-`STATS_BATCH` random inputs (momentum 1 for that batch). Frozen BNs (buffers only, e.g.
-torchvision's ``FrozenBatchNorm2d``) get μ ~ N(0, 0.1) and σ² ~ U(0.5, 2). Two calls give the same
-model, bit for bit. Inputs are small (`IMAGE_SIZE`, except where an architecture needs more).
+`STATS_BATCH` random inputs (momentum 1 for that batch, on one thread). Frozen BNs (buffers only,
+e.g. torchvision's ``FrozenBatchNorm2d``) get μ ~ N(0, 0.1) and σ² ~ U(0.5, 2). Two calls give the
+same model, bit for bit, whatever the thread count. Inputs are small (`IMAGE_SIZE`, except where
+an architecture needs more).
 
 torchvision is made importable first on CPU-only torch builds (`tv_compat`).
 """
@@ -344,12 +345,19 @@ _SPECS = _specs()
 
 def _make(name: str) -> tuple[nn.Module, Inputs]:
     spec = _SPECS[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed_of(name))
-        model = spec.build()
-        stats = tuple(torch.randn(STATS_BATCH, *shape) for shape in spec.input_shapes)
-        realistic_batchnorms(model, stats)
-        example = tuple(torch.randn(EXAMPLE_BATCH, *shape) for shape in spec.input_shapes)
+    threads = torch.get_num_threads()
+    # one thread: the running statistics are sums whose rounding follows the thread count, and a
+    # factory must give the same weights to `bnexport onnx` and a `check` run with other threads
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(name))
+            model = spec.build()
+            stats = tuple(torch.randn(STATS_BATCH, *shape) for shape in spec.input_shapes)
+            realistic_batchnorms(model, stats)
+            example = tuple(torch.randn(EXAMPLE_BATCH, *shape) for shape in spec.input_shapes)
+    finally:
+        torch.set_num_threads(threads)
     return model, example
 
 
