@@ -139,7 +139,7 @@ async def _serve(plan: ServePlan, scratch: Path) -> None:
         load_model_settings(str(m.folder.resolve() / "model-settings.json")) for m in plan.models
     ]
     quiet = QuietLog()
-    for name in ("mlserver", "uvicorn.error"):
+    for name in ("mlserver", "mlserver.metrics", "mlserver.grpc", "uvicorn.error"):
         logging.getLogger(name).addFilter(quiet)
     server = MLServer(settings)  # installs its SIGINT/SIGTERM handlers on this loop
     # MLServer keeps its FastAPI app private; the guard needs it before the first request.
@@ -148,10 +148,12 @@ async def _serve(plan: ServePlan, scratch: Path) -> None:
 
 
 #: MLServer's lines `QuietLog` drops: a note that adaptive batching does not cover streaming
-#: (bnexport serves no stream), and the metrics URL (bnexport prints it).
+#: (bnexport serves no stream), the metrics URL (bnexport prints it), and the gRPC server's
+#: shutdown notes (logged once per stop call, six times over; bnexport says "stopped").
 QUIET_NOTES: tuple[str, ...] = (
     "not supported for inference streaming",
     "Prometheus scraping endpoint",
+    "gRPC server shutdown",
 )
 
 
