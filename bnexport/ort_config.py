@@ -237,16 +237,15 @@ def effective_settings(
 
 
 def check_carriable(key: str) -> str:
-    """``key`` if ``ort_config`` can carry it; otherwise `BnexportError` naming the by-hand way."""
-    if key in CARRIED_KEYS:
+    """``key`` if a tuned file can carry it (an ``ort_config`` key, or a session config entry in
+    ``bnexport_session_config``); otherwise `BnexportError` naming the by-hand way."""
+    if key in CARRIED_KEYS or key.startswith(SESSION_ENTRY_PREFIX):
         return key
     if key in IGNORED_CARRIED_KEYS:
         raise BnexportError(
             f"{key} is a diagnostic, not a speed setting: bnexport tune never writes it"
         )
-    if key.startswith("session."):
-        how = f'so.add_session_config_entry("{key}", VALUE)'
-    elif key.startswith(("cuda.", "cpu.")) or key in ("use_tf32", "cudnn_conv_algo_search"):
+    if key.startswith(("cuda.", "cpu.")) or key in ("use_tf32", "cudnn_conv_algo_search"):
         option = key.split(".", 1)[-1]
         how = (
             f'providers=[("CUDAExecutionProvider", {{"{option}": VALUE}})] in '

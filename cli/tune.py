@@ -59,9 +59,9 @@ def tune_cli(
             "--fix",
             metavar="KEY=VALUE",
             help="Keep a carried setting fixed during the search (intra_op_num_threads, "
-            "inter_op_num_threads, execution_mode, graph_optimization_level). Repeatable. A "
-            "setting onnxruntime does not read from the file is refused, with how to set it by "
-            "hand.",
+            "inter_op_num_threads, execution_mode, graph_optimization_level, or a session config "
+            "entry such as session.disable_prepacking=1). Repeatable. A setting the file cannot "
+            "carry is refused, with how to set it by hand.",
             show_default=False,
         ),
     ] = None,
@@ -98,10 +98,11 @@ def tune_cli(
     """Find the fastest onnxruntime settings for a batch size and carry them in the file.
 
     Searches what onnxruntime reads from a model's ort_config (intra-op threads, graph
-    optimization level, execution mode) with bench's interleaved, paired timing, writes the
-    fastest into a copy's ort_config (graph untouched) with a bnexport_tune record of the
-    measurement, after checking the copy's outputs against the input. Deployers opt in with
-    ORT_LOAD_CONFIG_FROM_MODEL=1.
+    optimization level, execution mode), each with prepacking on and off, with bench's
+    interleaved, paired timing, writes the fastest into a copy's ort_config (prepacking into
+    bnexport_session_config; graph untouched) with a bnexport_tune record of the measurement,
+    after checking the copy's outputs against the input. Deployers opt in with
+    ORT_LOAD_CONFIG_FROM_MODEL=1; bnexport serve applies everything the file carries.
 
     Exit 0: written; 1: the tuned outputs differ (nothing left at -o; --keep-failed keeps the
     file as NAME.failed.onnx); 2: bad input. The file, the output paths and every bound are

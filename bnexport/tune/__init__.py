@@ -1,9 +1,11 @@
 """Deployment tuning: measure the onnxruntime settings an ONNX file should carry, and carry them.
 
 `tune_model` searches the session options onnxruntime reads from a model's ``ort_config``
-(`bnexport.ort_config.CARRIED_KEYS`: intra-op threads, graph optimization level, execution mode)
-at one target batch size, and writes a copy of the file whose ``ort_config`` holds the fastest
-setting, plus a ``bnexport_tune`` metadata record of the measurement. Nothing else changes: the
+(`bnexport.ort_config.CARRIED_KEYS`: intra-op threads, graph optimization level, execution mode),
+each with the session config entries of `bnexport.tune.search.SEARCHED_ENTRIES` on and off, at
+one target batch size, and writes a copy of the file whose ``ort_config`` (and, for entries,
+``bnexport_session_config``) holds the fastest setting, plus a ``bnexport_tune`` metadata record
+of the measurement. Nothing else changes: the
 copy's bytes differ from the input's only in ``metadata_props``.
 
 Method (the timing core `bnexport.timing.measure_interleaved`, shared with bench: interleaved

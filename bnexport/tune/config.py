@@ -27,7 +27,7 @@ from bnexport.limits import (
     check_seed,
     check_threads,
 )
-from bnexport.ort_config import OrtSettings, check_carriable
+from bnexport.ort_config import SESSION_ENTRY_PREFIX, OrtSettings, check_carriable
 from bnexport.ort_names import EXECUTION_MODE_CODES, OPT_LEVEL_CODES
 from bnexport.timing import Ratio, TimingConfig
 
@@ -80,16 +80,22 @@ class TuneConfig:
 
 
 def fixed_settings(fixed: Mapping[str, Any]) -> dict[str, Any]:
-    """``--fix`` values as `OrtSettings` field values (levels/modes by name or integer code)."""
+    """``--fix`` values as `OrtSettings` field values (levels/modes by name or integer code; session
+    config entries, ``session.*``, as strings under ``session_config_entries``)."""
     levels = {str(v): k for k, v in OPT_LEVEL_CODES.items()} | {k: k for k in OPT_LEVEL_CODES}
     modes = {str(v): k for k, v in EXECUTION_MODE_CODES.items()} | {
         k: k for k in EXECUTION_MODE_CODES
     }
     out: dict[str, Any] = {}
+    entries: dict[str, str] = {}
     for key, raw in fixed.items():
         check_carriable(key)
         text = str(raw).strip()
-        if key == "graph_optimization_level":
+        if key.startswith(SESSION_ENTRY_PREFIX):
+            if not text:
+                raise BnexportError(f"--fix {key}=: give the entry's value, e.g. {key}=1")
+            entries[key] = text
+        elif key == "graph_optimization_level":
             if text not in levels:
                 raise BnexportError(f"{key}={raw!r}: choose one of {sorted(levels)}")
             out[key] = levels[text]
@@ -104,6 +110,8 @@ def fixed_settings(fixed: Mapping[str, Any]) -> dict[str, Any]:
                 raise BnexportError(f"{key}={raw!r} must be an integer >= 0") from None
             check_threads(value, f"--fix {key}=", allow_zero=True)  # 0: onnxruntime picks
             out[key] = value
+    if entries:
+        out["session_config_entries"] = tuple(sorted(entries.items()))
     return out
 
 

@@ -65,9 +65,11 @@ def candidate_settings(
     if provider != "cuda":
         out.append(OrtSettings(execution_mode="parallel"))
         out += [replace(s, session_config_entries=(e,)) for e in SEARCHED_ENTRIES for s in out]
+    keys = {k: v for k, v in pinned.items() if k != "session_config_entries"}
+    entries = dict(pinned.get("session_config_entries", ()))
     seen: list[OrtSettings] = []
     for s in out:
-        s = replace(s, **pinned)
+        s = replace(s, **keys, session_config_entries=tuple({**s.entries, **entries}.items()))
         if s not in seen:
             seen.append(s)
     return seen

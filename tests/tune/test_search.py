@@ -106,6 +106,15 @@ def test_candidates_start_with_defaults_and_cover_threads_levels_parallel_and_pr
     assert len(cuda) == 3 * 3 and not any(c.session_config_entries for c in cuda)
 
 
+def test_a_fixed_session_config_entry_is_in_every_candidate() -> None:
+    cands = candidate_settings(2, {"session.disable_prepacking": "1"})
+    assert len(cands) == len(set(cands)) == 3 * 3 + 1
+    assert {c.session_config_entries for c in cands} == {(("session.disable_prepacking", "1"),)}
+    assert cands[0].label() == "prepacking=off"
+    with pytest.raises(BnexportError, match="give the entry's value"):
+        fixed_settings({"session.disable_prepacking": " "})
+
+
 def test_candidates_keep_fixed_keys() -> None:
     cands = candidate_settings(4, {"intra_op_num_threads": "1"})
     assert {c.intra_op_num_threads for c in cands} == {1}
