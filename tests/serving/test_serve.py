@@ -219,3 +219,18 @@ def test_sigterm_finishes_in_flight_requests(repo: Path, tmp_path: Path) -> None
         t.join(30)
     assert server.stop() == 0
     assert results.count(200) >= 1 and set(results) <= {200, -1}, results
+
+
+def test_the_served_session_carries_every_tuned_setting(tmp_path: Path) -> None:
+    """The runtime's session (`open_model_session`) has the file's ort_config keys and its
+    session config entries, which onnxruntime alone would not read from the file."""
+    from tiny_onnx import conv_net, save
+
+    from bnexport.ort_config import OrtSettings, effective_settings
+    from bnexport.serving.repository import open_model_session
+    from bnexport.tune import with_ort_config
+
+    off = {"session.disable_prepacking": "1"}
+    tuned = OrtSettings(intra_op_num_threads=1, session_config_entries=off)  # type: ignore[arg-type]
+    path = save(with_ort_config(conv_net(), tuned), tmp_path / "tuned.onnx")
+    assert effective_settings(open_model_session(path), off) == tuned
