@@ -307,6 +307,10 @@ def _reason(call: Call, chains: Mapping[str, _Chain], view: GraphView) -> str:
         return "the file records no module paths"
     if call.kind in IDENTITY_TYPES:
         return f"{call.kind} is the identity in eval mode: no node computes it"
+    if call.identity:
+        return (
+            "returns its input tensor itself (an identity here, or in place): no value of its own"
+        )
     for ch in chains.values():
         if any(call.module == m or call.module.startswith(m + ".") for m in ch.members):
             return f"folded: {ch.text} is computed in one layer"

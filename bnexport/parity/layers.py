@@ -46,6 +46,7 @@ class Call:
     order: int
     shape: tuple[int, ...]  # per sample (the batch axis left out); () for a non-tensor output
     dtype: str
+    identity: bool = False  # returned its input tensor object (an eval identity, or in place)
 
     @property
     def key(self) -> str:
@@ -89,17 +90,17 @@ class _Stop(Exception):
 
 
 @contextmanager
-def hooked(model: Any, on_call: Callable[[str, int, Any], bool]) -> Iterator[None]:
-    """Forward hooks on every submodule of ``model``: ``on_call(path, call index, output)`` after
-    each call; when it returns True the forward stops (`_Stop`, swallowed by the caller)."""
+def hooked(model: Any, on_call: Callable[[str, int, Any, Any], bool]) -> Iterator[None]:
+    """Forward hooks on every submodule of ``model``: ``on_call(path, call index, output, inputs)``
+    after each call; when it returns True the forward stops (`_Stop`, swallowed by the caller)."""
     counts: dict[str, int] = {}
     handles = []
 
     def hook_for(path: str) -> Callable[..., None]:
-        def hook(_module: Any, _args: Any, output: Any) -> None:
+        def hook(_module: Any, args: Any, output: Any) -> None:
             k = counts.get(path, 0)
             counts[path] = k + 1
-            if on_call(path, k, output):
+            if on_call(path, k, output, args):
                 raise _Stop
 
         return hook
@@ -123,11 +124,13 @@ def record_calls(
     kept: dict[str, np.ndarray] = {}
     modules = dict(runner.model.named_modules())
 
-    def on_call(path: str, k: int, output: Any) -> bool:
+    def on_call(path: str, k: int, output: Any, args: Any) -> bool:
         tensor = _tensor(output)
         shape = tuple(tensor.shape[1:]) if tensor is not None and tensor.dim() else ()
         dtype = str(tensor.dtype).removeprefix("torch.") if tensor is not None else ""
-        calls.append(Call(path, k, type(modules[path]).__name__, len(calls), shape, dtype))
+        same = tensor is not None and any(a is tensor for a in args)
+        kind = type(modules[path]).__name__
+        calls.append(Call(path, k, kind, len(calls), shape, dtype, same))
         if tensor is not None and call_key(path, k) in keep:
             kept[call_key(path, k)] = tensor.detach().clone().cpu().numpy()
         return False
@@ -165,7 +168,7 @@ class HookedRunner(Runner):
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         got: dict[str, np.ndarray] = {}
 
-        def on_call(path: str, k: int, output: Any) -> bool:
+        def on_call(path: str, k: int, output: Any, _args: Any) -> bool:
             layer = self.wanted.get(call_key(path, k))
             tensor = _tensor(output)
             if layer is not None and tensor is not None:
