@@ -240,6 +240,33 @@ def _layers(report: ParityReport) -> str:
         )
     else:
         parts.append("<p>No layer exceeds its budget.</p>")
+    parts.append(_layer_table(ordered, first))
+    unmapped = loc.layer_map.unmapped
+    if unmapped:
+        parts.append(
+            f"<details><summary>{len(unmapped)} module calls without a value of their own"
+            "</summary>" + _table(["module call", "why"], unmapped.items()) + "</details>"
+        )
+    parts += [f"<p class='muted'>note: {_e(n)}</p>" for n in loc.notes]
+    return "\n".join(parts)
+
+
+#: The columns of the layer table.
+LAYER_COLUMNS = (
+    "layer",
+    "type",
+    "error",
+    "floor",
+    "error/floor",
+    "limit",
+    "verdict",
+    "ONNX nodes",
+    "fold chain",
+)
+
+
+def _layer_table(ordered: Sequence[Any], first: Any) -> str:
+    """One row per layer compared, the first failing one highlighted."""
     rows, classes = [], []
     for r in ordered:
         c = r.comparison
@@ -257,32 +284,7 @@ def _layers(report: ParityReport) -> str:
             ]
         )
         classes.append("first" if r is first else ("" if r.passed else "bad"))
-    parts.append(
-        _table(
-            [
-                "layer",
-                "type",
-                "error",
-                "floor",
-                "error/floor",
-                "limit",
-                "verdict",
-                "ONNX nodes",
-                "fold chain",
-            ],
-            rows,
-            classes,
-            numeric=(2, 3, 4, 5),
-        )
-    )
-    unmapped = loc.layer_map.unmapped
-    if unmapped:
-        parts.append(
-            f"<details><summary>{len(unmapped)} module calls without a value of their own"
-            "</summary>" + _table(["module call", "why"], unmapped.items()) + "</details>"
-        )
-    parts += [f"<p class='muted'>note: {_e(n)}</p>" for n in loc.notes]
-    return "\n".join(parts)
+    return _table(LAYER_COLUMNS, rows, classes, numeric=(2, 3, 4, 5))
 
 
 def _profile(ordered: Sequence[Any], first: Any) -> Figure:
