@@ -66,12 +66,13 @@ def check_parity(
         results = run_check(check, progress)
         report = parity_report(check, results, time.perf_counter() - started)
         if config.localize == "always" or (config.localize == "on-failure" and not report.passed):
-            from bnexport.parity.localize import localize
+            from bnexport.parity.localize import localize_check
 
-            report.layers = localize(
+            report.layers = localize_check(
                 onnx_model,
                 check,
                 results,
+                notes=report.notes,
                 fold_report=fold_report,
                 folded=folded,
                 requested=config.localize == "always",

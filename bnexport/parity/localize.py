@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from bnexport.errors import BnexportError, raise_if_interrupted
 from bnexport.parity.config import PreparedCheck
 from bnexport.parity.inputs import InputSet, ParityInputs
 from bnexport.parity.layermap import LayerMap, map_layers
@@ -153,6 +154,27 @@ def localize(
     )
     loc.seconds = time.perf_counter() - started
     return loc
+
+
+def localize_check(
+    onnx_model: str | os.PathLike[str] | bytes,
+    check: PreparedCheck,
+    results: Sequence[RunnerResult],
+    *,
+    notes: list[str],
+    **kwargs: Any,
+) -> Localization | None:
+    """`localize`, for a check that already has its verdict: a localization that fails (a model
+    whose hooks or marked copy onnxruntime cannot run, a copy over protobuf's 2 GiB) leaves the
+    verdict as it is and says why in ``notes``; bad input still raises."""
+    try:
+        return localize(onnx_model, check, results, **kwargs)
+    except BnexportError:
+        raise
+    except Exception as exc:
+        raise_if_interrupted(exc)
+        notes.append(f"localization failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        return None
 
 
 def _target(

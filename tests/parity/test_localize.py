@@ -254,3 +254,30 @@ def test_cut_values_and_the_marked_copy() -> None:
     data = marked_copy(proto, ["b", "y"], view.dtypes)
     assert [o.name for o in proto.graph.output] == ["y"]
     assert [o.name for o in onnx.load_model_from_string(data).graph.output] == ["y", "b"]
+
+
+def test_fixed_tolerances_localize_too(net_onnx: Path, tmp_path: Path) -> None:
+    """With --tolerance fixed there is no truth: each layer is judged by the fixed tolerance."""
+    model = _edited(net_onnx, tmp_path / "leaky.onnx", _leaky)
+    code, output, report = _check(model, tmp_path, "--tolerance", "fixed", "--no-fp64")
+    assert code == 1
+    assert report["layers"]["first_failing"]["layer"] == "relu"
+    assert report["layers"]["first_failing"]["error"] is None  # no truth, no noise ratio
+    assert "first failing layer: relu (ReLU)" in output
+
+
+def test_a_localization_that_fails_is_a_note(
+    net_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict stands; the report says why there is no localization."""
+    import bnexport.parity.localize as localize_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no session")
+
+    monkeypatch.setattr(localize_module, "localize", broken)
+    model = _edited(net_onnx, tmp_path / "leaky.onnx", _leaky)
+    code, _, report = _check(model, tmp_path)
+    assert code == 1
+    assert "layers" not in report
+    assert "localization failed: RuntimeError: no session" in report["notes"]
