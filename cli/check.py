@@ -33,8 +33,8 @@ from bnexport.cli.options import (
     split_values,
     tolerance_config,
 )
+from bnexport.cli.parity_report import render_report
 from bnexport.cli.progress import parity_progress
-from bnexport.cli.render import console, table
 from bnexport.limits import MAX_SEED
 from bnexport.serving.defaults import DEFAULT_TIMEOUT_S
 
@@ -414,74 +414,3 @@ def _positional_checkpoint_fix(model: Path, extra: list[str]) -> str:
         f"check takes one positional, the ONNX file, and the checkpoint as --against: "
         f"bnexport check {onnx} --against {weights}"
     )
-
-
-def render_report(report: Any, *, verbose: bool = False) -> None:
-    """Print a `ParityReport` at most `REPORT_WIDTH` columns wide: the header (what was compared,
-    the noise floor, the limit), one row per runner (its worst batch size; every batch size and
-    output with ``verbose``), the legend, skipped runners, notes, and the verdict with one line
-    per failing output. User text (paths, factory names) is printed as typed."""
-    from rich.markup import escape
-
-    from bnexport.parity.tables import (
-        REPORT_WIDTH,
-        failure_lines,
-        header_lines,
-        legend_lines,
-        summary_table,
-    )
-
-    out = console()
-    width = min(out.width, REPORT_WIDTH)
-    columns, rows = summary_table(report, verbose=verbose)
-    _print_wrapped(
-        out, [line for h in header_lines(report, verbose=verbose) for line in _wrap(h, width)]
-    )
-    out.print(table(None, columns, [[escape(c) for c in row] for row in rows]), width=width)
-    lines = legend_lines(report)
-    skipped: dict[str, list[str]] = {}
-    for s in report.skipped:
-        skipped.setdefault(s["reason"], []).append(s["runner"])
-    lines += [
-        f"skipped {', '.join(names)}: {reason if verbose else reason.split(':')[0]}"
-        for reason, names in skipped.items()
-    ]
-    lines += [f"note: {n}" for n in [*report.notes, *report.inputs.get("notes", [])]]
-    wrapped = [w for line in lines for w in _wrap(line, width)]
-    if report.passed:
-        wrapped.append(f"PASS: every gating runner is within tolerance ({report.seconds:.1f} s)")
-    else:
-        wrapped += _wrap(
-            f"FAIL: {', '.join(report.failing_runners) or 'no gating runner ran'}", width
-        )
-        wrapped += [w for line in failure_lines(report) for w in _wrap(line, width, "  ", "    ")]
-    if getattr(report, "layers", None) is not None:  # at most 10 lines, each within the width
-        from bnexport.parity.layer_report import summary_lines
-
-        wrapped += summary_lines(report.layers, width)
-    _print_wrapped(out, wrapped)
-
-
-def _wrap(text: str, width: int, first: str = "", rest: str = "  ") -> list[str]:
-    """``text`` wrapped at ``width`` columns (indented ``first``, then ``rest``); its own line
-    breaks kept."""
-    import textwrap
-
-    return [
-        line
-        for k, para in enumerate(text.split("\n"))
-        for line in textwrap.wrap(
-            para,
-            width,
-            initial_indent=first if k == 0 else rest,
-            subsequent_indent=rest,
-            break_on_hyphens=False,
-        )
-        or [""]
-    ]
-
-
-def _print_wrapped(out: Any, lines: list[str]) -> None:
-    """Print each line as typed: no markup, no emoji codes, no highlighting."""
-    for line in lines:
-        out.print(line, markup=False, emoji=False, highlight=False)

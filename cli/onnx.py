@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnexport.cli.check import check_check_memory, render_report
+from bnexport.cli.check import check_check_memory
 from bnexport.cli.errors import EXIT_MISMATCH, EXIT_OK, handle_errors
 from bnexport.cli.fold import (
     CheckpointArg,
@@ -51,6 +51,7 @@ from bnexport.cli.options import (
     split_values,
     tolerance_config,
 )
+from bnexport.cli.parity_report import render_report
 from bnexport.cli.progress import parity_progress
 from bnexport.cli.render import console, table
 from bnexport.defaults import DEFAULT_OPSET, OPSET_MAX, OPSET_MIN, opset_problem
@@ -80,7 +81,7 @@ def onnx_cli(
         typer.Option(
             "--opset",
             help=f"ONNX opset (default-domain) to export to: {OPSET_MIN} to {OPSET_MAX}, the "
-            "range measured to export (README, Opsets).",
+            "range measured to export (docs/reference.md, Opsets).",
             callback=_valid_opset,
         ),
     ] = DEFAULT_OPSET,
