@@ -8,9 +8,10 @@ from __future__ import annotations
 
 #: ONNX default-domain opsets bnexport exports to, as measured by ``scripts/opset_range.py``
 #: (torch 2.13's dynamo exporter, onnxscript 0.7.2, onnx 1.23.2, the seed Net folded and
-#: unfolded; README "Opsets"): the exporter writes opset 18 and converts it to the one asked for.
-#: It converts to 16 … 28 (onnx 1.23's newest); at 15 an unfolded BatchNormalization cannot be
-#: converted, below that nothing can, and above 28 it silently writes 18.
+#: unfolded; docs/reference.md, "Opsets"): the exporter writes opset 18 and converts it to the
+#: one asked for. It converts to 16 … 28 (onnx 1.23's newest); at 15 an unfolded
+#: BatchNormalization cannot be converted, below that nothing can, and above 28 it silently
+#: writes 18.
 OPSET_MIN = 16
 OPSET_MAX = 28
 DEFAULT_OPSET = 20
