@@ -1,4 +1,4 @@
-"""Measure what each BatchNorm-folding tool does on the rows of issue 3's comparison table.
+"""Measure what each BatchNorm-folding tool does on the cases of docs/fold-comparison.md.
 
 For every row (a small model from ``tests/fold/zoo.py``) and every tool, the script runs the tool,
 then measures — nothing is hard-coded:
@@ -18,7 +18,7 @@ onnxoptimizer run by another interpreter (keep them out of the project's environ
 
 Usage::
 
-    .venv/bin/python scripts/compare_tools.py [--onnx] [--onnx-tools-python /tmp/venv/bin/python]
+    .venv/bin/python scripts/compare_tools.py [--onnx] [--onnx-tools-python TOOLS/bin/python]
 
 prints a markdown table (and versions) on stdout.
 """
@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fold"))
 
 import zoo  # noqa: E402  (the zoo lives with the tests it serves)
+
+from bnexport.machine import cpu_model  # noqa: E402
 
 #: ONNX node types that make up a BN or its scale/shift chain when left in a graph.
 ONNX_LEFT_OPS = ("BatchNormalization", *zoo.ONNX_ARITH_OPS)
@@ -388,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         tools += tuple(_EXTERNAL)
     print(table(tools, onnx_tools_python=args.onnx_tools_python))
     print()
+    flags = ["--onnx"] * args.onnx + ["--onnx-tools-python PY"] * bool(args.onnx_tools_python)
     print(
-        f"measured {dt.date.today().isoformat()} on {platform.platform()}, "
-        f"{os.cpu_count()} CPUs; versions:"
+        f"measured {dt.date.today().isoformat()} on {cpu_model()}, {os.cpu_count()} CPUs, "
+        f"{platform.platform()}; command: python scripts/compare_tools.py {' '.join(flags)}; "
+        "versions:"
     )
     print(", ".join(f"{k} {v}" for k, v in versions(args.onnx_tools_python).items()))
     return 0
