@@ -79,6 +79,11 @@ DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"
 
 
+#: Reports on the terminal (fold, parity, localization, export lines) are at most this many
+#: columns wide, or the terminal's width when it is narrower.
+REPORT_WIDTH = 100
+
+
 def opset_problem(opset: int) -> str | None:
     """Why `opset` cannot be exported to, naming the supported range; None when it can."""
     if OPSET_MIN <= opset <= OPSET_MAX:

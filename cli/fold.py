@@ -25,6 +25,7 @@ from bnexport.cli.options import (
     load_model_source,
 )
 from bnexport.cli.render import console, print_lines, table, wrap
+from bnexport.defaults import REPORT_WIDTH
 
 # Options shared with `bnexport onnx` (same names, same meaning).
 CheckpointArg = Annotated[
@@ -64,8 +65,6 @@ LocalizeOpt = Annotated[
     ),
 ]
 
-#: Lines of the fold's output are wrapped at this many columns (or the terminal's width).
-REPORT_WIDTH = 100
 
 
 @handle_errors

@@ -53,8 +53,8 @@ from bnexport.cli.options import (
 )
 from bnexport.cli.parity_report import render_report
 from bnexport.cli.progress import parity_progress
-from bnexport.cli.render import console, table
-from bnexport.defaults import DEFAULT_OPSET, OPSET_MAX, OPSET_MIN, opset_problem
+from bnexport.cli.render import console, print_lines, table, wrap
+from bnexport.defaults import DEFAULT_OPSET, OPSET_MAX, OPSET_MIN, REPORT_WIDTH, opset_problem
 
 
 def _valid_opset(opset: int) -> int:
@@ -288,22 +288,23 @@ def _write_report(path: Path, source: Any, folded: Any, exported: Any, parity: A
 
 
 def render_export(out: Console, exported: Any) -> None:
-    """Where the file went, its graph's op counts, and the recorded metadata."""
-    out.print(
+    """Where the file went, its graph's op counts, and the recorded metadata (at most 100 columns,
+    user text as typed)."""
+    width = min(out.width, REPORT_WIDTH)
+    lines = wrap(
         f"Wrote {exported.path} ({exported.size_bytes / 1e6:.2f} MB, opset {exported.opset}, "
         f"sha256 {exported.sha256[:16]}…): {', '.join(exported.input_names)} [batch, …] → "
-        f"{', '.join(exported.output_names)} [batch, …], one file, onnx.checker full check passed",
-        markup=False,
-        highlight=False,
+        f"{', '.join(exported.output_names)} [batch, …]; one file, onnx.checker full check "
+        "passed",
+        width,
     )
     n = exported.bn_fused_by_onnxscript
     if n:
-        out.print(
+        lines.append(
             f"onnxscript fused {n} BatchNormalization node{'' if n == 1 else 's'} bnexport's fold "
-            "left",
-            markup=False,
-            highlight=False,
+            "left"
         )
+    print_lines(out, lines)
     out.print(
         table(
             f"ONNX graph: {exported.num_nodes} nodes",
@@ -312,17 +313,19 @@ def render_export(out: Console, exported: Any) -> None:
         )
     )
     meta = ", ".join(f"{k}={_short(v)}" for k, v in exported.metadata.items())
-    out.print(f"metadata_props: {meta}", markup=False, highlight=False)
+    print_lines(out, wrap(f"metadata_props: {meta}", width))
 
 
 def _short(value: str) -> str:
     """A metadata value for the terminal: lists as their length, long hashes cut to 12 hex digits
     (`--report-json` and the file itself hold them whole)."""
-    if value.startswith("[") and len(value) > 40:
+    if value.startswith(("[", "{")) and len(value) > 40:
         try:
             items = json.loads(value)
         except ValueError:
             return value
+        if isinstance(items, dict):
+            items = items.get("outputs", items)  # the module_outputs table: its rows
         return f"[{len(items)} item{'' if len(items) == 1 else 's'}]"
     if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return value[:12] + "…"

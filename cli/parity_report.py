@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bnexport.cli.render import console, print_lines, table, wrap
+from bnexport.defaults import REPORT_WIDTH
 
 
 def render_report(report: Any, *, verbose: bool = False) -> None:
@@ -16,7 +17,6 @@ def render_report(report: Any, *, verbose: bool = False) -> None:
     from rich.markup import escape
 
     from bnexport.parity.tables import (
-        REPORT_WIDTH,
         failure_lines,
         header_lines,
         legend_lines,

@@ -8,13 +8,14 @@ import math
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+from bnexport.defaults import REPORT_WIDTH
+
 if TYPE_CHECKING:
     from bnexport.parity.layers import LayerResult
     from bnexport.parity.localize import Localization
 
-#: The terminal shows at most this many lines of a localization, each at most `WIDTH` columns.
+#: The terminal shows at most this many lines of a localization (each within `REPORT_WIDTH`).
 MAX_LINES = 10
-WIDTH = 100
 MD_COLUMNS = ("layer", "type", "error", "floor", "error/floor", "limit", "verdict", "ONNX nodes")
 
 
@@ -60,7 +61,7 @@ def headline(loc: Localization) -> str:
     )
 
 
-def summary_lines(loc: Localization, width: int = WIDTH) -> list[str]:
+def summary_lines(loc: Localization, width: int = REPORT_WIDTH) -> list[str]:
     """At most `MAX_LINES` lines of at most ``width`` columns for the terminal."""
     lines = [headline(loc)]
     first, last = loc.first_failing, loc.last_agreeing

@@ -20,8 +20,6 @@ from bnexport.parity.report import (
 
 TABLE_COLUMNS = ("runner", "result", "error", "error/floor", "limit", "fixed atol", "argmax")
 VERBOSE_COLUMNS = ("runner", "batch", "output", *TABLE_COLUMNS[1:], "worst element")
-#: Text lines of a report on the screen are wrapped at this many columns.
-REPORT_WIDTH = 100
 #: Why a check's own fold of the PyTorch model does not gate: the file is not that model's export.
 FOLDED_INFO = (
     "torch-folded: bnexport's own fold of the model, reported, not gating: onnxruntime judges "
