@@ -29,7 +29,7 @@ demo: $(VENV)/.cpu
 test: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not real_cli"
 
-## test-real-cli: issue 18's slower real models through `bnexport onnx` and `bnexport check`
+## test-real-cli: the slower real models (tests/real/cli_models.py) through `bnexport onnx` and `bnexport check`
 test-real-cli: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m real_cli
 

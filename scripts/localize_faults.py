@@ -1,4 +1,4 @@
-"""Localization's acceptance set: faults injected into one layer of real models, and correct
+"""Localization's fault set: faults injected into one layer of real models, and correct
 exports (`tests/real/localize_faults.py` says which faults and how they are sized).
 
 For each model (``--models``; default: the shipped Net, torchvision resnet18, mobilenet_v3_small,

@@ -6,7 +6,7 @@ For the seed Net (``models/net.pt``) and the real models of ``tests/real/zoo.py`
   edge cases for the others; ``--random`` samples);
 * the truth: the float64 forward of the unfolded model; the noise floor ``F``: fp32's error against
   it (`bnexport.noise.relative_error`, floored at ``NOISE_FLOOR_ULPS`` ulps) over PyTorch at batch
-  32 and batch 1 and, since issue 18, PyTorch with its long sums added in 8 lanes in order
+  32 and batch 1 and PyTorch with its long sums added in 8 lanes in order
   (`bnexport.parity.orders`); the old floor (PyTorch's two draws only) is measured too;
 * **correct exports**, as `bnexport onnx` makes them (``fold_model`` + ``export_onnx``): the folded
   PyTorch module and onnxruntime CPU at every optimization level, at batch 1 and batch ``--batch``;
@@ -92,7 +92,7 @@ DEFAULT_MODELS = (
     "timm/rexnet_100",
     "timm/mixnet_s",
     "handmade/two_input_net",
-    # issue 18: long reductions (global pools over big maps, attention softmax, layer norms)
+    # long reductions (global pools over big maps, attention softmax, layer norms)
     "handmade/conv_gap",
     "timm/levit_128s",
     "timm/efficientformerv2_s0",

@@ -3,8 +3,8 @@ then ``bnexport check`` with default options, each in its own process; report ex
 parity verdicts and wall times.
 
 Input shapes are the zoo's (64×64 images) unless ``--size NAME=S`` sets a square image size
-(``--size torchvision/resnet50=224 --size torchvision/inception_v3=299``, the sizes of issue 9's
-speed targets). Prints a markdown table on stdout; progress on stderr.
+(``--size torchvision/resnet50=224 --size torchvision/inception_v3=299``, the sizes
+docs/parity.md times). Prints a markdown table on stdout; progress on stderr.
 
 Usage::
 

@@ -7,7 +7,7 @@ For every zoo model (or the ``--models`` subset), measured, nothing hard-coded:
   (folded / left of how many, the left ones' reason codes);
 * ``torch.fx.experimental.optimization.fuse(model)``: best-of-``--repeat`` time, or why it fails;
 * one float64 forward of ``deepcopy(model).double()`` (best of ``--repeat``), and the fold-time
-  target of issue 8 (``2 × fuse + 2 × float64 forward + 0.1 s``); the three calls alternate
+  target (``2 × fuse + 2 × float64 forward + 0.1 s``); the three calls alternate
   within each of the ``--repeat`` rounds, so load drift during the run hits them alike;
 * ONNX ``BatchNormalization/Mul/Div/Add/Sub`` counts of ``torch.onnx.export(model, inputs,
   dynamo=True)`` (default options, unfolded model) against bnexport's ``export_onnx`` of the folded
@@ -77,7 +77,7 @@ class Row:
 
     @property
     def target_s(self) -> float | None:
-        """Issue 8's fold-time target: 2 × fuse + 2 × float64 forward + 0.1 s."""
+        """The fold-time target: 2 × fuse + 2 × float64 forward + 0.1 s."""
         if isinstance(self.fuse_s, float) and isinstance(self.forward64_s, float):
             return 2 * self.fuse_s + 2 * self.forward64_s + 0.1
         return None
