@@ -1,4 +1,4 @@
-"""Issue 3's comparison table, bnexport's column: every row measured, not asserted from memory.
+"""The comparison table of docs/fold-comparison.md, bnexport's column: every row measured.
 
 `scripts/compare_tools.py` measures each tool on each row (what is left, error vs float64,
 whether a left BN is reported). Here bnexport's cells must be: folded with nothing left and
@@ -65,7 +65,7 @@ def test_bnexport_row(row) -> None:
 
 
 def test_rows_cover_the_issue_table() -> None:
-    """The issue's rows are all there, and each foldable row's model is ONNX-checked in the zoo."""
+    """The table's rows are all there, and each foldable row's model is ONNX-checked in the zoo."""
     labels = " ".join(r.label for r in ROWS)
     for needle in ("`* T`", "`/ T`", "buffer", "groups 2", "depthwise", "Linear → BatchNorm1d"):
         assert needle in labels

@@ -2,7 +2,7 @@
 
 The models cover what users bring (residual, depthwise-separable, transposed-conv decoders, 1-D
 and 3-D nets, MLPs, learnable/negative temperatures, shared modules, branches, untracked stats,
-SyncBatchNorm) and the rows of the comparison table in issue 3.
+SyncBatchNorm) and the rows of the comparison table in docs/fold-comparison.md.
 
 The ground truth is always the *unfolded* model deep-copied to float64 in eval mode: nothing here
 goes through bnexport's fold code, so a wrong fold shows up as a numeric mismatch.
@@ -504,7 +504,7 @@ class NonlinearityBetween(nn.Module):
 
 
 class GroupedConvTransposeBN(nn.Module):
-    """ConvTranspose2d with the given groups -> BN (the issue's grouped/depthwise rows)."""
+    """ConvTranspose2d with the given groups -> BN (the table's grouped/depthwise rows)."""
 
     def __init__(self, groups: int) -> None:
         super().__init__()

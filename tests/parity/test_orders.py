@@ -1,7 +1,7 @@
 """The summation-order draw (`bnexport.parity.orders`): PyTorch's long sums added in lanes, in
 order, as onnxruntime's CPU reductions add them; it raises the noise floor of the samples where
 that order changes the result (the constant images of conv → global average pool over a 64×64
-map, issue 18), and a fault 8× PyTorch's own floor on the other samples still fails."""
+map), and a fault 8× PyTorch's own floor on the other samples still fails."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_the_reordered_ops_compute_what_pytorch_computes() -> None:
 
 
 class ConvGap(torch.nn.Module):
-    """Conv → BN → global average pool over a 64×64 map (issue 18's false alarm)."""
+    """Conv → BN → global average pool over a 64×64 map (a false alarm of the fixed floor)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ def test_conv_gap_passes_with_the_order_draw_and_fails_without(
     assert not without.ungated["y"].any() and not base.ungated["y"].any()
     assert base.noise["y"] == without.noise["y"]  # PyTorch's own floor is unchanged
     error = relative_error(out, base.truth["y"]).value
-    assert not rule.passes(error, without.noise["y"], eps)  # the false alarm of issue 18
+    assert not rule.passes(error, without.noise["y"], eps)  # the fixed floor's false alarm
     e, floor = worst_sample(out, base.truth["y"], base.floors["y"], eps)
     assert rule.passes(e.value, floor, eps)
     draws = base.draws["y"]

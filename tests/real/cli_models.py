@@ -13,7 +13,7 @@ MODELS = {
     "mobilenet_v2": "torchvision/mobilenet_v2",
     "shufflenet_v2_x1_0": "torchvision/shufflenet_v2_x1_0",
     "two_input_net": "handmade/two_input_net",
-    "conv_gap": "handmade/conv_gap",  # issue 18: its floor is raised by summation order
+    "conv_gap": "handmade/conv_gap",  # its floor is raised by summation order
 }
 INPUT_SHAPES = {
     "two_input_net": ["--input-shape", "3,32,32", "--input-shape", "8"],

@@ -1,4 +1,4 @@
-"""Hand-written corner cases for the real-model zoo (issue 18): small models that real code bases
+"""Hand-written corner cases for the real-model zoo: small models that real code bases
 contain and that broke the gate or the fold.
 
 * `ConvGap`: conv → BN → global average pool over a 64×64 map. onnxruntime's ``ReduceMean`` sums

@@ -1,10 +1,10 @@
-"""Issue 18's 28 models through the CLI as a user runs them (marker ``real``): ``bnexport onnx``
+"""The 28 models nobody had run before, through the CLI as a user runs them (marker ``real``): ``bnexport onnx``
 then ``bnexport check`` with default options exit 0 (no false alarm), and the reports read at 100
 columns (resnet50, levit_128s, and a failing check). The 20 slower models (17 min here, one
 process) are the ``real_cli`` lane, ``make test-real-cli``; CI runs the fast 8.
 
 Each model is exported once (``onnx``, which checks its parity too) and checked once, in process
-(``CliRunner``); the models are the zoo's (`real.zoo.ISSUE_18`), as ``real.cli_models`` factories.
+(``CliRunner``); the models are the zoo's (`real.zoo.UNSEEN_MODELS`), as ``real.cli_models`` factories.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from real.cli_models import attribute
-from real.zoo import ISSUE_18, input_shapes, requirement
+from real.zoo import UNSEEN_MODELS, input_shapes, requirement
 from typer.testing import CliRunner
 
 from bnexport.cli.app import app
@@ -61,7 +61,7 @@ FAST = frozenset(
         "timm/tinynet_e",
         "timm/rexnetr_100",
         "timm/nf_resnet26",
-        *[n for n in ISSUE_18 if "handmade" in n],
+        *[n for n in UNSEEN_MODELS if "handmade" in n],
     }
 )
 
@@ -70,7 +70,7 @@ def _lane(name: str) -> list[pytest.MarkDecorator]:
     return [] if name in FAST else [pytest.mark.real_cli]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_lane(n)) for n in ISSUE_18])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_lane(n)) for n in UNSEEN_MODELS])
 def test_onnx_then_check_with_defaults_pass(name: str, folder: Path) -> None:
     _, exported = _exported(name, folder)
     assert "PASS: every gating runner is within tolerance" in exported

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real.zoo import ISSUE_18, NO_BATCHNORM, REAL_MODELS, batchnorm_modules, requirement
+from real.zoo import UNSEEN_MODELS, NO_BATCHNORM, REAL_MODELS, batchnorm_modules, requirement
 from torch.utils._pytree import tree_leaves
 
 pytestmark = pytest.mark.real
@@ -49,6 +49,6 @@ def test_factory_is_deterministic_and_realistic(name: str) -> None:
     assert all(t.shape[0] == inputs[0].shape[0] for t in outputs)
 
 
-def test_issue_18_models_are_in_the_zoo() -> None:
-    assert len(ISSUE_18) == len(set(ISSUE_18)) == 28
-    assert set(ISSUE_18) <= set(REAL_MODELS)
+def test_the_unseen_models_are_in_the_zoo() -> None:
+    assert len(UNSEEN_MODELS) == len(set(UNSEEN_MODELS)) == 28
+    assert set(UNSEEN_MODELS) <= set(REAL_MODELS)

@@ -203,7 +203,7 @@ TORCHVISION = (
     "mnasnet0_5",
     "regnet_y_400mf",
     "vgg11_bn",
-    # issue 18
+    # models first tried through the CLI as a new user would
     "efficientnet_v2_s",
     "convnext_tiny",  # LayerNorm, no BatchNorm
     "squeezenet1_1",  # no BatchNorm
@@ -218,7 +218,7 @@ TIMM = (
     "resnetv2_50",
     "mixnet_s",  # mixed kernels: split → convs → cat → BN
     "tf_mixnet_s",  # the same with run-time "same" padding (Conv2dSame, a probed custom conv)
-    # issue 18
+    # models first tried through the CLI as a new user would
     "resnest14d",
     "repvgg_a0",
     "hrnet_w18_small",
@@ -243,9 +243,9 @@ NO_BATCHNORM = frozenset(
     }
 )
 
-#: The 28 models of issue 18 (real models nobody had run, and hand-written corner cases): every one
+#: The 28 models first tried as a new user would (real models nobody had run, and hand-written corner cases): every one
 #: exports and passes ``bnexport check`` with default options.
-ISSUE_18 = (
+UNSEEN_MODELS = (
     *(
         f"torchvision/{name}"
         for name in (
