@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real.zoo import UNSEEN_MODELS, NO_BATCHNORM, REAL_MODELS, batchnorm_modules, requirement
+from real.zoo import NO_BATCHNORM, REAL_MODELS, UNSEEN_MODELS, batchnorm_modules, requirement
 from torch.utils._pytree import tree_leaves
 
 pytestmark = pytest.mark.real

@@ -243,8 +243,8 @@ NO_BATCHNORM = frozenset(
     }
 )
 
-#: The 28 models first tried as a new user would (real models nobody had run, and hand-written corner cases): every one
-#: exports and passes ``bnexport check`` with default options.
+#: The 28 models first tried as a new user would (real models nobody had run, and hand-written
+#: corner cases): every one exports and passes ``bnexport check`` with default options.
 UNSEEN_MODELS = (
     *(
         f"torchvision/{name}"
