@@ -66,7 +66,6 @@ LocalizeOpt = Annotated[
 ]
 
 
-
 @handle_errors
 def fold_cli(
     checkpoint: CheckpointArg = None,
