@@ -21,15 +21,19 @@ The default session options are the named constants below (the bench helper tune
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import importlib.metadata
 import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from bnexport.cuda_diagnosis import (
+    ProbeResult,
+    diagnose_fallback,
+    installed_packages,
+    no_cuda_provider,
+    tiny_model_bytes,
+)
 from bnexport.defaults import OPT_LEVELS
 from bnexport.errors import (
     BnexportError,
@@ -155,20 +159,6 @@ ORT_DEFAULTS = SessionConfig(
     enable_mem_arena=True,
     allow_spinning=None,
 )
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Whether onnxruntime's CUDA provider really runs here, and if not, why."""
-
-    available: bool
-    reason: str
-    available_providers: tuple[str, ...] = ()
-    onnxruntime_version: str = ""
-    packages: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def show_log(show: bool) -> None:
@@ -331,60 +321,6 @@ def _with_file_settings(
     return config
 
 
-def _tiny_model_bytes() -> bytes:
-    """A one-node ONNX model (y = x + x) used to probe a provider."""
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
-    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-def _installed_packages() -> dict[str, str]:
-    found: dict[str, str] = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def _diagnose_fallback() -> str:
-    """Why a CUDA session fell back: the provider library, the driver, or the device."""
-    import onnxruntime as ort
-
-    capi = Path(ort.__file__).parent / "capi"
-    lib = capi / "libonnxruntime_providers_cuda.so"
-    if lib.exists():
-        try:
-            ctypes.CDLL(str(lib))
-        except OSError as exc:
-            return (
-                f"CUDA libraries missing: {lib.name} cannot load ({exc}); install the CUDA runtime "
-                "and cuDNN that this onnxruntime-gpu build needs (e.g. pip install "
-                "'onnxruntime-gpu[cuda,cudnn]') or put them on LD_LIBRARY_PATH"
-            )
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver: libcuda.so.1 not found (no GPU on this machine?)"
-    rc = cuda.cuInit(0)
-    if rc != 0:
-        return f"no usable CUDA device: cuInit failed with CUDA error {rc}"
-    count = ctypes.c_int(0)
-    rc = cuda.cuDeviceGetCount(ctypes.byref(count))
-    if rc != 0 or count.value == 0:
-        return f"no CUDA device visible (cuDeviceGetCount → error {rc}, {count.value} devices)"
-    return (
-        "the CUDA provider is installed and a device is visible, but onnxruntime placed the "
-        "session on the CPU; rerun with log_severity_level=0 to see onnxruntime's reason"
-    )
-
-
 @functools.lru_cache(maxsize=8)
 def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
     """Prove that a CUDA session really runs: create a tiny one and check ``get_providers()[0]``.
@@ -395,14 +331,14 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
     import onnxruntime as ort
 
     available = tuple(ort.get_available_providers())
-    packages = _installed_packages()
+    packages = installed_packages()
     common = {
         "available_providers": available,
         "onnxruntime_version": ort.__version__,
         "packages": packages,
     }
     if PROVIDER_NAMES["cuda"] not in available:
-        return ProbeResult(False, _no_cuda_provider(packages, available), **common)
+        return ProbeResult(False, no_cuda_provider(packages, available), **common)
     try:
         sess, preloaded = _cuda_probe_session(device_id)
     except Exception as exc:
@@ -411,7 +347,7 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
             False, f"creating a CUDA session failed: {' '.join(str(exc).split())}", **common
         )
     if sess is None:
-        return ProbeResult(False, _diagnose_fallback(), **common)
+        return ProbeResult(False, diagnose_fallback(), **common)
     try:
         x = np.array([1.5, -2.0], dtype=np.float32)
         (y,) = sess.run(None, {"x": x})
@@ -427,25 +363,6 @@ def probe_cuda(device_id: int = DEFAULT_CUDA_DEVICE_ID) -> ProbeResult:
     )
 
 
-def _no_cuda_provider(packages: dict[str, str], available: tuple[str, ...]) -> str:
-    """Why onnxruntime offers no CUDA provider: the CPU package, or both packages installed."""
-    import onnxruntime as ort
-
-    if "onnxruntime-gpu" not in packages:
-        cpu_pkg = f"onnxruntime {packages['onnxruntime']}" if "onnxruntime" in packages else ""
-        return (
-            f"onnxruntime-gpu is not installed (only the CPU package {cpu_pkg}; "
-            f"providers {list(available)}); install it with `pip install onnxruntime-gpu` "
-            "(bnexport[gpu]) in place of onnxruntime"
-        )
-    return (
-        f"onnxruntime-gpu {packages['onnxruntime-gpu']} is installed but the imported "
-        f"onnxruntime ({ort.__file__}) offers no CUDA provider "
-        f"(providers {list(available)}); if both onnxruntime and onnxruntime-gpu are "
-        "installed, uninstall both and reinstall onnxruntime-gpu alone"
-    )
-
-
 def _cuda_probe_session(device_id: int) -> tuple[onnxruntime.InferenceSession | None, str]:
     """The probe's tiny session on CUDA and a note when onnxruntime had to preload the CUDA
     libraries first; ``None`` when onnxruntime placed it on the CPU even after that."""
@@ -458,7 +375,7 @@ def _cuda_probe_session(device_id: int) -> tuple[onnxruntime.InferenceSession | 
     providers = [(cuda, options), PROVIDER_NAMES["cpu"]]
     preloaded = ""
     for attempt in range(2):
-        sess = _inference_session(_tiny_model_bytes(), so, providers)
+        sess = _inference_session(tiny_model_bytes(), so, providers)
         if sess.get_providers()[:1] == [cuda]:
             return sess, preloaded
         if attempt or not hasattr(ort, "preload_dlls"):

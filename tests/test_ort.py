@@ -14,6 +14,7 @@ import onnx
 import pytest
 from tiny_onnx import conv_net, save
 
+from bnexport.cuda_diagnosis import ProbeResult
 from bnexport.errors import BnexportError, OnnxFileError
 from bnexport.onnx_file import external_data_files
 from bnexport.ort import DEFAULT_LOG_SEVERITY, ORT_DEFAULTS, SessionConfig, make_session
@@ -95,7 +96,7 @@ def test_a_cuda_session_that_runs_on_the_cpu_is_refused(monkeypatch: pytest.Monk
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has a CUDA provider here: a CUDA session would not fall back")
-    probe = bort.ProbeResult(True, "patched: CUDA runs")
+    probe = ProbeResult(True, "patched: CUDA runs")
     monkeypatch.setattr(bort, "probe_cuda", lambda *args, **kwargs: probe)
     data = conv_net().SerializeToString()
     with (
