@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bnexport import limits
 from bnexport.defaults import (
     DEFAULT_BENCH_BATCH_SIZES,
     DEFAULT_BENCH_REPEATS,
@@ -16,14 +17,6 @@ from bnexport.defaults import (
     DEFAULT_WARMUP_S,
 )
 from bnexport.errors import BnexportError
-from bnexport.limits import (
-    MAX_DIM,
-    MAX_REPEATS,
-    check_count,
-    check_seconds,
-    check_seed,
-    check_threads,
-)
 from bnexport.timing import TimingConfig
 
 LATENCY_BATCH = 1  # the batch size reported as latency; the others as throughput
@@ -74,13 +67,13 @@ class BenchConfig:
             if not ok:
                 raise BnexportError(f"bench: {message}")
         for b in self.batch_sizes:
-            check_count(int(b), "--batch-sizes", maximum=MAX_DIM)
-        check_count(self.repeats, "--repeats", maximum=MAX_REPEATS)
-        check_seconds(self.warmup_s, "--warmup")
-        check_seconds(self.min_time_s, "--min-time", positive=True)
-        check_seconds(self.cooldown_s, "--cooldown")
-        check_threads(self.threads, "--threads")
-        check_seed(self.seed)
+            limits.check_count(int(b), "--batch-sizes", maximum=limits.MAX_DIM)
+        limits.check_count(self.repeats, "--repeats", maximum=limits.MAX_REPEATS)
+        limits.check_seconds(self.warmup_s, "--warmup")
+        limits.check_seconds(self.min_time_s, "--min-time", positive=True)
+        limits.check_seconds(self.cooldown_s, "--cooldown")
+        limits.check_threads(self.threads, "--threads")
+        limits.check_seed(self.seed)
 
     @property
     def timing(self) -> TimingConfig:

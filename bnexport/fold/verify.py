@@ -218,24 +218,11 @@ def self_check(
     folded: nn.Module,
     inputs: Sequence[Any],
     rule: Any = None,
-    *,
-    exact: Mapping[str, torch.Tensor] | None = None,
-    draw: Sequence[torch.Tensor] | None = None,
-    one_sample: bool = True,
-    memo64: dict[int, torch.Tensor] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Check ``folded`` against ``reference`` (`measure_fold`); `FoldError` when the rule
-    fails, saying what it means. Returns the measurements."""
-    result = measure_fold(
-        reference,
-        folded,
-        inputs,
-        rule,
-        exact=exact,
-        draw=draw,
-        one_sample=one_sample,
-        memo64=memo64,
-    )
+    """Check ``folded`` against ``reference`` (`measure_fold`, which takes the same ``options``);
+    `FoldError` when the rule fails, saying what it means. Returns the measurements."""
+    result = measure_fold(reference, folded, inputs, rule, **options)
     if not result["passed"]:
         raise FoldError(result.pop("message"))
     return result
