@@ -225,27 +225,7 @@ class ParityReport:
         }.items():
             ET.SubElement(props, "property", name=key, value=str(value))
         for r in self.results:
-            case = ET.SubElement(
-                suite,
-                "testcase",
-                classname=f"bnexport.parity.{r.runner}",
-                name=f"{r.runner}[batch={r.batch_size}]",
-                time=f"{r.seconds:.4f}",
-            )
-            summary = _result_line(r)
-            if r.gating and not r.passed:
-                fail = ET.SubElement(
-                    case, "failure", message=r.failure_message(), type="ParityMismatch"
-                )
-                fail.text = summary
-            else:
-                out = ET.SubElement(case, "system-out")
-                note = (
-                    ""
-                    if r.gating or r.passed
-                    else (f"\nnot gating; would fail: {r.failure_message()}")
-                )
-                out.text = summary + note
+            _junit_result(suite, r)
         for s in self.skipped:
             case = ET.SubElement(
                 suite,
@@ -387,6 +367,25 @@ def _noise_failure(r: RunnerResult, o: OutputComparison) -> str:
     if o.worst:
         text += f"; worst: {o.worst.describe()}"
     return text
+
+
+def _junit_result(suite: ET.Element, r: RunnerResult) -> None:
+    """One runner at one batch size as a JUnit ``testcase``: a failure when it gates and fails,
+    its summary line as output otherwise."""
+    case = ET.SubElement(
+        suite,
+        "testcase",
+        classname=f"bnexport.parity.{r.runner}",
+        name=f"{r.runner}[batch={r.batch_size}]",
+        time=f"{r.seconds:.4f}",
+    )
+    summary = _result_line(r)
+    if r.gating and not r.passed:
+        fail = ET.SubElement(case, "failure", message=r.failure_message(), type="ParityMismatch")
+        fail.text = summary
+        return
+    note = "" if r.gating or r.passed else f"\nnot gating; would fail: {r.failure_message()}"
+    ET.SubElement(case, "system-out").text = summary + note
 
 
 def _result_line(r: RunnerResult) -> str:

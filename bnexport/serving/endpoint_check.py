@@ -113,7 +113,6 @@ def check_endpoint(
     from bnexport.parity.config import PreparedCheck
     from bnexport.parity.plan import build_sized_inputs
     from bnexport.parity.run import run_check
-    from bnexport.runners import TorchRunner
     from bnexport.signature import TensorSpec
 
     started = time.perf_counter()
@@ -126,24 +125,7 @@ def check_endpoint(
     check_metadata(io, reference, input_shape, endpoint)
     in_specs = tuple(_spec(t, TensorSpec) for t in io.inputs)
     out_specs = tuple(_spec(t, TensorSpec) for t in io.outputs)
-    ref_runner = TorchRunner(
-        reference,
-        in_names,
-        out_names,
-        name="torch-fp32",
-        description="PyTorch fp32 on the CPU (the reference)",
-    )
-    gt_runner = None
-    if config.ground_truth:
-        gt_runner = TorchRunner(
-            reference,
-            in_names,
-            out_names,
-            name="torch-fp64",
-            dtype="float64",
-            gating=False,
-            description="PyTorch float64 on the CPU (the truth)",
-        )
+    ref_runner, gt_runner = _reference_runners(reference, in_names, out_names, config)
     candidates = [
         RemoteRunner(client, endpoint.name, io),
         MixedBatchRunner(client, endpoint.name, io),
@@ -187,6 +169,33 @@ def check_endpoint(
     finally:
         client.close()
     return parity_report(check, results, time.perf_counter() - started)
+
+
+def _reference_runners(
+    reference: Any, in_names: list[str], out_names: list[str], config: CheckConfig
+) -> tuple[Any, Any]:
+    """The PyTorch fp32 reference and, unless ``--no-fp64``, the float64 truth."""
+    from bnexport.runners import TorchRunner
+
+    ref = TorchRunner(
+        reference,
+        in_names,
+        out_names,
+        name="torch-fp32",
+        description="PyTorch fp32 on the CPU (the reference)",
+    )
+    if not config.ground_truth:
+        return ref, None
+    truth = TorchRunner(
+        reference,
+        in_names,
+        out_names,
+        name="torch-fp64",
+        dtype="float64",
+        gating=False,
+        description="PyTorch float64 on the CPU (the truth)",
+    )
+    return ref, truth
 
 
 def _spec(tensor: Any, spec_type: Callable[..., Any]) -> Any:
