@@ -1,7 +1,7 @@
 """The 28 models nobody had run before, through the CLI as a user runs them (marker ``real``):
 ``bnexport onnx`` then ``bnexport check`` with default options exit 0 (no false alarm), and the
 reports read at 100 columns (resnet50, levit_128s, and a failing check). The 20 slower models (17
-min here, one process) are the ``real_cli`` lane, ``make test-real-cli``; CI runs the fast 8.
+min here, one process) are the ``real_cli`` lane, ``make test-real-cli``, which CI runs after ``make test``.
 
 Each model is exported once (``onnx``, which checks its parity too) and checked once, in process
 (``CliRunner``); the models are the zoo's (`real.zoo.UNSEEN_MODELS`), as ``real.cli_models``
@@ -56,7 +56,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("issue18")
 
 
-#: The models CI runs on every push (under 15 s each here); the others are the ``real_cli`` lane.
+#: The models `make test` runs (under 15 s each here); the others are the ``real_cli`` lane.
 FAST = frozenset(
     {
         "timm/tinynet_e",
