@@ -1,7 +1,8 @@
 """The 28 models nobody had run before, through the CLI as a user runs them (marker ``real``):
 ``bnexport onnx`` then ``bnexport check`` with default options exit 0 (no false alarm), and the
 reports read at 100 columns (resnet50, levit_128s, and a failing check). The 20 slower models (17
-min here, one process) are the ``real_cli`` lane, ``make test-real-cli``, which CI runs after ``make test``.
+min here, one process) are the ``real_cli`` lane, ``make test-real-cli``, which CI runs after ``make
+test``.
 
 Each model is exported once (``onnx``, which checks its parity too) and checked once, in process
 (``CliRunner``); the models are the zoo's (`real.zoo.UNSEEN_MODELS`), as ``real.cli_models``
