@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bnexport.errors import ParityInputError
+from bnexport.limits import check_seconds
 from bnexport.serving.client import RemoteRunner, V2Client
 from bnexport.serving.defaults import DEFAULT_TIMEOUT_S
 from bnexport.serving.graph_io import GraphIO
@@ -47,6 +48,9 @@ class Endpoint:
     name: str
     grpc: bool = False
     timeout: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        check_seconds(self.timeout, "--timeout", positive=True)  # finite: a down server ends
 
 
 class MixedBatchRunner(RemoteRunner):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bnexport.limits import check_seconds
 from bnexport.serving.client import split_url
 from bnexport.serving.defaults import (
     DEFAULT_CONCURRENCY,
@@ -62,6 +63,8 @@ class LoadConfig:
             raise EndpointError(f"--concurrency {self.concurrency}: each level must be >= 1")
         if self.batch_size < 1 or self.window_s <= 0 or self.max_windows < 2:
             raise EndpointError("--batch-size >= 1, --duration > 0 and at least 2 windows")
+        check_seconds(self.window_s, "--duration", positive=True)  # finite: no endless window
+        check_seconds(self.timeout, "--timeout", positive=True)
 
 
 @dataclass

@@ -233,6 +233,23 @@ OPTION_ROWS = {
     "bench --warmup inf": Case((*BENCH, "--warmup", "inf"), "--warmup inf"),
     "bench --min-time inf": Case((*BENCH, "--min-time", "inf"), "--min-time inf"),
     "bench --cooldown inf": Case((*BENCH, "--cooldown", "inf"), "--cooldown inf"),
+    "load --duration inf": Case(
+        ("load", "--url", "127.0.0.1:1", "--name", "net", "--duration", "inf"), "--duration inf"
+    ),
+    "check --url --timeout inf": Case(
+        (
+            "check",
+            "--url",
+            "127.0.0.1:1",
+            "--name",
+            "net",
+            "--against",
+            "{ckpt}",
+            "--timeout",
+            "inf",
+        ),
+        "--timeout inf",
+    ),
     # thread numbers: capped relative to the CPUs
     "bench --threads 100000": Case((*BENCH, "--threads", "100000"), "threads (4 per"),
     "bench --threads 1000": Case((*BENCH, "--threads", "1000"), "threads (4 per"),
