@@ -102,9 +102,9 @@ class PackageResult:
 
 def package_model(config: PackageConfig) -> PackageResult:
     """Write ``config.repository/NAME`` for ``config.model`` (`RepositoryError` on refusal)."""
-    from bnexport.onnx_file import external_data_files, load_onnx
+    from bnexport.onnx_file import check_onnx_model, external_data_files
 
-    model = load_onnx(config.model)
+    model = check_onnx_model(config.model)  # the front door every command uses
     data_files = external_data_files(config.model)
     name = check_name(config.name or name_from_path(Path(config.model)))
     target = Path(config.repository) / name

@@ -163,6 +163,7 @@ READERS = {
     "tune": ("tune", "{%s}", "-o", "{out}/t.onnx", "--json", "{out}/t.json", *TUNE_FAST),
     "bench --onnx": ("bench", "{ckpt}", "--onnx", "{%s}", "--json", "{out}/b.json", *BENCH_FAST),
     "bench --tuned": ("bench", "{ckpt}", "--tuned", "{%s}", *BENCH_FAST),
+    "package": ("package", "{%s}", "--repository", "{out}/repo"),
 }
 FILE_ROWS = {
     f"{command} {name}": Case(tuple(a.replace("%s", name) for a in args), says, not_says="check")
