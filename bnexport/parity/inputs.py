@@ -385,6 +385,11 @@ def load_inputs(path: str | os.PathLike[str], specs: Sequence[TensorSpec]) -> Pa
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
+    except ValueError:  # numpy's text advises allow_pickle: never for a file of inputs
+        raise ParityInputError(
+            f"--inputs {path}: not a .npz of arrays (no numpy archive, or object arrays that "
+            "only a pickle could load); write it with --save-inputs or numpy.savez"
+        ) from None
     except Exception as exc:
         raise ParityInputError(f"--inputs {path}: not a readable .npz file ({exc})") from None
     names = [s.name for s in specs]

@@ -234,6 +234,9 @@ OPTION_ROWS = {
     "bench --warmup inf": Case((*BENCH, "--warmup", "inf"), "--warmup inf"),
     "bench --min-time inf": Case((*BENCH, "--min-time", "inf"), "--min-time inf"),
     "bench --cooldown inf": Case((*BENCH, "--cooldown", "inf"), "--cooldown inf"),
+    "check --inputs not-an-npz": Case(
+        (*CHECK, "--inputs", "{text}"), "not a .npz of arrays", not_says="allow_pickle"
+    ),
     "load --duration inf": Case(
         ("load", "--url", "127.0.0.1:1", "--name", "net", "--duration", "inf"), "--duration inf"
     ),
